@@ -1,1 +1,101 @@
-fn main() {}
+//! `bellows`: fine-tune Llama-family models from a TOML job file, on one process or many.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use bellows_trainer::{train, RunConfig};
+
+mod env_cmd;
+
+/// Distributed fine-tuning of Llama-family models (full, LoRA) on CPU or CUDA.
+#[derive(Debug, Parser)]
+#[command(name = "bellows", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// A job file plus `--set` overrides.
+#[derive(Debug, Args)]
+struct JobArgs {
+    /// The job file (TOML).
+    config: PathBuf,
+    /// Override a key: `--set dotted.key=value` (value read as TOML, else as a string). Repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Train as the job file says.
+    Train(JobArgs),
+    /// Check or show a job file.
+    #[command(subcommand)]
+    Config(ConfigCmd),
+    /// Print version, backend, devices and threads.
+    Env,
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCmd {
+    /// Exit 0 if the job file is valid, 2 otherwise, printing every problem as `<file>: <key>: <message>`.
+    Check(JobArgs),
+    /// Print the resolved job file with every default filled in.
+    Show(JobArgs),
+}
+
+fn load(job: &JobArgs) -> Result<RunConfig, ExitCode> {
+    RunConfig::load(&job.config, &job.set).map_err(|issues| {
+        eprintln!("{issues}");
+        ExitCode::from(2)
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Config(ConfigCmd::Check(job)) => match load(&job) {
+            Ok(_) => {
+                println!("{}: ok", job.config.display());
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Config(ConfigCmd::Show(job)) => match load(&job) {
+            Ok(cfg) => {
+                print!("{}", cfg.to_toml());
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Env => {
+            env_cmd::print();
+            ExitCode::SUCCESS
+        }
+        Command::Train(job) => {
+            let cfg = match load(&job) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match train(&cfg) {
+                Ok(r) => {
+                    let eval = r.eval_loss.map(|e| format!(", eval loss {e:.4}")).unwrap_or_default();
+                    eprintln!(
+                        "done: {} steps, loss {:.4} -> {:.4}{eval}; outputs in {}",
+                        r.steps,
+                        r.first_loss,
+                        r.final_loss,
+                        cfg.run.output_dir.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -1,1 +1,64 @@
-//! placeholder
+//! Llama-family decoder models (Llama 2/3, Mistral, Qwen2) in burn, with Hugging Face parameter
+//! paths, so checkpoints and PEFT adapters map one-to-one.
+//!
+//! Depends on `bellows-peft` (for the adapter-ready [`bellows_peft::Linear`]) and on no other
+//! bellows crate.
+//!
+//! ```
+//! use bellows_models::{tiny_arch, CausalLm, ForwardInput};
+//! use bellows_peft::LoraPlan;
+//! use burn::{backend::Flex, tensor::{Int, Tensor}};
+//! let dev = Default::default();
+//! let m = CausalLm::<Flex>::new(&tiny_arch(), &LoraPlan::none(), &dev);
+//! let ids = Tensor::<Flex, 2, Int>::from_ints([[1, 2, 3]], &dev);
+//! let logits = m.forward(ids, &ForwardInput { positions: &[0, 1, 2], segments: None });
+//! assert_eq!(logits.dims(), [1, 3, 64]);
+//! ```
+#![warn(missing_docs)]
+
+mod attention;
+mod cache;
+mod config;
+mod error;
+pub mod hf;
+mod loss;
+mod mlp;
+mod model;
+mod norm;
+mod params;
+mod rope;
+
+pub use attention::Attention;
+pub use cache::{KvCache, LayerCache};
+pub use config::{Family, ModelArch, RopeScaling};
+pub use error::{Error, Result};
+pub use hf::{load_pretrained, save_adapter, save_pretrained};
+pub use loss::{causal_lm_loss_sum, count_label_tokens, LossSum, IGNORE_INDEX};
+pub use mlp::Mlp;
+pub use model::{attention_mask, CausalLm, Decoder, DecoderLayer, ForwardInput};
+pub use norm::RmsNorm;
+pub use params::{is_adapter_path, ParamInfo, ParamLister, TrainableMapper};
+pub use rope::{inv_freq, RopeTables};
+
+/// A tiny architecture (vocab 64, hidden 32, 2 layers, GQA 4/2) for tests and examples.
+pub fn tiny_arch() -> ModelArch {
+    ModelArch {
+        family: Family::Llama,
+        vocab_size: 64,
+        hidden_size: 32,
+        intermediate_size: 64,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 8,
+        rms_norm_eps: 1e-6,
+        rope_theta: 10000.0,
+        rope_scaling: None,
+        max_position_embeddings: 512,
+        tie_word_embeddings: false,
+        attention_bias: false,
+        initializer_range: 0.02,
+        bos_token_id: None,
+        eos_token_id: None,
+    }
+}

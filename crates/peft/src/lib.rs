@@ -1,1 +1,26 @@
-//! placeholder
+//! LoRA-family adapters for bellows: configuration, an adapter-ready linear layer, and
+//! Hugging Face PEFT's on-disk format.
+//!
+//! This crate depends on no other bellows crate: models build their linear layers from
+//! [`Linear`] and ask a [`LoraPlan`] which of them get adapters.
+//!
+//! ```
+//! use bellows_peft::{Linear, Method, PeftConfig};
+//! use burn::backend::Flex;
+//! let cfg = PeftConfig { method: Method::Lora, ..PeftConfig::default() };
+//! let plan = cfg.plan().unwrap();
+//! let spec = plan.spec_for("model.layers.0.self_attn.q_proj", false).unwrap();
+//! let q = Linear::<Flex>::new(16, 16, false, 0.02, &Default::default()).with_lora(&spec);
+//! assert_eq!(q.lora.as_ref().unwrap().rank(), 8);
+//! ```
+#![warn(missing_docs)]
+
+mod config;
+mod error;
+mod io;
+mod linear;
+
+pub use config::{layer_index, LoraInit, LoraPlan, LoraSpec, Method, PeftConfig, TargetModules};
+pub use error::{Error, Result};
+pub use io::adapter_config_json;
+pub use linear::{Linear, LoraAdapter};

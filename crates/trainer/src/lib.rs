@@ -1,1 +1,87 @@
-//! placeholder
+//! The bellows trainer: the job file ([`RunConfig`]), the [`Accelerator`] handle, gradient
+//! helpers, metrics outputs and the training recipe ([`train`]).
+//!
+//! Sits above `bellows-dist`, `bellows-data`, `bellows-peft` and `bellows-models`; only the
+//! `bellows` binary sits above it.
+//!
+//! ```no_run
+//! use bellows_trainer::{train, RunConfig};
+//! let cfg = RunConfig::load("configs/quickstart.toml".as_ref(), &["run.max_steps=10".into()]).unwrap();
+//! let report = train(&cfg).unwrap();
+//! println!("loss {} -> {}", report.first_loss, report.final_loss);
+//! ```
+#![warn(missing_docs)]
+
+mod accelerator;
+pub mod config;
+mod device;
+mod error;
+pub mod grads;
+mod metrics;
+mod progress;
+mod recipe;
+mod schedule;
+pub mod tensorboard;
+mod validate;
+
+pub use accelerator::Accelerator;
+pub use config::{ConfigIssue, ConfigIssues, RunConfig};
+pub use device::{cuda_available, DeviceSpec};
+pub use error::{Error, Result};
+pub use metrics::{MetricsSink, StepMetrics};
+pub use recipe::{batch_loss, build_model, evaluate, save_final, train_on, TrainReport};
+pub use schedule::lr_at;
+
+/// The CPU training backend: burn's Flex (pure Rust, rayon + AVX-512 GEMM) under autodiff.
+pub type CpuBackend = burn::backend::Autodiff<burn::backend::Flex>;
+
+/// A short stable hash of the resolved config; ranks with different jobs refuse each other.
+pub fn config_hash(cfg: &RunConfig) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(cfg.to_toml().as_bytes());
+    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+/// Sizes the CPU thread pool: `threads`, or the available cores split between the local ranks.
+pub fn init_threads(threads: usize, local_world: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let n = if threads > 0 { threads } else { (cores / local_world.max(1)).max(1) };
+    // The global pool can only be built once per process; a second call keeps the first size.
+    let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+    n
+}
+
+/// Runs the job: joins the process group, picks the device, trains, saves.
+///
+/// # Errors
+/// Any failure, with the file, key, rank or op it concerns.
+pub fn train(cfg: &RunConfig) -> Result<TrainReport> {
+    let acc = Accelerator::new(&cfg.dist, &config_hash(cfg))?;
+    match DeviceSpec::parse(&cfg.train.device).map_err(|m| Error::Device { device: cfg.train.device.clone(), message: m })? {
+        DeviceSpec::Cpu => {
+            init_threads(cfg.train.threads, acc.local_world_size());
+            train_on::<CpuBackend>(cfg, &acc, &Default::default())
+        }
+        DeviceSpec::Cuda(index) => cuda_train(cfg, &acc, index),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_train(cfg: &RunConfig, acc: &Accelerator, index: Option<usize>) -> Result<TrainReport> {
+    if !cuda_available() {
+        return Err(Error::Device {
+            device: cfg.train.device.clone(),
+            message: "no CUDA driver (libcuda) found on this machine".into(),
+        });
+    }
+    let device = burn::backend::cuda::CudaDevice::new(index.unwrap_or(acc.local_rank()));
+    train_on::<burn::backend::Autodiff<burn::backend::Cuda>>(cfg, acc, &device)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_train(cfg: &RunConfig, _acc: &Accelerator, _index: Option<usize>) -> Result<TrainReport> {
+    Err(Error::Device {
+        device: cfg.train.device.clone(),
+        message: "this bellows was built without CUDA support; rebuild with `--features cuda`".into(),
+    })
+}

@@ -1,0 +1,9 @@
+//! Hugging Face model folders: `config.json` + safetensors in, the same out.
+
+mod config;
+mod io;
+mod weights;
+
+pub use config::{parse_config, to_config_json};
+pub use io::{load_pretrained, load_weights, save_adapter, save_pretrained, state_dict, write_safetensors};
+pub use weights::{HostTensor, WeightFiles};

@@ -1,0 +1,209 @@
+//! The Llama-family causal language model, with Hugging Face parameter paths
+//! (`model.embed_tokens.weight`, `model.layers.{i}.self_attn.q_proj.weight`, ..., `lm_head.weight`).
+
+use burn::module::{Module, Param};
+use burn::nn::{Embedding, EmbeddingConfig, Initializer};
+use burn::tensor::{backend::Backend, Bool, Int, Tensor, TensorData};
+use bellows_peft::{Linear, LoraPlan};
+
+use crate::attention::Attention;
+use crate::cache::KvCache;
+use crate::config::ModelArch;
+use crate::mlp::Mlp;
+use crate::norm::RmsNorm;
+use crate::rope::{inv_freq, RopeTables};
+
+/// One pre-norm decoder layer: `x + attn(norm(x))`, then `x + mlp(norm(x))`.
+#[derive(Module, Debug)]
+pub struct DecoderLayer<B: Backend> {
+    /// Attention.
+    pub self_attn: Attention<B>,
+    /// Feed-forward.
+    pub mlp: Mlp<B>,
+    /// Norm before attention.
+    pub input_layernorm: RmsNorm<B>,
+    /// Norm before the MLP.
+    pub post_attention_layernorm: RmsNorm<B>,
+}
+
+impl<B: Backend> DecoderLayer<B> {
+    /// Applies `f` to each of the seven linear layers.
+    pub fn map_linears(self, f: impl Fn(Linear<B>) -> Linear<B>) -> Self {
+        let DecoderLayer { self_attn: a, mlp: m, input_layernorm, post_attention_layernorm } = self;
+        DecoderLayer {
+            self_attn: Attention {
+                q_proj: f(a.q_proj),
+                k_proj: f(a.k_proj),
+                v_proj: f(a.v_proj),
+                o_proj: f(a.o_proj),
+                ..a
+            },
+            mlp: Mlp { gate_proj: f(m.gate_proj), up_proj: f(m.up_proj), down_proj: f(m.down_proj) },
+            input_layernorm,
+            post_attention_layernorm,
+        }
+    }
+}
+
+/// The decoder stack without the output head (HF `LlamaModel`).
+#[derive(Module, Debug)]
+pub struct Decoder<B: Backend> {
+    /// Token embeddings `[vocab, hidden]`.
+    pub embed_tokens: Embedding<B>,
+    /// The layers.
+    pub layers: Vec<DecoderLayer<B>>,
+    /// Final norm.
+    pub norm: RmsNorm<B>,
+}
+
+/// A Llama-family causal LM (HF `LlamaForCausalLM` and relatives).
+#[derive(Module, Debug)]
+pub struct CausalLm<B: Backend> {
+    /// The decoder.
+    pub model: Decoder<B>,
+    /// The output head `[vocab, hidden]`; `None` when tied to the embeddings.
+    pub lm_head: Option<Linear<B>>,
+    /// RoPE inverse frequencies (derived from the architecture; not a parameter).
+    pub inv_freq: Vec<f32>,
+}
+
+/// What the forward pass needs besides token ids.
+#[derive(Debug, Clone)]
+pub struct ForwardInput<'a> {
+    /// Positions, row-major `[batch, seq]` (restart per packed document).
+    pub positions: &'a [u32],
+    /// Segment ids `[batch, seq]` for packed rows; `None` means one sequence per row.
+    pub segments: Option<&'a [u32]>,
+}
+
+impl<B: Backend> CausalLm<B> {
+    /// A randomly initialised model (HF init: N(0, initializer_range²), unit norms),
+    /// with LoRA adapters where `plan` says.
+    pub fn new(arch: &ModelArch, plan: &LoraPlan, device: &B::Device) -> Self {
+        let std = arch.initializer_range;
+        let embed_tokens = EmbeddingConfig::new(arch.vocab_size, arch.hidden_size)
+            .with_initializer(Initializer::Normal { mean: 0.0, std })
+            .init(device);
+        let layers = (0..arch.num_hidden_layers)
+            .map(|i| DecoderLayer {
+                self_attn: Attention::new(arch, plan, i, device),
+                mlp: Mlp::new(arch, plan, i, device),
+                input_layernorm: RmsNorm::new(arch.hidden_size, arch.rms_norm_eps, device),
+                post_attention_layernorm: RmsNorm::new(arch.hidden_size, arch.rms_norm_eps, device),
+            })
+            .collect();
+        let lm_head = (!arch.tie_word_embeddings).then(|| {
+            let head = Linear::new(arch.hidden_size, arch.vocab_size, false, std, device);
+            match plan.spec_for("lm_head", true) {
+                Some(spec) => head.with_lora(&spec),
+                None => head,
+            }
+        });
+        CausalLm {
+            model: Decoder {
+                embed_tokens,
+                layers,
+                norm: RmsNorm::new(arch.hidden_size, arch.rms_norm_eps, device),
+            },
+            lm_head,
+            inv_freq: inv_freq(arch),
+        }
+    }
+
+    /// Logits `[batch, seq, vocab]` for `input_ids: [batch, seq]`.
+    pub fn forward(&self, input_ids: Tensor<B, 2, Int>, input: &ForwardInput<'_>) -> Tensor<B, 3> {
+        let [b, s] = input_ids.dims();
+        let device = input_ids.device();
+        let mask = attention_mask::<B>(input.segments, b, s, &device);
+        let hidden = self.hidden(input_ids, input.positions, Some(&mask), None);
+        self.head(hidden)
+    }
+
+    /// Logits for the new tokens of a generation step; `cache` holds earlier positions.
+    /// `input_ids` is `[1, n]`; positions continue from `cache.len()`.
+    pub fn forward_cached(&self, input_ids: Tensor<B, 2, Int>, cache: &mut KvCache<B>) -> Tensor<B, 3> {
+        let [b, s] = input_ids.dims();
+        let start = cache.len();
+        let device = input_ids.device();
+        let positions: Vec<u32> = (0..b).flat_map(|_| (start..start + s).map(|p| p as u32)).collect();
+        let mask = (s > 1).then(|| prefix_causal_mask::<B>(b, s, start, &device));
+        let hidden = self.hidden(input_ids, &positions, mask.as_ref(), Some(cache));
+        self.head(hidden)
+    }
+
+    fn hidden(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        positions: &[u32],
+        mask: Option<&Tensor<B, 4, Bool>>,
+        mut cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
+        let [b, s] = input_ids.dims();
+        let device = input_ids.device();
+        let rope = RopeTables::<B>::new(&self.inv_freq, positions, b, s, &device);
+        let mut x = self.model.embed_tokens.forward(input_ids);
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let h = layer.self_attn.forward(layer.input_layernorm.forward(x.clone()), &rope, mask, layer_cache);
+            x = x + h;
+            let h = layer.mlp.forward(layer.post_attention_layernorm.forward(x.clone()));
+            x = x + h;
+        }
+        self.model.norm.forward(x)
+    }
+
+    fn head(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => {
+                let [b, s, d] = hidden.dims();
+                let w = self.model.embed_tokens.weight.val();
+                let v = w.dims()[0];
+                hidden.reshape([b * s, d]).matmul(w.transpose()).reshape([b, s, v])
+            }
+        }
+    }
+
+    /// Folds every adapter into its base weight (PEFT's `merge_and_unload`).
+    pub fn merge_adapters(self) -> Self {
+        let mut m = self;
+        m.model.layers = m.model.layers.into_iter().map(|l| l.map_linears(Linear::merge)).collect();
+        m.lm_head = m.lm_head.map(Linear::merge);
+        m
+    }
+
+    /// Replaces the embedding weight (used by loaders); keeps the parameter id.
+    pub fn set_embedding(&mut self, w: Tensor<B, 2>) {
+        let id = self.model.embed_tokens.weight.id;
+        self.model.embed_tokens.weight = Param::initialized(id, w);
+    }
+}
+
+/// `[batch, 1, seq, seq]`, true where query `i` must not see key `j`: `j > i`, or (with
+/// segments) a different document, so packed documents never attend to each other.
+pub fn attention_mask<B: Backend>(segments: Option<&[u32]>, b: usize, s: usize, device: &B::Device) -> Tensor<B, 4, Bool> {
+    let mut m = vec![false; b * s * s];
+    for r in 0..b {
+        for i in 0..s {
+            for j in 0..s {
+                let cross = segments.is_some_and(|seg| seg[r * s + i] != seg[r * s + j]);
+                m[(r * s + i) * s + j] = j > i || cross;
+            }
+        }
+    }
+    Tensor::from_data(TensorData::new(m, [b, 1, s, s]), device)
+}
+
+/// Causal mask for `s` new queries after `past` cached keys: `[batch, 1, s, past + s]`.
+fn prefix_causal_mask<B: Backend>(b: usize, s: usize, past: usize, device: &B::Device) -> Tensor<B, 4, Bool> {
+    let t = past + s;
+    let mut m = vec![false; b * s * t];
+    for r in 0..b {
+        for i in 0..s {
+            for j in 0..t {
+                m[(r * s + i) * t + j] = j > past + i;
+            }
+        }
+    }
+    Tensor::from_data(TensorData::new(m, [b, 1, s, t]), device)
+}

@@ -1,0 +1,56 @@
+//! The error type of `bellows-trainer`; wraps the lower crates' errors.
+
+use std::path::{Path, PathBuf};
+
+/// Everything that can stop a training job.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The job file is invalid (every problem listed).
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigIssues),
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or folder.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Model loading or saving failed.
+    #[error(transparent)]
+    Model(#[from] bellows_models::Error),
+    /// Adapter handling failed.
+    #[error(transparent)]
+    Peft(#[from] bellows_peft::Error),
+    /// The data pipeline failed.
+    #[error(transparent)]
+    Data(#[from] bellows_data::Error),
+    /// A collective or the rendezvous failed.
+    #[error(transparent)]
+    Dist(#[from] bellows_dist::Error),
+    /// The training data yielded no batch.
+    #[error("data.train yielded no batch: the files contain no usable rows")]
+    NoData,
+    /// The selected device cannot be used.
+    #[error("train.device {device:?}: {message}")]
+    Device {
+        /// The device string.
+        device: String,
+        /// Why it cannot be used.
+        message: String,
+    },
+    /// A broken internal invariant (a bug); the message says which.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// An [`Error::Io`] for `path`.
+    pub fn io(path: &Path, source: std::io::Error) -> Self {
+        Error::Io { path: path.to_path_buf(), source }
+    }
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

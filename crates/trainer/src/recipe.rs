@@ -1,0 +1,223 @@
+//! The training recipe: one function that reads top to bottom, built from public helpers.
+
+use std::path::Path;
+use std::time::Instant;
+
+use burn::module::{AutodiffModule, Module};
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::tensor::{backend::AutodiffBackend, backend::Backend, ElementConversion, Int, Tensor, TensorData};
+
+use bellows_data::{Batch, LoaderSpec, Prefetcher, Split, TokenLoader};
+use bellows_models::{causal_lm_loss_sum, CausalLm, ForwardInput, ModelArch};
+use bellows_peft::LoraPlan;
+
+use crate::config::RunConfig;
+use crate::metrics::{MetricsSink, StepMetrics};
+use crate::progress::Progress;
+use crate::{grads, schedule, Accelerator, Error, Result};
+
+/// What a finished run reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainReport {
+    /// Optimizer steps taken.
+    pub steps: u64,
+    /// Loss of the first step.
+    pub first_loss: f64,
+    /// Loss of the last step.
+    pub final_loss: f64,
+    /// Held-out loss at the end, if `data.eval` is set.
+    pub eval_loss: Option<f64>,
+    /// Loss-counted training tokens (all ranks).
+    pub tokens: u64,
+    /// Every step's loss, in order.
+    pub losses: Vec<f64>,
+}
+
+/// Builds the model the config asks for: a Hugging Face folder or a random init, with adapters
+/// per `plan` and the base frozen when adapters are used.
+///
+/// # Errors
+/// The model folder cannot be read.
+pub fn build_model<B: Backend>(cfg: &RunConfig, plan: &LoraPlan, device: &B::Device) -> Result<(ModelArch, CausalLm<B>)> {
+    let (arch, model) = match (&cfg.model.path, &cfg.model.init) {
+        (Some(dir), _) => bellows_models::load_pretrained::<B>(dir, plan, device)?,
+        (None, Some(init)) => {
+            let arch = init.arch();
+            let m = CausalLm::new(&arch, plan, device);
+            (arch, m)
+        }
+        (None, None) => return Err(Error::Internal("validated config has neither model.path nor model.init".into())),
+    };
+    let model = if plan.uses_adapters() {
+        model.map(&mut bellows_models::TrainableMapper::new(|p: &str| {
+            bellows_models::is_adapter_path(p) || plan.is_module_to_save(p)
+        }))
+    } else {
+        model
+    };
+    Ok((arch, model))
+}
+
+/// Token ids of a batch as a `[batch, seq]` tensor.
+pub fn batch_ids<B: Backend>(batch: &Batch, device: &B::Device) -> Tensor<B, 2, Int> {
+    let ids: Vec<i64> = batch.input_ids.iter().map(|&t| i64::from(t)).collect();
+    Tensor::from_data(TensorData::new(ids, [batch.batch_size, batch.seq_len]), device)
+}
+
+/// Runs a forward pass on `batch` and returns the summed loss and its token count.
+pub fn batch_loss<B: Backend>(model: &CausalLm<B>, batch: &Batch, device: &B::Device) -> (Tensor<B, 1>, usize) {
+    let input = ForwardInput { positions: &batch.position_ids, segments: Some(&batch.segment_ids) };
+    let logits = model.forward(batch_ids(batch, device), &input);
+    let l = causal_lm_loss_sum(logits, &batch.labels);
+    (l.sum, l.tokens)
+}
+
+/// Token-weighted mean loss over the eval split (at most `max_batches`, 0 = all), reduced over ranks.
+///
+/// # Errors
+/// The data pipeline or a collective fails.
+pub fn evaluate<B: AutodiffBackend>(
+    model: &CausalLm<B>,
+    cfg: &RunConfig,
+    acc: &Accelerator,
+    vocab_size: usize,
+    device: &B::Device,
+) -> Result<Option<f64>> {
+    if cfg.data.eval.is_none() {
+        return Ok(None);
+    }
+    let spec = LoaderSpec { split: Split::Eval, shard: acc.shard(), seed: cfg.run.seed, vocab_size };
+    let mut loader = TokenLoader::new(&cfg.data, spec)?;
+    let inner = model.valid();
+    let (mut sum, mut count) = (0f64, 0f64);
+    let mut n = 0;
+    while let Some(batch) = loader.next_batch()? {
+        let (s, t) = batch_loss(&inner, &batch, device);
+        sum += s.into_scalar().elem::<f64>();
+        count += t as f64;
+        n += 1;
+        if cfg.run.eval_max_batches > 0 && n >= cfg.run.eval_max_batches {
+            break;
+        }
+    }
+    let totals = acc.sum(&[sum, count])?;
+    Ok((totals[1] > 0.0).then(|| totals[0] / totals[1]))
+}
+
+/// Trains on `device` with backend `B` as `cfg` says. The recipe: build → sync → loop
+/// (accumulate micro-batches, token-exact loss, all-reduce, clip, step, log, evaluate) → save.
+///
+/// # Errors
+/// Any failure of model, data, collectives or outputs.
+pub fn train_on<B: AutodiffBackend>(cfg: &RunConfig, acc: &Accelerator, device: &B::Device) -> Result<TrainReport> {
+    B::seed(device, cfg.run.seed);
+    let plan = cfg.peft.plan()?;
+    let (arch, model) = build_model::<B>(cfg, &plan, device)?;
+    let mut model = acc.broadcast_params(model)?;
+    let out = &cfg.run.output_dir;
+    if acc.is_main() {
+        std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+        let p = out.join("config.toml");
+        std::fs::write(&p, cfg.to_toml()).map_err(|e| Error::io(&p, e))?;
+    }
+    let o = &cfg.optim;
+    let mut optim = AdamWConfig::new()
+        .with_beta_1(o.beta1 as f32)
+        .with_beta_2(o.beta2 as f32)
+        .with_epsilon(o.eps as f32)
+        .with_weight_decay(o.weight_decay as f32)
+        .init::<B, CausalLm<B>>();
+    let spec = LoaderSpec { split: Split::Train, shard: acc.shard(), seed: cfg.run.seed, vocab_size: arch.vocab_size };
+    let mut loader = Prefetcher::new(TokenLoader::new(&cfg.data, spec)?, 4);
+    let mut sink = if acc.is_main() { Some(MetricsSink::open(out, cfg.logging.tensorboard)?) } else { None };
+    let total = cfg.run.max_steps;
+    let progress = Progress::new(cfg.logging.progress, total, 0, acc.is_main());
+    let mut report = TrainReport { steps: 0, first_loss: f64::NAN, final_loss: f64::NAN, eval_loss: None, tokens: 0, losses: Vec::new() };
+    let mut window = (Instant::now(), 0u64);
+    for step in 1..=total {
+        let lr = schedule::lr_at(o, step, total);
+        let mut batches = Vec::with_capacity(o.grad_accum_steps);
+        for _ in 0..o.grad_accum_steps {
+            batches.push(loader.next_batch()?.ok_or(Error::NoData)?);
+        }
+        let local_tokens: usize = batches.iter().map(Batch::label_tokens).sum();
+        let global_tokens = acc.sum(&[local_tokens as f64])?[0];
+        let denom = global_tokens.max(1.0);
+        let mut accum = GradientsAccumulator::<CausalLm<B>>::new();
+        let mut loss_sum = 0f64;
+        for batch in &batches {
+            let (sum, _) = batch_loss(&model, batch, device);
+            loss_sum += sum.clone().into_scalar().elem::<f64>();
+            let g = sum.div_scalar(denom).backward();
+            accum.accumulate(&model, GradientsParams::from_grads(g, &model));
+        }
+        let g = acc.sync_grads(&model, accum.grads())?;
+        let norm = grads::norm_sq(&model, &g).sqrt();
+        let g = if o.max_grad_norm > 0.0 && norm > o.max_grad_norm {
+            grads::scale(&model, g, o.max_grad_norm / (norm + 1e-6))
+        } else {
+            g
+        };
+        model = optim.step(lr, model, g);
+        let loss = acc.sum(&[loss_sum])?[0] / denom;
+        report.steps = step;
+        report.tokens += global_tokens as u64;
+        report.losses.push(loss);
+        if step == 1 {
+            report.first_loss = loss;
+        }
+        report.final_loss = loss;
+        window.1 += global_tokens as u64;
+        progress.step(step);
+        let eval_now = cfg.run.eval_every > 0 && step % cfg.run.eval_every == 0;
+        let eval_loss = if eval_now || step == total { evaluate(&model, cfg, acc, arch.vocab_size, device)? } else { None };
+        if step == total {
+            report.eval_loss = eval_loss;
+        }
+        if step % cfg.run.log_every == 0 || step == total || step == 1 || eval_loss.is_some() {
+            let secs = window.0.elapsed().as_secs_f64().max(1e-9);
+            let m = StepMetrics {
+                step,
+                loss,
+                lr,
+                grad_norm: norm,
+                tokens_per_sec: window.1 as f64 / secs,
+                tokens: report.tokens,
+                eval_loss,
+            };
+            progress.log(&m);
+            if let Some(s) = &mut sink {
+                s.log(&m)?;
+            }
+            window = (Instant::now(), 0);
+        }
+    }
+    progress.finish();
+    if acc.is_main() {
+        save_final(&model, &arch, &plan, cfg, out)?;
+    }
+    acc.barrier()?;
+    Ok(report)
+}
+
+/// Writes the final model: the adapter in PEFT format (`<out>/adapter`) when adapters are used,
+/// otherwise a Hugging Face model folder (`<out>/model`).
+///
+/// # Errors
+/// The files cannot be written.
+pub fn save_final<B: AutodiffBackend>(
+    model: &CausalLm<B>,
+    arch: &ModelArch,
+    plan: &LoraPlan,
+    cfg: &RunConfig,
+    out: &Path,
+) -> Result<()> {
+    let inner = model.valid();
+    if plan.uses_adapters() {
+        let base = cfg.model.path.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+        bellows_models::save_adapter(&inner, &cfg.peft, &base, &out.join("adapter"))?;
+    } else {
+        bellows_models::save_pretrained(&inner, arch, &out.join("model"))?;
+    }
+    Ok(())
+}
