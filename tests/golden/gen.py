@@ -583,6 +583,7 @@ def peft_case(name, seed, lora_kwargs, description, randomize_adapter=True):
     ids, labels = make_inputs(100 + 1, base.config.vocab_size)  # the llama_gqa inputs
     base_out = forward(base, ids, labels, hidden=False)
 
+    base.name_or_path = "../../llama_gqa"  # written as base_model_name_or_path (relative to the adapter folder)
     torch.manual_seed(seed)  # PEFT's own init (kaiming-uniform A) draws from the global generator
     cfg = LoraConfig(lora_dropout=0.0, bias="none", task_type="CAUSAL_LM", **lora_kwargs)
     model = get_peft_model(base, cfg)
@@ -601,10 +602,16 @@ def peft_case(name, seed, lora_kwargs, description, randomize_adapter=True):
     d = case_dir(name)
     ad = os.path.join(d, "adapter")
     model.save_pretrained(ad)
+    os.remove(os.path.join(ad, "README.md"))  # PEFT's boilerplate model card
     saved = load_file(os.path.join(ad, "adapter_model.safetensors"))
 
     def saved_key(n):
-        return n.replace(".default", "")
+        # PEFT's saved names drop the adapter name; the DoRA magnitude parameter
+        # (lora_magnitude_vector.default.weight) is saved as plain `lora_magnitude_vector`
+        k = n.replace(".default", "")
+        if k.endswith(".lora_magnitude_vector.weight"):
+            k = k[: -len(".weight")]
+        return k
 
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     assert sorted(saved_key(n) for n, _ in trainable) == sorted(saved.keys()), (
@@ -638,7 +645,7 @@ def peft_case(name, seed, lora_kwargs, description, randomize_adapter=True):
     for _ in range(ADAMW_STEPS):
         opt.zero_grad()
         loss = model(input_ids=ids, labels=labels).loss
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         loss.backward()
         opt.step()
     with torch.no_grad():
@@ -777,6 +784,10 @@ ALIASES = {"config_4x": "config_styles", "config_5x": "config_styles"}
 
 def main():
     global OUT
+    if os.environ.get("PYTHONHASHSEED") != "0":
+        # PEFT writes target_modules from a Python set: fix the string hash so the order is reproducible
+        os.environ["PYTHONHASHSEED"] = "0"
+        os.execv(sys.executable, [sys.executable] + sys.argv)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", action="append", help="case name (repeatable)")
     ap.add_argument("--out", help="output root (default: this folder)")
