@@ -300,8 +300,9 @@ impl TokenLoader {
             return Err(Error::NotEnoughData {
                 split: self.spec.split.name(),
                 detail: format!(
-                    "in epoch {epoch} the smallest of {world} rank shares holds {} {unit}, one batch needs {} \
-                     (the {} chunks are split whole between ranks)",
+                    "in epoch {epoch} the smallest of {world} rank shares holds {} {unit}, one batch needs {}; \
+                     the {} chunks (row groups / record batches) are given whole to ranks, so use more data, \
+                     a smaller batch, or files with smaller row groups",
                     self.plan.min_units,
                     self.units_per_batch,
                     self.units.len()

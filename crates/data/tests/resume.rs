@@ -204,3 +204,46 @@ fn resume_refuses_a_state_from_another_shard() {
         .unwrap();
     assert!(err.to_string().contains("cannot resume"), "{err}");
 }
+
+#[test]
+fn jsonl_blocks_seek_and_resume_across_block_boundaries() {
+    let dir = tmp();
+    let path = p(&dir, "big.jsonl");
+    let n = 2 * bellows_data::JSONL_BLOCK_ROWS as usize + 100;
+    let rows: Vec<Vec<i64>> = (0..n).map(|i| vec![(i % VOCAB) as i64, 1, 2]).collect();
+    write_jsonl(&path, &rows);
+    let mut cfg = cfg(&path, 4, 64);
+    cfg.shuffle_buffer = 100;
+    let s = spec(Split::Train, 0, 1, VOCAB);
+    let mut l = TokenLoader::new(&cfg, s).unwrap();
+    assert_eq!(l.steps_in_epoch() as usize, n / 64);
+    let stream = take(&mut l, 200);
+    for k in [60, 63, 64, 65, 130] {
+        let mut r = TokenLoader::resume(&cfg, s, &stream[k].state_after).unwrap();
+        assert_eq!(take(&mut r, 20), stream[k + 1..k + 21], "cut {k}");
+    }
+}
+
+#[test]
+fn too_few_chunks_for_the_world_size_is_a_clear_error() {
+    let dir = tmp();
+    let path = p(&dir, "one-group.parquet");
+    let rows = token_rows(100, 50, |_| 5);
+    write_parquet(
+        &path,
+        &batch(vec![("input_ids", list_col(&rows, DataType::Int32, false))]),
+        1000,
+    );
+    let cfg = cfg(&path, 8, 4);
+    assert!(TokenLoader::new(&cfg, spec(Split::Train, 0, 1, 50)).is_ok());
+    let err = TokenLoader::new(&cfg, spec(Split::Train, 1, 2, 50))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("train data is too small")
+            && err.contains("holds 0 rows")
+            && err.contains("smaller row groups"),
+        "{err}"
+    );
+}
