@@ -317,6 +317,12 @@ fn index_ipc(path: &Path, file_format: bool) -> Result<(FileIndex, Vec<u64>)> {
         if meta_len == 0 {
             break;
         }
+        if pos + header + u64::from(meta_len) > end {
+            return Err(Error::corrupt(
+                path,
+                format!("message at byte {pos} runs past the end"),
+            ));
+        }
         let mut meta = vec![0u8; meta_len as usize];
         r.read_exact(&mut meta)
             .map_err(|e| Error::corrupt(path, format!("truncated message at byte {pos}: {e}")))?;

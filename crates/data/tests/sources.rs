@@ -324,6 +324,15 @@ fn file_level_problems_are_errors_naming_the_file_and_column() {
     let err = load_err(&eval_cfg(one(&truncated), 4, 1), 20);
     assert!(err.contains("truncated.arrow: corrupt"), "{err}");
 
+    let junk = p(&dir, "junk.arrow");
+    let mut bytes = b"ARROW1\0\0".to_vec();
+    bytes.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0xf0, 0xff, 0xff, 0x7f]);
+    bytes.extend_from_slice(&[7u8; 40]);
+    bytes.extend_from_slice(b"\x10\0\0\0ARROW1");
+    std::fs::write(&junk, &bytes).unwrap();
+    let err = load_err(&eval_cfg(one(&junk), 4, 1), 20);
+    assert!(err.contains("junk.arrow: corrupt"), "{err}");
+
     let garbage = p(&dir, "garbage.jsonl");
     std::fs::write(&garbage, "{\"input_ids\": [1, 2]}\nnot json\n").unwrap();
     let err = load_err(&eval_cfg(one(&garbage), 4, 1), 20);
