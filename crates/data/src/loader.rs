@@ -1,0 +1,468 @@
+//! [`TokenLoader`]: a sharded, shuffled, resumable stream of fixed-shape token batches.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::batch::BatchBuf;
+use crate::doc::{Doc, DocBuilder};
+use crate::plan::{mix_seed, plan_epoch, EpochPlan, TAG_ROW_SHUFFLE};
+use crate::source::{ChunkReader, Dataset};
+use crate::{
+    Batch, Carry, DataConfig, Error, LoaderSpec, LoaderState, OnError, Packing, Result, RowRef,
+    Shard, Shuffle, Split, Truncation,
+};
+
+/// A document taken from the stream, with where it came from.
+type Taken = (RowRef, Doc);
+
+/// Streams [`Batch`]es for one rank.
+///
+/// **Chunks.** Files are indexed into chunks: Parquet row groups, Arrow IPC record batches, blocks of
+/// [`JSONL_BLOCK_ROWS`](crate::JSONL_BLOCK_ROWS) JSONL rows. A chunk is read whole by one rank.
+///
+/// **Sharding.** Each epoch, chunks are taken in order (natural, or for the train split with
+/// `shuffle = "seeded"` a permutation drawn from `seed` and the epoch) and each goes to the rank that
+/// so far holds the fewest units (padded rows in pad mode, tokens in pack mode; ties to the lowest
+/// rank). Ranks therefore read disjoint rows. Every rank computes the same plan, and yields exactly
+/// `min over ranks of floor(units / units per batch)` batches in the epoch ([`TokenLoader::steps_in_epoch`]);
+/// the rest of its share is **dropped**, never wrapped. A chunk must be small next to a rank's share
+/// for little to be dropped: write row groups of a few thousand rows, not one per file.
+///
+/// **Shuffling.** Besides the chunk order, rows of the train split pass through a shuffle buffer of
+/// `shuffle_buffer` documents: it fills to capacity, emits a slot drawn uniformly from a ChaCha8
+/// stream seeded by (`seed`, epoch, rank), and refills from the input. The whole stream is a pure
+/// function of the files, the config, the seed and the shard. The eval split is read in order.
+///
+/// **Rows.** Each document is checked (token ids in `0..vocab_size`, lengths), gets its EOS if
+/// `add_eos`, is truncated per [`Truncation`], then padded or packed per [`Packing`]. In pack mode
+/// (and pad mode with `truncation = "split"`) a partly written document carries over to the next row
+/// and batch, but not into the next epoch.
+///
+/// **Cost.** Opening reads file metadata only, unless a chunk's unit count needs its rows (pack mode,
+/// `truncation = "split"`, `on_error = "skip"`, text content): then one pass over the split counts them.
+/// Memory is bounded by the shuffle buffer plus one decoded batch of 1024 rows per open chunk.
+///
+/// ```no_run
+/// use bellows_data::{DataConfig, Files, LoaderSpec, Shard, Split, TokenLoader};
+/// let cfg = DataConfig::new(Files::One("configs/data/quickstart-train.parquet".into()));
+/// let spec = LoaderSpec { split: Split::Train, shard: Shard::single(), seed: 0, vocab_size: 256 };
+/// let mut loader = TokenLoader::new(&cfg, spec)?;
+/// let batch = loader.next_batch()?.expect("train data is not empty");
+/// assert_eq!(batch.input_ids.len(), cfg.batch_size * cfg.seq_len);
+/// # Ok::<(), bellows_data::Error>(())
+/// ```
+pub struct TokenLoader {
+    ds: Dataset,
+    builder: DocBuilder,
+    spec: LoaderSpec,
+    seq_len: usize,
+    batch_size: usize,
+    packing: Packing,
+    on_error: OnError,
+    pad: u32,
+    buffer_cap: usize,
+    shuffled: Option<u64>,
+    units: Vec<u64>,
+    units_per_batch: u64,
+    empty: bool,
+    // Position.
+    epoch: u64,
+    plan: EpochPlan,
+    batches_in_epoch: u64,
+    chunk_pos: usize,
+    row_in_chunk: u64,
+    reader: Option<ChunkReader>,
+    rng: ChaCha8Rng,
+    buffer: Vec<Taken>,
+    carry: Option<(RowRef, Doc, usize)>,
+    finished: bool,
+}
+
+impl TokenLoader {
+    /// Opens the split's files, indexes them and plans epoch 0.
+    ///
+    /// Opening reads only metadata, except when a chunk's size in units cannot be known without
+    /// reading it (pack mode, `truncation = "split"`, `on_error = "skip"`, or text content): then one
+    /// pass over the split counts them, which also reports bad rows early.
+    ///
+    /// # Errors
+    /// An invalid config or shard, unreadable/empty/corrupt files, bad rows found while counting,
+    /// [`Error::NotEnoughData`] when some rank cannot get one full batch.
+    pub fn new(cfg: &DataConfig, spec: LoaderSpec) -> Result<Self> {
+        let mut loader = Self::open(cfg, spec)?;
+        if !loader.empty {
+            loader.start_epoch(0)?;
+        }
+        Ok(loader)
+    }
+
+    /// Rebuilds the loader at `state` (taken from [`Batch::state_after`] or [`TokenLoader::state`]).
+    ///
+    /// Seeks straight to the saved chunk and row. Rows still waiting in the shuffle buffer and a
+    /// partly emitted document are read again (by seeking to them; a gap of up to 64 rows between two of
+    /// them in one chunk is read through rather than seeked over); consumed chunks are never re-read. The batches that follow are identical to those the
+    /// original loader would have produced.
+    ///
+    /// # Errors
+    /// As [`TokenLoader::new`], plus [`Error::BadState`] if the state belongs to another split, shard or
+    /// data layout.
+    pub fn resume(cfg: &DataConfig, spec: LoaderSpec, state: &LoaderState) -> Result<Self> {
+        let mut l = Self::open(cfg, spec)?;
+        if state.split != spec.split || state.shard != spec.shard {
+            return Err(Error::BadState(format!(
+                "state is for {:?} rank {} of {}, loader is {:?} rank {} of {}",
+                state.split,
+                state.shard.rank,
+                state.shard.world,
+                spec.split,
+                spec.shard.rank,
+                spec.shard.world
+            )));
+        }
+        if state.num_chunks != l.ds.chunks.len() {
+            return Err(Error::BadState(format!(
+                "state was taken over {} chunks, the files now have {}",
+                state.num_chunks,
+                l.ds.chunks.len()
+            )));
+        }
+        if l.empty {
+            return Ok(l);
+        }
+        l.start_epoch(state.epoch)?;
+        let bad = |what: &str| Error::BadState(format!("{what} is out of range for this data"));
+        if state.chunk_pos > l.plan.chunks.len() || state.batches_in_epoch > l.plan.steps {
+            return Err(bad("chunk position or batch count"));
+        }
+        l.batches_in_epoch = state.batches_in_epoch;
+        l.chunk_pos = state.chunk_pos;
+        l.row_in_chunk = state.row_in_chunk;
+        l.rng.set_word_pos(u128::from(state.rng_word_pos));
+        l.finished = state.finished;
+        let mut wanted: Vec<RowRef> = state.buffer.clone();
+        wanted.extend(state.carry.map(|c| c.row));
+        if wanted.iter().any(|r| r.chunk >= l.ds.chunks.len()) {
+            return Err(bad("a buffered row"));
+        }
+        let mut docs = l.fetch_rows(&wanted)?;
+        if let Some(c) = state.carry {
+            let doc = docs.pop().ok_or_else(|| bad("the carried document"))?;
+            l.carry = Some((c.row, doc, c.offset));
+        }
+        l.buffer = state.buffer.iter().copied().zip(docs).collect();
+        Ok(l)
+    }
+
+    /// The next batch, or `None`: never for the train split (epochs repeat, reshuffled from
+    /// `seed + epoch`) unless the data is empty; after one pass for the eval split.
+    ///
+    /// # Errors
+    /// I/O and decoding errors, bad rows (with `on_error = "fail"`), data that changed since opening.
+    pub fn next_batch(&mut self) -> Result<Option<Batch>> {
+        if self.empty || self.finished {
+            return Ok(None);
+        }
+        if self.batches_in_epoch >= self.plan.steps {
+            if self.spec.split == Split::Eval {
+                self.finished = true;
+                return Ok(None);
+            }
+            self.start_epoch(self.epoch + 1)?;
+        }
+        let mut buf = BatchBuf::new(self.batch_size, self.seq_len);
+        for row in 1..=self.batch_size {
+            match self.packing {
+                Packing::Pad => self.fill_pad_row(&mut buf)?,
+                Packing::Pack => self.fill_pack_row(&mut buf)?,
+            }
+            buf.pad_to_rows(row, self.pad);
+        }
+        self.batches_in_epoch += 1;
+        if self.spec.split == Split::Eval && self.batches_in_epoch >= self.plan.steps {
+            self.finished = true;
+        }
+        Ok(Some(buf.finish(self.batch_size, self.state())))
+    }
+
+    /// The current state; resuming from it continues right after the last batch returned.
+    pub fn state(&self) -> LoaderState {
+        LoaderState {
+            split: self.spec.split,
+            shard: self.spec.shard,
+            num_chunks: self.ds.chunks.len(),
+            epoch: self.epoch,
+            batches_in_epoch: self.batches_in_epoch,
+            chunk_pos: self.chunk_pos,
+            row_in_chunk: self.row_in_chunk,
+            rng_word_pos: u64::try_from(self.rng.get_word_pos()).unwrap_or(u64::MAX),
+            buffer: self.buffer.iter().map(|(r, _)| *r).collect(),
+            carry: self.carry.as_ref().map(|(r, _, o)| Carry {
+                row: *r,
+                offset: *o,
+            }),
+            finished: self.finished,
+        }
+    }
+
+    /// Batches every rank yields in the current epoch.
+    pub fn steps_in_epoch(&self) -> u64 {
+        self.plan.steps
+    }
+
+    fn open(cfg: &DataConfig, spec: LoaderSpec) -> Result<Self> {
+        cfg.validated()?;
+        let mut issues = Vec::new();
+        if spec.shard.world == 0 || spec.shard.rank >= spec.shard.world {
+            issues.push((
+                "shard".to_string(),
+                format!(
+                    "rank {} is not below world {}",
+                    spec.shard.rank, spec.shard.world
+                ),
+            ));
+        }
+        if spec.vocab_size == 0 {
+            issues.push(("vocab_size".to_string(), "must be >= 1, got 0".to_string()));
+        }
+        let files = match (spec.split, &cfg.eval) {
+            (Split::Train, _) => &cfg.train,
+            (Split::Eval, Some(f)) => f,
+            (Split::Eval, None) => {
+                issues.push(("data.eval".into(), "no eval files configured".into()));
+                &cfg.train
+            }
+        };
+        if !issues.is_empty() {
+            return Err(Error::Config(issues));
+        }
+        let builder = DocBuilder::new(cfg, spec.vocab_size)?;
+        let ds = Dataset::open(files, cfg.content, &cfg.columns)?;
+        let shuffled = match (spec.split, cfg.shuffle) {
+            (Split::Train, Shuffle::Seeded) => Some(spec.seed),
+            _ => None,
+        };
+        let units_per_batch = match cfg.packing {
+            Packing::Pad => cfg.batch_size as u64,
+            Packing::Pack => (cfg.batch_size * cfg.seq_len) as u64,
+        };
+        let units = crate::units::count(&ds, &builder, cfg)?;
+        let empty = units.iter().all(|&u| u == 0);
+        Ok(TokenLoader {
+            builder,
+            spec,
+            seq_len: cfg.seq_len,
+            batch_size: cfg.batch_size,
+            packing: cfg.packing,
+            on_error: cfg.on_error,
+            pad: cfg.pad_token_id,
+            buffer_cap: if shuffled.is_some() {
+                cfg.shuffle_buffer
+            } else {
+                0
+            },
+            shuffled,
+            units,
+            units_per_batch,
+            empty,
+            epoch: 0,
+            plan: EpochPlan {
+                chunks: Vec::new(),
+                steps: 0,
+                min_units: 0,
+            },
+            batches_in_epoch: 0,
+            chunk_pos: 0,
+            row_in_chunk: 0,
+            reader: None,
+            rng: ChaCha8Rng::seed_from_u64(0),
+            buffer: Vec::new(),
+            carry: None,
+            finished: false,
+            ds,
+        })
+    }
+
+    fn start_epoch(&mut self, epoch: u64) -> Result<()> {
+        let Shard { rank, world } = self.spec.shard;
+        self.plan = plan_epoch(
+            &self.units,
+            self.units_per_batch,
+            self.shuffled,
+            epoch,
+            rank,
+            world,
+        );
+        if self.plan.steps == 0 {
+            let unit = match self.packing {
+                Packing::Pad => "rows",
+                Packing::Pack => "tokens",
+            };
+            return Err(Error::NotEnoughData {
+                split: self.spec.split.name(),
+                detail: format!(
+                    "in epoch {epoch} the smallest of {world} rank shares holds {} {unit}, one batch needs {}; \
+                     the {} chunks (row groups / record batches) are given whole to ranks, so use more data, \
+                     a smaller batch, or files with smaller row groups",
+                    self.plan.min_units,
+                    self.units_per_batch,
+                    self.units.len()
+                ),
+            });
+        }
+        self.epoch = epoch;
+        self.batches_in_epoch = 0;
+        self.chunk_pos = 0;
+        self.row_in_chunk = 0;
+        self.reader = None;
+        self.buffer.clear();
+        self.carry = None;
+        let seed = self.shuffled.unwrap_or(0);
+        self.rng =
+            ChaCha8Rng::seed_from_u64(mix_seed(&[seed, epoch, rank as u64, TAG_ROW_SHUFFLE]));
+        Ok(())
+    }
+
+    /// One padded row: the next document (or the next `seq_len` piece of a split one).
+    fn fill_pad_row(&mut self, buf: &mut BatchBuf) -> Result<()> {
+        let (tokens, labels) = self.take(self.seq_len)?;
+        buf.push_piece(&tokens, &labels, 1, false);
+        Ok(())
+    }
+
+    /// One packed row: documents concatenated until exactly `seq_len` tokens.
+    fn fill_pack_row(&mut self, buf: &mut BatchBuf) -> Result<()> {
+        let mut fill = 0;
+        let mut segment = 0;
+        while fill < self.seq_len {
+            let (tokens, labels) = self.take(self.seq_len - fill)?;
+            if tokens.is_empty() {
+                continue;
+            }
+            segment += 1;
+            buf.push_piece(&tokens, &labels, segment, fill > 0);
+            fill += tokens.len();
+        }
+        Ok(())
+    }
+
+    /// Up to `max` tokens of the current document, fetching the next one when none is in progress.
+    fn take(&mut self, max: usize) -> Result<(Vec<u32>, Vec<i64>)> {
+        if self.carry.is_none() {
+            let (r, d) = self.next_doc()?.ok_or_else(|| {
+                Error::BadState(
+                    "ran out of rows before the planned step count; did the files change?".into(),
+                )
+            })?;
+            self.carry = Some((r, d, 0));
+        }
+        let (_, doc, off) = self.carry.as_mut().expect("carry was just filled");
+        let start = *off;
+        let end = (start + max).min(doc.tokens.len());
+        let piece = (
+            doc.tokens[start..end].to_vec(),
+            doc.labels[start..end].to_vec(),
+        );
+        *off = end;
+        if end >= doc.tokens.len() {
+            self.carry = None;
+        }
+        Ok(piece)
+    }
+
+    /// The next document after the shuffle buffer.
+    fn next_doc(&mut self) -> Result<Option<Taken>> {
+        if self.buffer_cap == 0 {
+            return self.read_doc();
+        }
+        while self.buffer.len() < self.buffer_cap {
+            match self.read_doc()? {
+                Some(t) => self.buffer.push(t),
+                None => break,
+            }
+        }
+        if self.buffer.is_empty() {
+            return Ok(None);
+        }
+        let j = self.rng.random_range(0..self.buffer.len());
+        Ok(Some(self.buffer.swap_remove(j)))
+    }
+
+    /// The next good document of this rank's chunks, in file order.
+    fn read_doc(&mut self) -> Result<Option<Taken>> {
+        loop {
+            if self.reader.is_none() {
+                let Some(&c) = self.plan.chunks.get(self.chunk_pos) else {
+                    return Ok(None);
+                };
+                self.reader = Some(self.ds.open_chunk(c, self.row_in_chunk)?);
+            }
+            let chunk = self.plan.chunks[self.chunk_pos];
+            let reader = self.reader.as_mut().expect("reader was just opened");
+            let Some(row) = reader.next_row()? else {
+                self.chunk_pos += 1;
+                self.row_in_chunk = 0;
+                self.reader = None;
+                continue;
+            };
+            let rr = RowRef {
+                chunk,
+                row: self.row_in_chunk,
+            };
+            self.row_in_chunk += 1;
+            match row.and_then(|raw| self.builder.build(raw, self.ds.path(chunk))) {
+                Ok(doc) => return Ok(Some((rr, doc))),
+                Err(e) if self.on_error == OnError::Skip && e.is_row_level() => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Re-reads the documents at `refs` (returned in the same order).
+    ///
+    /// Rows are read in runs: a new seek starts whenever the next wanted row is in another chunk or
+    /// more than [`RESUME_GAP_ROWS`] rows further on, so little consumed data is read again.
+    fn fetch_rows(&self, refs: &[RowRef]) -> Result<Vec<Doc>> {
+        let mut sorted: Vec<(RowRef, usize)> = refs.iter().copied().zip(0..).collect();
+        sorted.sort();
+        let mut out: Vec<Option<Doc>> = vec![None; refs.len()];
+        let mut open: Option<(usize, u64, ChunkReader)> = None;
+        for (want, slot) in sorted {
+            let reuse = matches!(&open, Some((c, next, _))
+                if *c == want.chunk && *next <= want.row && want.row - *next <= RESUME_GAP_ROWS);
+            if !reuse {
+                open = Some((
+                    want.chunk,
+                    want.row,
+                    self.ds.open_chunk(want.chunk, want.row)?,
+                ));
+            }
+            let (chunk, next, reader) = open.as_mut().expect("a reader was just opened");
+            loop {
+                let Some(raw) = reader.next_row()? else {
+                    return Err(Error::BadState(format!(
+                        "row {} of chunk {chunk} no longer exists",
+                        want.row
+                    )));
+                };
+                *next += 1;
+                if *next - 1 == want.row {
+                    let doc = raw.and_then(|r| self.builder.build(r, self.ds.path(want.chunk)))?;
+                    out[slot] = Some(doc);
+                    break;
+                }
+            }
+        }
+        Ok(out.into_iter().flatten().collect())
+    }
+}
+
+/// Largest run of already-consumed rows [`TokenLoader::resume`] reads through instead of seeking.
+const RESUME_GAP_ROWS: u64 = 64;
+
+/// Exposed for [`crate::units`]: whether a chunk's unit count is its row count.
+pub(crate) fn rows_are_units(cfg: &DataConfig) -> bool {
+    cfg.packing == Packing::Pad
+        && cfg.truncation != Truncation::Split
+        && cfg.on_error == OnError::Fail
+        && cfg.content == crate::Content::Tokens
+}
