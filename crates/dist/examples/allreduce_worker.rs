@@ -4,15 +4,22 @@
 //! Run: `cargo run -p bellows-dist --example launch -- 2 target/debug/examples/allreduce_worker --out /tmp/ar`
 //!
 //! Flags: `--out DIR` (required), `--len N` (default 1000), `--timeout-secs S` (default 30),
-//! `--fail-rank R` (that rank exits with code 3 after joining), `--fail-attempts K` (fail only on the
-//! first K attempts, read from `BELLOWS_RESTART_COUNT`), `--hang` (the other ranks then wait in all-reduce).
+//! `--fail-rank R` (that rank exits with code 3 before joining), `--fail-attempts K` (fail only on the
+//! first K attempts, read from `BELLOWS_RESTART_COUNT`).
 
 use std::error::Error;
 use std::path::PathBuf;
 
 use bellows_dist::{DistConfig, DistEnv, ProcessGroup, ReduceOp};
 
-fn main() -> Result<(), Box<dyn Error>> {
+fn main() {
+    if let Err(e) = worker() {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn worker() -> Result<(), Box<dyn Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let flag = |name: &str| {
         args.iter()
@@ -40,6 +47,11 @@ fn main() -> Result<(), Box<dyn Error>> {
         .unwrap_or(0);
 
     let env = DistEnv::from_env()?;
+    // Failing before joining leaves the other ranks waiting in init: the launcher has to stop them.
+    if fail_rank == Some(env.rank) && attempt < fail_attempts {
+        eprintln!("failing on purpose");
+        std::process::exit(3);
+    }
     let cfg = DistConfig {
         timeout_secs,
         backend: bellows_dist::BackendKind::Cpu,
@@ -51,10 +63,6 @@ fn main() -> Result<(), Box<dyn Error>> {
         pg.rank(),
         pg.world_size()
     );
-    if fail_rank == Some(pg.rank()) && attempt < fail_attempts {
-        eprintln!("failing on purpose");
-        std::process::exit(3);
-    }
     let mut v: Vec<f64> = (0..len).map(|i| (i + pg.rank() + 1) as f64).collect();
     pg.all_reduce(&mut v, ReduceOp::Sum)?;
     let text: Vec<String> = v.iter().map(|x| x.to_string()).collect();

@@ -9,7 +9,8 @@ use bellows_dist::launch::{run, LaunchOptions};
 use bellows_dist::Error;
 use common::with_timeout;
 
-/// The example binary; `cargo test` builds examples, and a lone `--test launch` run builds it here.
+/// The example binary, which `cargo test -p bellows-dist` builds along with this test
+/// (a filtered `cargo test --test launch` does not: build examples first then).
 fn worker() -> PathBuf {
     let debug_dir = std::env::current_exe()
         .expect("exe")
@@ -18,19 +19,7 @@ fn worker() -> PathBuf {
         .expect("target dir")
         .to_path_buf();
     let exe = debug_dir.join("examples").join("allreduce_worker");
-    if !exe.exists() {
-        let status = std::process::Command::new(env!("CARGO"))
-            .args([
-                "build",
-                "-p",
-                "bellows-dist",
-                "--example",
-                "allreduce_worker",
-            ])
-            .status()
-            .expect("cargo build");
-        assert!(status.success(), "building the example failed");
-    }
+    assert!(exe.exists(), "{} is missing: run `cargo build -p bellows-dist --examples` or the whole `cargo test -p bellows-dist`", exe.display());
     exe
 }
 
@@ -73,7 +62,7 @@ fn a_failing_worker_stops_the_rest_and_is_named() {
     with_timeout(120, || {
         let dir = tempfile::tempdir().expect("tempdir");
         let t0 = Instant::now();
-        // Rank 1 exits with code 3; ranks 0 and 2 would wait 60 s in all_reduce if not stopped.
+        // Rank 1 exits with code 3 before joining; ranks 0 and 2 would wait 60 s in init if not stopped.
         let err = run(&opts(
             3,
             dir.path(),
@@ -107,7 +96,7 @@ fn max_restarts_restarts_the_whole_group() {
             ],
         );
         o.max_restarts = 2;
-        let report = run(&o).expect("second attempt succeeds");
+        let report = run(&o).unwrap_or_else(|e| panic!("second attempt must succeed: {e}"));
         assert_eq!(report.restarts, 1);
         assert!(dir.path().join("rank0.txt").exists() && dir.path().join("rank1.txt").exists());
 

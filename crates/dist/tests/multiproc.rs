@@ -61,9 +61,8 @@ fn all_ops(pg: &ProcessGroup) -> Result<String, String> {
     for &n in SIZES {
         let mut v = data(r, n);
         pg.all_reduce(&mut v, ReduceOp::Sum).map_err(e)?;
-        let want: Vec<f64> = (0..n)
-            .map(|i| (0..w).map(|q| data(q, n)[i]).sum())
-            .collect();
+        let inputs: Vec<Vec<f64>> = (0..w).map(|q| data(q, n)).collect();
+        let want: Vec<f64> = (0..n).map(|i| inputs.iter().map(|d| d[i]).sum()).collect();
         if v != want {
             return Err(format!("all_reduce len {n} wrong"));
         }

@@ -131,6 +131,13 @@ impl<'a> Io<'a> {
             // Nothing arrived in time. A peer further up the ring may have timed out at the same moment
             // and be about to tell us why: listen briefly so the error names the rank at fault.
             Err(ReadFail::Timeout { filled: 0 }) => {
+                // Tell the next rank now, so that it hears about it within its own grace period.
+                self.queue_abort(&format!(
+                    "rank {} timed out after {:.1} s waiting for rank {}",
+                    c.rank,
+                    c.timeout.as_secs_f64(),
+                    c.prev
+                ));
                 let grace = Instant::now() + (c.timeout / 2).min(ABORT_GRACE);
                 let heard = self.read_until(&mut h, grace).is_ok() && h[0] == KIND_ABORT;
                 if !heard {
@@ -249,6 +256,13 @@ impl<'a> Io<'a> {
         })
     }
 
+    /// Queues an abort message behind any queued data.
+    fn queue_abort(&mut self, why: &str) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(abort_message(&self.call, why));
+        }
+    }
+
     /// Stops queueing; the sender thread drains what is queued and exits.
     pub(crate) fn close(&mut self) {
         self.tx = None;
@@ -279,7 +293,8 @@ pub(crate) fn send_loop(
 ) -> SendEnd {
     let _ = next.set_write_timeout(Some(call.timeout));
     for msg in rx {
-        if stop.load(Ordering::Relaxed) {
+        // Aborts are always written; data is dropped once the caller has failed.
+        if stop.load(Ordering::Relaxed) && msg.first() != Some(&KIND_ABORT) {
             return SendEnd::Clean;
         }
         if let Err(e) = (&*next).write_all(&msg) {
@@ -310,10 +325,15 @@ pub(crate) fn send_loop(
 
 /// Best effort: tells the next rank why this collective failed, so the failure travels round the ring.
 pub(crate) fn send_abort(call: &Call, next: &TcpStream, why: &str) {
+    let msg = abort_message(call, why);
+    let _ = next.set_write_timeout(Some(Duration::from_secs(1)));
+    let _ = (&*next).write_all(&msg);
+}
+
+fn abort_message(call: &Call, why: &str) -> Vec<u8> {
     let mut text = why.as_bytes().to_vec();
     text.truncate(MAX_ABORT);
     let mut msg = header(KIND_ABORT, call, text.len()).to_vec();
     msg.extend_from_slice(&text);
-    let _ = next.set_write_timeout(Some(Duration::from_secs(1)));
-    let _ = (&*next).write_all(&msg);
+    msg
 }

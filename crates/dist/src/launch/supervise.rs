@@ -3,6 +3,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use super::{signals, LaunchOptions};
@@ -19,8 +20,9 @@ pub(crate) enum Outcome {
 
 struct Worker {
     rank: usize,
-    child: Child,
-    status: Option<ExitStatus>,
+    pid: u32,
+    /// `Some` once exited (`Some(None)` if waiting on it failed).
+    status: Option<Option<ExitStatus>>,
 }
 
 fn describe(status: ExitStatus) -> String {
@@ -127,25 +129,33 @@ pub(crate) fn run_attempt(
     port: u16,
     attempt: usize,
 ) -> Result<Outcome> {
+    let (tx, exits) = mpsc::channel();
     let mut workers = Vec::new();
     let mut relays = Vec::new();
     for local_rank in 0..opts.nproc_per_node {
+        let rank = opts.node_rank * opts.nproc_per_node + local_rank;
         match spawn(opts, token, port, attempt, local_rank) {
-            Ok((child, r)) => {
+            Ok((mut child, r)) => {
                 workers.push(Worker {
-                    rank: opts.node_rank * opts.nproc_per_node + local_rank,
-                    child,
+                    rank,
+                    pid: child.id(),
                     status: None,
                 });
                 relays.extend(r);
+                // One waiter per worker, so exits are seen in the order they happen.
+                let tx = tx.clone();
+                std::thread::spawn(move || {
+                    let status = child.wait();
+                    let _ = tx.send((rank, status.ok()));
+                });
             }
             Err(e) => {
-                stop_all(&mut workers, opts.stop_grace);
+                stop_all(&mut workers, &exits, opts.stop_grace);
                 return Err(e);
             }
         }
     }
-    let outcome = watch(&mut workers, opts.stop_grace);
+    let outcome = watch(&mut workers, &exits, opts.stop_grace);
     // Let the relays print the workers' last lines (bounded: a grandchild may still hold a pipe).
     let deadline = Instant::now() + Duration::from_secs(2);
     for r in relays {
@@ -159,61 +169,75 @@ pub(crate) fn run_attempt(
     Ok(outcome)
 }
 
-fn watch(workers: &mut [Worker], grace: Duration) -> Outcome {
+type Exits = Receiver<(usize, Option<ExitStatus>)>;
+
+/// Records one exit; returns a failure description if it was unsuccessful.
+fn record(workers: &mut [Worker], rank: usize, status: Option<ExitStatus>) -> Option<String> {
+    let w = workers.iter_mut().find(|w| w.rank == rank)?;
+    w.status = Some(status);
+    match status {
+        Some(st) if st.success() => None,
+        Some(st) => Some(describe(st)),
+        None => Some("wait failed".into()),
+    }
+}
+
+fn watch(workers: &mut [Worker], exits: &Exits, grace: Duration) -> Outcome {
     loop {
         if let Some(sig) = signals::take() {
             for w in workers.iter().filter(|w| w.status.is_none()) {
-                signals::send_to_group(w.child.id(), sig);
+                signals::send_to_group(w.pid, sig);
             }
-            wait_or_kill(workers, grace);
+            wait_or_kill(workers, exits, grace);
             return Outcome::Interrupted(sig);
         }
-        let mut failed = None;
-        for w in workers.iter_mut().filter(|w| w.status.is_none()) {
-            if let Ok(Some(st)) = w.child.try_wait() {
-                w.status = Some(st);
-                if !st.success() && failed.is_none() {
-                    failed = Some((w.rank, describe(st)));
+        match exits.recv_timeout(POLL) {
+            Ok((rank, status)) => {
+                if let Some(status) = record(workers, rank, status) {
+                    stop_all(workers, exits, grace);
+                    return Outcome::Failed { rank, status };
+                }
+                if workers.iter().all(|w| w.status.is_some()) {
+                    return Outcome::Success;
                 }
             }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return Outcome::Success,
         }
-        if let Some((rank, status)) = failed {
-            stop_all(workers, grace);
-            return Outcome::Failed { rank, status };
-        }
-        if workers.iter().all(|w| w.status.is_some()) {
-            return Outcome::Success;
-        }
-        std::thread::sleep(POLL);
     }
 }
 
 /// SIGTERM to every live worker's group, then SIGKILL after `grace`.
-fn stop_all(workers: &mut [Worker], grace: Duration) {
+fn stop_all(workers: &mut [Worker], exits: &Exits, grace: Duration) {
     for w in workers.iter().filter(|w| w.status.is_none()) {
-        signals::send_to_group(w.child.id(), signals::TERM);
+        signals::send_to_group(w.pid, signals::TERM);
     }
-    wait_or_kill(workers, grace);
+    wait_or_kill(workers, exits, grace);
 }
 
-fn wait_or_kill(workers: &mut [Worker], grace: Duration) {
+fn wait_or_kill(workers: &mut [Worker], exits: &Exits, grace: Duration) {
     let deadline = Instant::now() + grace;
-    loop {
-        for w in workers.iter_mut().filter(|w| w.status.is_none()) {
-            if let Ok(Some(st)) = w.child.try_wait() {
-                w.status = Some(st);
+    let mut killed = false;
+    while workers.iter().any(|w| w.status.is_none()) {
+        let now = Instant::now();
+        if now >= deadline && !killed {
+            for w in workers.iter().filter(|w| w.status.is_none()) {
+                signals::send_to_group(w.pid, signals::KILL);
             }
+            killed = true;
         }
-        if workers.iter().all(|w| w.status.is_some()) {
-            return;
-        }
-        if Instant::now() >= deadline {
-            for w in workers.iter_mut().filter(|w| w.status.is_none()) {
-                signals::send_to_group(w.child.id(), signals::KILL);
-                w.status = w.child.wait().ok();
+        let wait = if killed {
+            Duration::from_secs(5)
+        } else {
+            deadline - now
+        };
+        match exits.recv_timeout(wait) {
+            Ok((rank, status)) => {
+                record(workers, rank, status);
             }
-            return;
+            Err(RecvTimeoutError::Timeout) if !killed => {}
+            // SIGKILL could not end it within 5 s, or every waiter is gone: give up waiting.
+            Err(_) => return,
         }
-        std::thread::sleep(POLL);
     }
 }

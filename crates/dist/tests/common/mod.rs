@@ -11,14 +11,12 @@ pub fn with_timeout<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send +
     });
     match rx.recv_timeout(Duration::from_secs(secs)) {
         Ok(v) => v,
-        Err(_) => {
-            if handle.is_finished() {
-                // The closure panicked: re-raise its panic.
-                match handle.join() {
-                    Err(p) => std::panic::resume_unwind(p),
-                    Ok(()) => panic!("test thread ended without a result"),
-                }
-            }
+        // The closure panicked (dropping the sender): re-raise its panic.
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => match handle.join() {
+            Err(p) => std::panic::resume_unwind(p),
+            Ok(()) => panic!("test thread ended without a result"),
+        },
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
             panic!("test exceeded its hard timeout of {secs} s")
         }
     }
