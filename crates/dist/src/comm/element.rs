@@ -70,7 +70,8 @@ macro_rules! float_element {
                     <$t>::from_le_bytes(b.try_into().expect("chunks_exact yields SIZE bytes"))
                 };
                 match op {
-                    ReduceOp::Sum | ReduceOp::Mean => it.for_each(|(d, b)| *d = val(b) + *d),
+                    // IEEE addition is commutative, so this is bitwise `incoming + local`.
+                    ReduceOp::Sum | ReduceOp::Mean => it.for_each(|(d, b)| *d += val(b)),
                     ReduceOp::Max => it.for_each(|(d, b)| {
                         let r = val(b);
                         if r.is_nan() || r > *d {

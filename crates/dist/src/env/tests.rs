@@ -9,6 +9,9 @@ fn parse(vars: &[(&str, &str)]) -> Result<DistEnv> {
 }
 
 /// (name, vars, expected (rank, world, local_rank, local_world, node, addr, port, source)).
+/// (name, variables, expectation).
+type Case<W> = (&'static str, Vec<(&'static str, &'static str)>, W);
+
 type Want = (
     usize,
     usize,
@@ -23,7 +26,7 @@ type Want = (
 #[test]
 fn detects_every_launcher() {
     use EnvSource::*;
-    let cases: Vec<(&str, Vec<(&str, &str)>, Want)> = vec![
+    let cases: Vec<Case<Want>> = vec![
         (
             "nothing",
             vec![],
@@ -155,7 +158,7 @@ fn detects_every_launcher() {
 
 #[test]
 fn inconsistent_values_name_the_variable() {
-    let cases: Vec<(&str, Vec<(&str, &str)>, &str)> = vec![
+    let cases: Vec<Case<&str>> = vec![
         (
             "rank >= world",
             vec![("RANK", "2"), ("WORLD_SIZE", "2")],
