@@ -36,3 +36,18 @@ pub use error::{Error, Result};
 pub use group::ProcessGroup;
 pub use local::run_local;
 pub use tensor::{all_reduce_tensor, broadcast_tensor};
+
+#[cfg(test)]
+mod tests {
+    /// The public handles can be shared across threads (the trainer keeps one group per process).
+    #[test]
+    fn public_handles_are_send_and_sync() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<crate::ProcessGroup>();
+        assert_send_sync::<crate::store::StoreServer>();
+        assert_send_sync::<crate::DistEnv>();
+        assert_send_sync::<crate::DistConfig>();
+        fn assert_send<T: Send>() {}
+        assert_send::<crate::store::StoreClient>();
+    }
+}
