@@ -1,0 +1,339 @@
+//! One collective's traffic on the ring: a sender thread writing to the next rank while the caller
+//! reads from the previous one, so large messages never deadlock and reduction overlaps transfer.
+//!
+//! Every message has a 24-byte header: kind `u8` (1 data, 2 abort), op `u8`, dtype `u8`, reserved `u8`,
+//! payload length `u32`, collective sequence number `u64`, total element count `u64`; all little-endian.
+//! The receiver checks op, dtype, sequence, total and length, so ranks calling different collectives
+//! fail with [`Error::Mismatch`] instead of corrupting data.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use super::Element;
+use crate::error::{Error, Result};
+
+pub(crate) const HEADER: usize = 24;
+const KIND_DATA: u8 = 1;
+const KIND_ABORT: u8 = 2;
+/// The longest abort text forwarded.
+const MAX_ABORT: usize = 2000;
+/// How long a rank that timed out keeps listening for an abort from upstream (at most half the timeout).
+const ABORT_GRACE: Duration = Duration::from_millis(500);
+
+/// Why a read from the previous rank stopped.
+pub(crate) enum ReadFail {
+    Timeout { filled: usize },
+    Closed,
+    Io(std::io::Error),
+}
+
+/// Collective ids on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Op {
+    AllReduce = 1,
+    AllGather = 2,
+    ReduceScatter = 3,
+    Broadcast = 4,
+    BroadcastLen = 5,
+    Barrier = 6,
+}
+
+impl Op {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Op::AllReduce => "all_reduce",
+            Op::AllGather => "all_gather",
+            Op::ReduceScatter => "reduce_scatter",
+            Op::Broadcast | Op::BroadcastLen => "broadcast",
+            Op::Barrier => "barrier",
+        }
+    }
+}
+
+/// What identifies one collective call on every rank.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Call {
+    pub op: Op,
+    pub dtype: u8,
+    pub seq: u64,
+    pub total: u64,
+    pub rank: usize,
+    pub prev: usize,
+    pub next: usize,
+    pub deadline: Instant,
+    pub timeout: Duration,
+}
+
+fn header(kind: u8, call: &Call, len: usize) -> [u8; HEADER] {
+    let mut h = [0u8; HEADER];
+    h[0] = kind;
+    h[1] = call.op as u8;
+    h[2] = call.dtype;
+    h[4..8].copy_from_slice(&(len as u32).to_le_bytes());
+    h[8..16].copy_from_slice(&call.seq.to_le_bytes());
+    h[16..24].copy_from_slice(&call.total.to_le_bytes());
+    h
+}
+
+/// The caller's side of one collective: queue messages for the sender thread, read from `prev`.
+pub(crate) struct Io<'a> {
+    pub call: Call,
+    tx: Option<Sender<Vec<u8>>>,
+    prev: &'a TcpStream,
+    buf: &'a mut Vec<u8>,
+    send_error: &'a Mutex<Option<Error>>,
+}
+
+impl<'a> Io<'a> {
+    pub(crate) fn new(
+        call: Call,
+        tx: Sender<Vec<u8>>,
+        prev: &'a TcpStream,
+        buf: &'a mut Vec<u8>,
+        send_error: &'a Mutex<Option<Error>>,
+    ) -> Self {
+        Io {
+            call,
+            tx: Some(tx),
+            prev,
+            buf,
+            send_error,
+        }
+    }
+
+    /// Queues `values` as one data message to the next rank.
+    pub(crate) fn send<T: Element>(&mut self, values: &[T]) -> Result<()> {
+        let mut msg = Vec::with_capacity(HEADER + values.len() * T::SIZE);
+        msg.extend_from_slice(&header(KIND_DATA, &self.call, values.len() * T::SIZE));
+        T::encode(values, &mut msg);
+        let sent = self
+            .tx
+            .as_ref()
+            .map(|tx| tx.send(msg).is_ok())
+            .unwrap_or(false);
+        if sent {
+            Ok(())
+        } else {
+            Err(self.take_send_error())
+        }
+    }
+
+    /// Reads the next data message from the previous rank, which must carry `count` values of `T`.
+    pub(crate) fn recv<T: Element>(&mut self, count: usize) -> Result<&[u8]> {
+        let c = self.call;
+        let mut h = [0u8; HEADER];
+        match self.read_until(&mut h, c.deadline) {
+            Ok(()) => {}
+            // Nothing arrived in time. A peer further up the ring may have timed out at the same moment
+            // and be about to tell us why: listen briefly so the error names the rank at fault.
+            Err(ReadFail::Timeout { filled: 0 }) => {
+                // Tell the next rank now, so that it hears about it within its own grace period.
+                self.queue_abort(&format!(
+                    "rank {} timed out after {:.1} s waiting for rank {}",
+                    c.rank,
+                    c.timeout.as_secs_f64(),
+                    c.prev
+                ));
+                let grace = Instant::now() + (c.timeout / 2).min(ABORT_GRACE);
+                let heard = self.read_until(&mut h, grace).is_ok() && h[0] == KIND_ABORT;
+                if !heard {
+                    return Err(self.fail(ReadFail::Timeout { filled: 0 }));
+                }
+            }
+            Err(f) => return Err(self.fail(f)),
+        }
+        let len = u32::from_le_bytes([h[4], h[5], h[6], h[7]]) as usize;
+        if h[0] == KIND_ABORT && len <= MAX_ABORT {
+            let mut text = vec![0u8; len];
+            let _ = self.read_until(&mut text, Instant::now() + ABORT_GRACE);
+            let message = format!("aborted: {}", String::from_utf8_lossy(&text));
+            return Err(Error::Peer {
+                op: c.op.name(),
+                rank: c.rank,
+                peer: c.prev,
+                message,
+            });
+        }
+        let seq = u64::from_le_bytes(h[8..16].try_into().expect("8-byte slice"));
+        let total = u64::from_le_bytes(h[16..24].try_into().expect("8-byte slice"));
+        let want = count * T::SIZE;
+        if h[0] != KIND_DATA
+            || h[1] != c.op as u8
+            || h[2] != c.dtype
+            || seq != c.seq
+            || total != c.total
+            || len != want
+        {
+            let message = format!(
+                "it sent collective #{seq} (op {}, dtype {}, {total} elements, {len}-byte message) but this rank \
+                 expects #{} ({}, {}, {} elements, {want}-byte message)",
+                h[1], h[2], c.seq, c.op.name(), T::NAME, c.total
+            );
+            return Err(Error::Mismatch {
+                op: c.op.name(),
+                rank: c.rank,
+                peer: c.prev,
+                message,
+            });
+        }
+        self.buf.resize(want, 0);
+        let mut buf = std::mem::take(self.buf);
+        let r = self.read_until(&mut buf, c.deadline);
+        *self.buf = buf;
+        r.map_err(|f| self.fail(f))?;
+        Ok(&self.buf[..])
+    }
+
+    fn read_until(
+        &mut self,
+        out: &mut [u8],
+        deadline: Instant,
+    ) -> std::result::Result<(), ReadFail> {
+        let mut filled = 0;
+        while filled < out.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ReadFail::Timeout { filled });
+            }
+            // set_read_timeout rejects zero; `left` is non-zero here.
+            let _ = self.prev.set_read_timeout(Some(left));
+            match (&*self.prev).read(&mut out[filled..]) {
+                Ok(0) => return Err(ReadFail::Closed),
+                Ok(n) => filled += n,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::Interrupted | ErrorKind::WouldBlock | ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => return Err(ReadFail::Io(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Prefers the sender's error: a failed send wakes the reader by shutting `prev`, which looks like EOF.
+    fn fail(&self, f: ReadFail) -> Error {
+        let c = self.call;
+        let (op, rank, peer) = (c.op.name(), c.rank, c.prev);
+        let e = match f {
+            ReadFail::Timeout { .. } => Error::Timeout {
+                op,
+                rank,
+                peer,
+                secs: c.timeout.as_secs_f64(),
+            },
+            ReadFail::Closed => {
+                let message =
+                    "connection closed (the process exited or dropped its group)".to_string();
+                Error::Peer {
+                    op,
+                    rank,
+                    peer,
+                    message,
+                }
+            }
+            ReadFail::Io(e) => Error::Peer {
+                op,
+                rank,
+                peer,
+                message: format!("receive failed: {e}"),
+            },
+        };
+        lock(self.send_error).take().unwrap_or(e)
+    }
+
+    fn take_send_error(&self) -> Error {
+        let c = self.call;
+        lock(self.send_error).take().unwrap_or_else(|| Error::Peer {
+            op: c.op.name(),
+            rank: c.rank,
+            peer: c.next,
+            message: "sender stopped".to_string(),
+        })
+    }
+
+    /// Queues an abort message behind any queued data.
+    fn queue_abort(&mut self, why: &str) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(abort_message(&self.call, why));
+        }
+    }
+
+    /// Stops queueing; the sender thread drains what is queued and exits.
+    pub(crate) fn close(&mut self) {
+        self.tx = None;
+    }
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// How the sender thread ended.
+#[derive(Clone, Copy)]
+pub(crate) enum SendEnd {
+    /// Every queued message was written (or it was told to stop between messages).
+    Clean,
+    /// A write failed (the error is in the shared slot).
+    Failed,
+}
+
+/// The sender thread: writes queued messages to `next` until the queue closes or `stop` is set.
+pub(crate) fn send_loop(
+    call: Call,
+    next: &TcpStream,
+    prev: &TcpStream,
+    rx: Receiver<Vec<u8>>,
+    stop: &AtomicBool,
+    send_error: &Mutex<Option<Error>>,
+) -> SendEnd {
+    let _ = next.set_write_timeout(Some(call.timeout));
+    for msg in rx {
+        // Aborts are always written; data is dropped once the caller has failed.
+        if stop.load(Ordering::Relaxed) && msg.first() != Some(&KIND_ABORT) {
+            return SendEnd::Clean;
+        }
+        if let Err(e) = (&*next).write_all(&msg) {
+            let error = if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) {
+                Error::Timeout {
+                    op: call.op.name(),
+                    rank: call.rank,
+                    peer: call.next,
+                    secs: call.timeout.as_secs_f64(),
+                }
+            } else {
+                let message = format!("send failed: {e}");
+                Error::Peer {
+                    op: call.op.name(),
+                    rank: call.rank,
+                    peer: call.next,
+                    message,
+                }
+            };
+            *lock(send_error) = Some(error);
+            // Wake the caller if it is blocked reading from the previous rank.
+            let _ = prev.shutdown(std::net::Shutdown::Read);
+            return SendEnd::Failed;
+        }
+    }
+    SendEnd::Clean
+}
+
+/// Best effort: tells the next rank why this collective failed, so the failure travels round the ring.
+pub(crate) fn send_abort(call: &Call, next: &TcpStream, why: &str) {
+    let msg = abort_message(call, why);
+    let _ = next.set_write_timeout(Some(Duration::from_secs(1)));
+    let _ = (&*next).write_all(&msg);
+}
+
+fn abort_message(call: &Call, why: &str) -> Vec<u8> {
+    let mut text = why.as_bytes().to_vec();
+    text.truncate(MAX_ABORT);
+    let mut msg = header(KIND_ABORT, call, text.len()).to_vec();
+    msg.extend_from_slice(&text);
+    msg
+}
