@@ -87,30 +87,14 @@ impl Accelerator {
         Ok(crate::grads::broadcast_params(model, &self.pg, 0)?)
     }
 
-    /// Sums host values across ranks (in f64 on the wire as pairs of f32 would lose precision,
-    /// so values are summed exactly in f64 by an all-gather).
+    /// Sums host values across ranks (in f64, in a fixed order, so every rank gets the same bits).
     ///
     /// # Errors
     /// A collective fails.
     pub fn sum(&self, values: &[f64]) -> Result<Vec<f64>> {
-        if self.world_size() == 1 {
-            return Ok(values.to_vec());
-        }
-        let mut buf: Vec<f32> = Vec::with_capacity(values.len() * 2);
-        for v in values {
-            let hi = *v as f32;
-            buf.push(hi);
-            buf.push((*v - f64::from(hi)) as f32);
-        }
-        let mut all = vec![0f32; buf.len() * self.world_size()];
-        self.pg.all_gather(&buf, &mut all)?;
-        let mut out = vec![0f64; values.len()];
-        for chunk in all.chunks(buf.len()) {
-            for (i, o) in out.iter_mut().enumerate() {
-                *o += f64::from(chunk[2 * i]) + f64::from(chunk[2 * i + 1]);
-            }
-        }
-        Ok(out)
+        let mut buf = values.to_vec();
+        self.pg.all_reduce(&mut buf, ReduceOp::Sum)?;
+        Ok(buf)
     }
 
     /// Runs `f` on the main process only.

@@ -1,7 +1,7 @@
 //! Whole-model gradient operations burn does not provide: the global L2 norm and clipping
 //! (PyTorch's `clip_grad_norm_`), scaling, and host-staged all-reduce in buckets for DDP.
 
-use burn::module::{AutodiffModule, Module, ModuleVisitor, Param, ParamId};
+use burn::module::{AutodiffModule, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::{backend::AutodiffBackend, Tensor, TensorData};
 

@@ -64,15 +64,6 @@ impl Progress {
         }
     }
 
-    /// Prints a message without breaking the bar.
-    pub fn println(&self, msg: &str) {
-        match self {
-            Progress::Bar(b) => b.println(msg),
-            Progress::Plain { .. } => eprintln!("{msg}"),
-            Progress::Quiet => {}
-        }
-    }
-
     /// Removes the bar.
     pub fn finish(&self) {
         if let Progress::Bar(b) = self {

@@ -21,7 +21,7 @@ pub use sections::{
 };
 
 /// A whole job file, resolved with defaults.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunConfig {
     /// `[run]`.
     pub run: RunSection,
@@ -41,6 +41,22 @@ pub struct RunConfig {
     pub checkpoint: CheckpointSection,
     /// `[logging]`.
     pub logging: LoggingSection,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig {
+            run: RunSection::default(),
+            model: ModelSection::default(),
+            data: bellows_data::DataConfig::new(bellows_data::Files::Many(Vec::new())),
+            optim: OptimConfig::default(),
+            peft: bellows_peft::PeftConfig::default(),
+            train: TrainSection::default(),
+            dist: bellows_dist::DistConfig::default(),
+            checkpoint: CheckpointSection::default(),
+            logging: LoggingSection::default(),
+        }
+    }
 }
 
 /// One problem in a job file.
@@ -112,6 +128,9 @@ impl RunConfig {
                     message: format!("unknown section, expected one of {}", SECTIONS.join(", ")),
                 });
             }
+        }
+        if !root.contains_key("data") {
+            issues.push(ConfigIssue { key: "data".into(), message: "missing section: data.train is required".into() });
         }
         let mut cfg = RunConfig::default();
         section(&root, "run", &mut cfg.run, &mut issues);
