@@ -81,7 +81,10 @@ fn main() -> ExitCode {
             };
             match train(&cfg) {
                 Ok(r) => {
-                    let eval = r.eval_loss.map(|e| format!(", eval loss {e:.4}")).unwrap_or_default();
+                    let eval = r
+                        .eval_loss
+                        .map(|e| format!(", eval loss {e:.4}"))
+                        .unwrap_or_default();
                     eprintln!(
                         "done: {} steps, loss {:.4} -> {:.4}{eval}; outputs in {}",
                         r.steps,

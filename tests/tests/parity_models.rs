@@ -22,12 +22,31 @@ fn run_case(case: &str, model_dir: &str) {
     let exp = dir.join("expected.safetensors");
     let exp_logits = read_array(&exp, "logits");
     assert_eq!(exp_logits.shape, vec![b, s, arch.vocab_size]);
-    let got: Vec<f64> = logits.clone().into_data().to_vec::<f32>().expect("f32").into_iter().map(f64::from).collect();
-    assert_close(&format!("{case} logits"), &got, &exp_logits.values, 1e-4, 1e-4);
+    let got: Vec<f64> = logits
+        .clone()
+        .into_data()
+        .to_vec::<f32>()
+        .expect("f32")
+        .into_iter()
+        .map(f64::from)
+        .collect();
+    assert_close(
+        &format!("{case} logits"),
+        &got,
+        &exp_logits.values,
+        1e-4,
+        1e-4,
+    );
     let labels: Vec<i64> = labels.values.iter().map(|&v| v as i64).collect();
     let l = causal_lm_loss_sum(logits, &labels);
     let loss = f64::from(l.sum.into_scalar()) / l.tokens as f64;
-    assert_close(&format!("{case} loss"), &[loss], &read_array(&exp, "loss").values, 1e-5, 1e-5);
+    assert_close(
+        &format!("{case} loss"),
+        &[loss],
+        &read_array(&exp, "loss").values,
+        1e-5,
+        1e-5,
+    );
 }
 
 fn forward(model: &CausalLm<B>, ids: &[f64], b: usize, s: usize) -> Tensor<B, 3> {
@@ -35,7 +54,13 @@ fn forward(model: &CausalLm<B>, ids: &[f64], b: usize, s: usize) -> Tensor<B, 3>
     let ids: Vec<i64> = ids.iter().map(|&v| v as i64).collect();
     let t = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, s]), &dev);
     let positions: Vec<u32> = (0..b).flat_map(|_| 0..s as u32).collect();
-    model.forward(t, &ForwardInput { positions: &positions, segments: None })
+    model.forward(
+        t,
+        &ForwardInput {
+            positions: &positions,
+            segments: None,
+        },
+    )
 }
 
 #[test]
@@ -87,7 +112,8 @@ fn explicit_head_dim_matches_transformers() {
 #[test]
 fn greedy_generation_with_kv_cache_matches_transformers() {
     let dev = Default::default();
-    let (_, model) = load_pretrained::<B>(&golden("llama_gqa"), &LoraPlan::none(), &dev).expect("load");
+    let (_, model) =
+        load_pretrained::<B>(&golden("llama_gqa"), &LoraPlan::none(), &dev).expect("load");
     let g = golden("generate").join("generate.safetensors");
     let prompt = read_array(&g, "prompt_ids");
     let expected = read_array(&g, "new_tokens");
@@ -95,7 +121,10 @@ fn greedy_generation_with_kv_cache_matches_transformers() {
     let n = expected.shape[1];
     for row in 0..b {
         let mut cache = KvCache::new(2);
-        let mut ids: Vec<i64> = prompt.values[row * p..(row + 1) * p].iter().map(|&v| v as i64).collect();
+        let mut ids: Vec<i64> = prompt.values[row * p..(row + 1) * p]
+            .iter()
+            .map(|&v| v as i64)
+            .collect();
         let mut next = Tensor::<B, 2, Int>::from_data(TensorData::new(ids.clone(), [1, p]), &dev);
         for _ in 0..n {
             let logits = model.forward_cached(next, &mut cache);
@@ -106,6 +135,10 @@ fn greedy_generation_with_kv_cache_matches_transformers() {
             next = Tensor::<B, 2, Int>::from_data(TensorData::new(vec![tok], [1, 1]), &dev);
         }
         let got: Vec<f64> = ids[p..].iter().map(|&v| v as f64).collect();
-        assert_eq!(got, expected.values[row * n..(row + 1) * n].to_vec(), "row {row}");
+        assert_eq!(
+            got,
+            expected.values[row * n..(row + 1) * n].to_vec(),
+            "row {row}"
+        );
     }
 }

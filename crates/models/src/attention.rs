@@ -1,9 +1,9 @@
 //! Multi-head attention with grouped-query key/value heads (Ainslie et al. 2023):
 //! query head `j` reads key/value head `j / (heads / kv_heads)`.
 
+use bellows_peft::{InitRng, Linear, LoraPlan};
 use burn::module::Module;
 use burn::tensor::{activation::softmax, backend::Backend, Bool, DType, Tensor};
-use bellows_peft::{Linear, LoraPlan};
 
 use crate::cache::LayerCache;
 use crate::config::ModelArch;
@@ -33,27 +33,34 @@ pub(crate) fn linear<B: Backend>(
     plan: &LoraPlan,
     path: String,
     (d_in, d_out, bias): (usize, usize, bool),
+    rng: &mut InitRng,
     device: &B::Device,
 ) -> Linear<B> {
-    let l = Linear::new(d_in, d_out, bias, arch.initializer_range, device);
+    let l = Linear::new(d_in, d_out, bias, arch.initializer_range, rng, device);
     match plan.spec_for(&path, false) {
-        Some(spec) => l.with_lora(&spec),
+        Some(spec) => l.with_lora(&spec, rng),
         None => l,
     }
 }
 
 impl<B: Backend> Attention<B> {
     /// A randomly initialised block for layer `layer`; adapters where `plan` says.
-    pub fn new(arch: &ModelArch, plan: &LoraPlan, layer: usize, device: &B::Device) -> Self {
+    pub fn new(
+        arch: &ModelArch,
+        plan: &LoraPlan,
+        layer: usize,
+        rng: &mut InitRng,
+        device: &B::Device,
+    ) -> Self {
         let (d, hd) = (arch.hidden_size, arch.head_dim);
         let (h, kv) = (arch.num_attention_heads, arch.num_key_value_heads);
         let p = |n: &str| format!("model.layers.{layer}.self_attn.{n}");
         let b = arch.attention_bias;
         Attention {
-            q_proj: linear(arch, plan, p("q_proj"), (d, h * hd, b), device),
-            k_proj: linear(arch, plan, p("k_proj"), (d, kv * hd, b), device),
-            v_proj: linear(arch, plan, p("v_proj"), (d, kv * hd, b), device),
-            o_proj: linear(arch, plan, p("o_proj"), (h * hd, d, false), device),
+            q_proj: linear(arch, plan, p("q_proj"), (d, h * hd, b), rng, device),
+            k_proj: linear(arch, plan, p("k_proj"), (d, kv * hd, b), rng, device),
+            v_proj: linear(arch, plan, p("v_proj"), (d, kv * hd, b), rng, device),
+            o_proj: linear(arch, plan, p("o_proj"), (h * hd, d, false), rng, device),
             num_heads: h,
             num_kv_heads: kv,
             head_dim: hd,
@@ -71,9 +78,21 @@ impl<B: Backend> Attention<B> {
     ) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
         let (h, kv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = self.q_proj.forward(x.clone()).reshape([b, s, h, hd]).swap_dims(1, 2);
-        let k = self.k_proj.forward(x.clone()).reshape([b, s, kv, hd]).swap_dims(1, 2);
-        let v = self.v_proj.forward(x).reshape([b, s, kv, hd]).swap_dims(1, 2);
+        let q = self
+            .q_proj
+            .forward(x.clone())
+            .reshape([b, s, h, hd])
+            .swap_dims(1, 2);
+        let k = self
+            .k_proj
+            .forward(x.clone())
+            .reshape([b, s, kv, hd])
+            .swap_dims(1, 2);
+        let v = self
+            .v_proj
+            .forward(x)
+            .reshape([b, s, kv, hd])
+            .swap_dims(1, 2);
         let q = rope.apply(q);
         let mut k = rope.apply(k);
         let mut v = v;
@@ -86,20 +105,30 @@ impl<B: Backend> Attention<B> {
             (k, v)
         } else {
             let grow = |z: Tensor<B, 4>| {
-                z.unsqueeze_dim::<5>(2).expand([b, kv, rep, t, hd]).reshape([b, h, t, hd])
+                z.unsqueeze_dim::<5>(2)
+                    .expand([b, kv, rep, t, hd])
+                    .reshape([b, h, t, hd])
             };
             (grow(k), grow(v))
         };
         let dtype = q.dtype();
         let scale = 1.0 / (hd as f64).sqrt();
         let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
-        let scores = if dtype == DType::F32 { scores } else { scores.cast(DType::F32) };
+        let scores = if dtype == DType::F32 {
+            scores
+        } else {
+            scores.cast(DType::F32)
+        };
         let scores = match mask {
             Some(m) => scores.mask_fill(m.clone().expand([b, h, s, t]), f32::NEG_INFINITY),
             None => scores,
         };
         let probs = softmax(scores, 3);
-        let probs = if dtype == DType::F32 { probs } else { probs.cast(dtype) };
+        let probs = if dtype == DType::F32 {
+            probs
+        } else {
+            probs.cast(dtype)
+        };
         let out = probs.matmul(v).swap_dims(1, 2).reshape([b, s, h * hd]);
         self.o_proj.forward(out)
     }

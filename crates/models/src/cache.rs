@@ -40,7 +40,9 @@ pub struct KvCache<B: Backend> {
 impl<B: Backend> KvCache<B> {
     /// An empty cache for `n` layers.
     pub fn new(n: usize) -> Self {
-        KvCache { layers: (0..n).map(|_| LayerCache { kv: None }).collect() }
+        KvCache {
+            layers: (0..n).map(|_| LayerCache { kv: None }).collect(),
+        }
     }
 
     /// Number of cached positions.

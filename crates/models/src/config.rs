@@ -114,7 +114,11 @@ impl ModelArch {
                 bad(k, "must be >= 1, got 0".into());
             }
         }
-        if self.num_key_value_heads > 0 && self.num_attention_heads % self.num_key_value_heads != 0 {
+        if self.num_key_value_heads > 0
+            && !self
+                .num_attention_heads
+                .is_multiple_of(self.num_key_value_heads)
+        {
             bad(
                 "num_key_value_heads",
                 format!(
@@ -123,14 +127,23 @@ impl ModelArch {
                 ),
             );
         }
-        if self.head_dim % 2 != 0 {
-            bad("head_dim", format!("must be even for RoPE, got {}", self.head_dim));
+        if !self.head_dim.is_multiple_of(2) {
+            bad(
+                "head_dim",
+                format!("must be even for RoPE, got {}", self.head_dim),
+            );
         }
-        if !(self.rms_norm_eps > 0.0) {
-            bad("rms_norm_eps", format!("must be > 0, got {}", self.rms_norm_eps));
+        if self.rms_norm_eps.is_nan() || self.rms_norm_eps <= 0.0 {
+            bad(
+                "rms_norm_eps",
+                format!("must be > 0, got {}", self.rms_norm_eps),
+            );
         }
-        if !(self.rope_theta > 0.0) {
-            bad("rope_theta", format!("must be > 0, got {}", self.rope_theta));
+        if self.rope_theta.is_nan() || self.rope_theta <= 0.0 {
+            bad(
+                "rope_theta",
+                format!("must be > 0, got {}", self.rope_theta),
+            );
         }
     }
 
@@ -143,7 +156,11 @@ impl ModelArch {
         let attn = d * q + 2 * d * kv + q * d + bias;
         let mlp = 3 * d * self.intermediate_size;
         let layer = attn + mlp + 2 * d;
-        let head = if self.tie_word_embeddings { 0 } else { self.vocab_size * d };
+        let head = if self.tie_word_embeddings {
+            0
+        } else {
+            self.vocab_size * d
+        };
         self.vocab_size * d + self.num_hidden_layers * layer + d + head
     }
 

@@ -9,7 +9,7 @@
 //! use bellows_peft::LoraPlan;
 //! use burn::{backend::Flex, tensor::{Int, Tensor}};
 //! let dev = Default::default();
-//! let m = CausalLm::<Flex>::new(&tiny_arch(), &LoraPlan::none(), &dev);
+//! let m = CausalLm::<Flex>::new(&tiny_arch(), &LoraPlan::none(), &mut bellows_peft::InitRng::new(0), &dev);
 //! let ids = Tensor::<Flex, 2, Int>::from_ints([[1, 2, 3]], &dev);
 //! let logits = m.forward(ids, &ForwardInput { positions: &[0, 1, 2], segments: None });
 //! assert_eq!(logits.dims(), [1, 3, 64]);
@@ -32,7 +32,7 @@ pub use attention::Attention;
 pub use cache::{KvCache, LayerCache};
 pub use config::{Family, ModelArch, RopeScaling};
 pub use error::{Error, Result};
-pub use hf::{load_pretrained, save_adapter, save_pretrained};
+pub use hf::{load_pretrained, load_pretrained_with, read_arch, save_adapter, save_pretrained};
 pub use loss::{causal_lm_loss_sum, count_label_tokens, LossSum, IGNORE_INDEX};
 pub use mlp::Mlp;
 pub use model::{attention_mask, CausalLm, Decoder, DecoderLayer, ForwardInput};

@@ -19,7 +19,12 @@ pub struct LossSum<B: Backend> {
 /// Number of positions the loss counts for `labels` (`[batch, seq]`, row-major).
 pub fn count_label_tokens(labels: &[i64], batch: usize, seq: usize) -> usize {
     (0..batch)
-        .map(|r| labels[r * seq + 1..(r + 1) * seq].iter().filter(|&&l| l != IGNORE_INDEX).count())
+        .map(|r| {
+            labels[r * seq + 1..(r + 1) * seq]
+                .iter()
+                .filter(|&&l| l != IGNORE_INDEX)
+                .count()
+        })
         .sum()
 }
 
@@ -42,7 +47,10 @@ pub fn causal_lm_loss_sum<B: Backend>(logits: Tensor<B, 3>, labels: &[i64]) -> L
                 targets.push(0i64);
                 weights.push(0f32);
             } else {
-                assert!((0..v as i64).contains(&l), "label {l} outside vocabulary of {v}");
+                assert!(
+                    (0..v as i64).contains(&l),
+                    "label {l} outside vocabulary of {v}"
+                );
                 targets.push(l);
                 weights.push(1f32);
             }
@@ -50,7 +58,11 @@ pub fn causal_lm_loss_sum<B: Backend>(logits: Tensor<B, 3>, labels: &[i64]) -> L
     }
     let tokens = weights.iter().filter(|&&w| w > 0.0).count();
     let logits = logits.slice([0..b, 0..s - 1, 0..v]).reshape([n, v]);
-    let logits = if logits.dtype() == DType::F32 { logits } else { logits.cast(DType::F32) };
+    let logits = if logits.dtype() == DType::F32 {
+        logits
+    } else {
+        logits.cast(DType::F32)
+    };
     let logp = log_softmax(logits, 1);
     let idx = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [n, 1]), &device);
     let picked = logp.gather(1, idx).reshape([n]);

@@ -1,8 +1,8 @@
 //! The SwiGLU feed-forward block (Shazeer 2020): `down(silu(gate(x)) · up(x))`.
 
+use bellows_peft::{InitRng, Linear, LoraPlan};
 use burn::module::Module;
 use burn::tensor::{activation::silu, backend::Backend, Tensor};
-use bellows_peft::{Linear, LoraPlan};
 
 use crate::attention::linear;
 use crate::config::ModelArch;
@@ -20,13 +20,19 @@ pub struct Mlp<B: Backend> {
 
 impl<B: Backend> Mlp<B> {
     /// A randomly initialised block for layer `layer`; adapters where `plan` says.
-    pub fn new(arch: &ModelArch, plan: &LoraPlan, layer: usize, device: &B::Device) -> Self {
+    pub fn new(
+        arch: &ModelArch,
+        plan: &LoraPlan,
+        layer: usize,
+        rng: &mut InitRng,
+        device: &B::Device,
+    ) -> Self {
         let (d, i) = (arch.hidden_size, arch.intermediate_size);
         let p = |n: &str| format!("model.layers.{layer}.mlp.{n}");
         Mlp {
-            gate_proj: linear(arch, plan, p("gate_proj"), (d, i, false), device),
-            up_proj: linear(arch, plan, p("up_proj"), (d, i, false), device),
-            down_proj: linear(arch, plan, p("down_proj"), (i, d, false), device),
+            gate_proj: linear(arch, plan, p("gate_proj"), (d, i, false), rng, device),
+            up_proj: linear(arch, plan, p("up_proj"), (d, i, false), rng, device),
+            down_proj: linear(arch, plan, p("down_proj"), (i, d, false), rng, device),
         }
     }
 

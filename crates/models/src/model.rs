@@ -1,10 +1,10 @@
 //! The Llama-family causal language model, with Hugging Face parameter paths
 //! (`model.embed_tokens.weight`, `model.layers.{i}.self_attn.q_proj.weight`, ..., `lm_head.weight`).
 
+use bellows_peft::{InitRng, Linear, LoraPlan};
 use burn::module::{Module, Param};
-use burn::nn::{Embedding, EmbeddingConfig, Initializer};
+use burn::nn::Embedding;
 use burn::tensor::{backend::Backend, Bool, Int, Tensor, TensorData};
-use bellows_peft::{Linear, LoraPlan};
 
 use crate::attention::Attention;
 use crate::cache::KvCache;
@@ -29,7 +29,12 @@ pub struct DecoderLayer<B: Backend> {
 impl<B: Backend> DecoderLayer<B> {
     /// Applies `f` to each of the seven linear layers.
     pub fn map_linears(self, f: impl Fn(Linear<B>) -> Linear<B>) -> Self {
-        let DecoderLayer { self_attn: a, mlp: m, input_layernorm, post_attention_layernorm } = self;
+        let DecoderLayer {
+            self_attn: a,
+            mlp: m,
+            input_layernorm,
+            post_attention_layernorm,
+        } = self;
         DecoderLayer {
             self_attn: Attention {
                 q_proj: f(a.q_proj),
@@ -38,7 +43,11 @@ impl<B: Backend> DecoderLayer<B> {
                 o_proj: f(a.o_proj),
                 ..a
             },
-            mlp: Mlp { gate_proj: f(m.gate_proj), up_proj: f(m.up_proj), down_proj: f(m.down_proj) },
+            mlp: Mlp {
+                gate_proj: f(m.gate_proj),
+                up_proj: f(m.up_proj),
+                down_proj: f(m.down_proj),
+            },
             input_layernorm,
             post_attention_layernorm,
         }
@@ -78,24 +87,30 @@ pub struct ForwardInput<'a> {
 
 impl<B: Backend> CausalLm<B> {
     /// A randomly initialised model (HF init: N(0, initializer_range²), unit norms),
-    /// with LoRA adapters where `plan` says.
-    pub fn new(arch: &ModelArch, plan: &LoraPlan, device: &B::Device) -> Self {
+    /// with LoRA adapters where `plan` says. All values come from `rng`, so the same seed gives
+    /// the same model on every rank and backend.
+    pub fn new(arch: &ModelArch, plan: &LoraPlan, rng: &mut InitRng, device: &B::Device) -> Self {
         let std = arch.initializer_range;
-        let embed_tokens = EmbeddingConfig::new(arch.vocab_size, arch.hidden_size)
-            .with_initializer(Initializer::Normal { mean: 0.0, std })
-            .init(device);
+        let embed_tokens = Embedding {
+            weight: Param::from_tensor(rng.normal(
+                [arch.vocab_size, arch.hidden_size],
+                0.0,
+                std,
+                device,
+            )),
+        };
         let layers = (0..arch.num_hidden_layers)
             .map(|i| DecoderLayer {
-                self_attn: Attention::new(arch, plan, i, device),
-                mlp: Mlp::new(arch, plan, i, device),
+                self_attn: Attention::new(arch, plan, i, rng, device),
+                mlp: Mlp::new(arch, plan, i, rng, device),
                 input_layernorm: RmsNorm::new(arch.hidden_size, arch.rms_norm_eps, device),
                 post_attention_layernorm: RmsNorm::new(arch.hidden_size, arch.rms_norm_eps, device),
             })
             .collect();
         let lm_head = (!arch.tie_word_embeddings).then(|| {
-            let head = Linear::new(arch.hidden_size, arch.vocab_size, false, std, device);
+            let head = Linear::new(arch.hidden_size, arch.vocab_size, false, std, rng, device);
             match plan.spec_for("lm_head", true) {
-                Some(spec) => head.with_lora(&spec),
+                Some(spec) => head.with_lora(&spec, rng),
                 None => head,
             }
         });
@@ -121,11 +136,17 @@ impl<B: Backend> CausalLm<B> {
 
     /// Logits for the new tokens of a generation step; `cache` holds earlier positions.
     /// `input_ids` is `[1, n]`; positions continue from `cache.len()`.
-    pub fn forward_cached(&self, input_ids: Tensor<B, 2, Int>, cache: &mut KvCache<B>) -> Tensor<B, 3> {
+    pub fn forward_cached(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        cache: &mut KvCache<B>,
+    ) -> Tensor<B, 3> {
         let [b, s] = input_ids.dims();
         let start = cache.len();
         let device = input_ids.device();
-        let positions: Vec<u32> = (0..b).flat_map(|_| (start..start + s).map(|p| p as u32)).collect();
+        let positions: Vec<u32> = (0..b)
+            .flat_map(|_| (start..start + s).map(|p| p as u32))
+            .collect();
         let mask = (s > 1).then(|| prefix_causal_mask::<B>(b, s, start, &device));
         let hidden = self.hidden(input_ids, &positions, mask.as_ref(), Some(cache));
         self.head(hidden)
@@ -144,9 +165,16 @@ impl<B: Backend> CausalLm<B> {
         let mut x = self.model.embed_tokens.forward(input_ids);
         for (i, layer) in self.model.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let h = layer.self_attn.forward(layer.input_layernorm.forward(x.clone()), &rope, mask, layer_cache);
+            let h = layer.self_attn.forward(
+                layer.input_layernorm.forward(x.clone()),
+                &rope,
+                mask,
+                layer_cache,
+            );
             x = x + h;
-            let h = layer.mlp.forward(layer.post_attention_layernorm.forward(x.clone()));
+            let h = layer
+                .mlp
+                .forward(layer.post_attention_layernorm.forward(x.clone()));
             x = x + h;
         }
         self.model.norm.forward(x)
@@ -159,7 +187,10 @@ impl<B: Backend> CausalLm<B> {
                 let [b, s, d] = hidden.dims();
                 let w = self.model.embed_tokens.weight.val();
                 let v = w.dims()[0];
-                hidden.reshape([b * s, d]).matmul(w.transpose()).reshape([b, s, v])
+                hidden
+                    .reshape([b * s, d])
+                    .matmul(w.transpose())
+                    .reshape([b, s, v])
             }
         }
     }
@@ -167,7 +198,12 @@ impl<B: Backend> CausalLm<B> {
     /// Folds every adapter into its base weight (PEFT's `merge_and_unload`).
     pub fn merge_adapters(self) -> Self {
         let mut m = self;
-        m.model.layers = m.model.layers.into_iter().map(|l| l.map_linears(Linear::merge)).collect();
+        m.model.layers = m
+            .model
+            .layers
+            .into_iter()
+            .map(|l| l.map_linears(Linear::merge))
+            .collect();
         m.lm_head = m.lm_head.map(Linear::merge);
         m
     }
@@ -181,7 +217,12 @@ impl<B: Backend> CausalLm<B> {
 
 /// `[batch, 1, seq, seq]`, true where query `i` must not see key `j`: `j > i`, or (with
 /// segments) a different document, so packed documents never attend to each other.
-pub fn attention_mask<B: Backend>(segments: Option<&[u32]>, b: usize, s: usize, device: &B::Device) -> Tensor<B, 4, Bool> {
+pub fn attention_mask<B: Backend>(
+    segments: Option<&[u32]>,
+    b: usize,
+    s: usize,
+    device: &B::Device,
+) -> Tensor<B, 4, Bool> {
     let mut m = vec![false; b * s * s];
     for r in 0..b {
         for i in 0..s {
@@ -195,7 +236,12 @@ pub fn attention_mask<B: Backend>(segments: Option<&[u32]>, b: usize, s: usize, 
 }
 
 /// Causal mask for `s` new queries after `past` cached keys: `[batch, 1, s, past + s]`.
-fn prefix_causal_mask<B: Backend>(b: usize, s: usize, past: usize, device: &B::Device) -> Tensor<B, 4, Bool> {
+fn prefix_causal_mask<B: Backend>(
+    b: usize,
+    s: usize,
+    past: usize,
+    device: &B::Device,
+) -> Tensor<B, 4, Bool> {
     let t = past + s;
     let mut m = vec![false; b * s * t];
     for r in 0..b {

@@ -52,7 +52,10 @@ pub struct TrainableMapper<F: Fn(&str) -> bool> {
 impl<F: Fn(&str) -> bool> TrainableMapper<F> {
     /// A mapper that makes exactly the parameters whose path satisfies `trainable` train.
     pub fn new(trainable: F) -> Self {
-        TrainableMapper { stack: Vec::new(), trainable }
+        TrainableMapper {
+            stack: Vec::new(),
+            trainable,
+        }
     }
 }
 
@@ -68,4 +71,3 @@ impl<B: Backend, F: Fn(&str) -> bool> ModuleMapper<B> for TrainableMapper<F> {
         param.set_require_grad(train)
     }
 }
-

@@ -23,14 +23,23 @@ pub fn inv_freq(arch: &ModelArch) -> Vec<f32> {
             high_freq_factor,
             original_max_position_embeddings,
         }) => {
-            let (factor, lo, hi) = (factor as f32, low_freq_factor as f32, high_freq_factor as f32);
+            let (factor, lo, hi) = (
+                factor as f32,
+                low_freq_factor as f32,
+                high_freq_factor as f32,
+            );
             let old = original_max_position_embeddings as f32;
             let low_wavelen = old / lo;
             let high_wavelen = old / hi;
             for f in inv.iter_mut() {
                 let wavelen = 2.0 * std::f32::consts::PI / *f;
-                let scaled = if wavelen > low_wavelen { *f / factor } else { *f };
-                let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+                let scaled = if wavelen > low_wavelen {
+                    *f / factor
+                } else {
+                    *f
+                };
+                // transformers: ~(wavelen < high) * ~(wavelen > low); wavelengths are finite and positive.
+                let medium = wavelen >= high_wavelen && wavelen <= low_wavelen;
                 *f = if medium {
                     let smooth = (old / wavelen - lo) / (hi - lo);
                     (1.0 - smooth) * scaled / factor + smooth * scaled
@@ -54,7 +63,13 @@ pub struct RopeTables<B: Backend> {
 
 impl<B: Backend> RopeTables<B> {
     /// Builds the tables for `positions` (row-major `[batch, seq]`).
-    pub fn new(inv_freq: &[f32], positions: &[u32], batch: usize, seq: usize, device: &B::Device) -> Self {
+    pub fn new(
+        inv_freq: &[f32],
+        positions: &[u32],
+        batch: usize,
+        seq: usize,
+        device: &B::Device,
+    ) -> Self {
         let half = inv_freq.len();
         let hd = 2 * half;
         let mut cos = Vec::with_capacity(positions.len() * hd);
@@ -69,8 +84,13 @@ impl<B: Backend> RopeTables<B> {
             cos.extend_from_within(start..start + half);
             sin.extend_from_within(start..start + half);
         }
-        let make = |v: Vec<f32>| Tensor::<B, 4>::from_data(TensorData::new(v, [batch, 1, seq, hd]), device);
-        RopeTables { cos: make(cos), sin: make(sin) }
+        let make = |v: Vec<f32>| {
+            Tensor::<B, 4>::from_data(TensorData::new(v, [batch, 1, seq, hd]), device)
+        };
+        RopeTables {
+            cos: make(cos),
+            sin: make(sin),
+        }
     }
 
     /// Rotates `x: [batch, heads, seq, head_dim]`.

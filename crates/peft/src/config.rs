@@ -131,7 +131,10 @@ impl PeftConfig {
             out.push((key("alpha"), format!("must be > 0, got {}", self.alpha)));
         }
         if !(0.0..1.0).contains(&self.dropout) {
-            out.push((key("dropout"), format!("must be in [0, 1), got {}", self.dropout)));
+            out.push((
+                key("dropout"),
+                format!("must be in [0, 1), got {}", self.dropout),
+            ));
         }
         if let TargetModules::Pattern(p) = &self.target_modules {
             if p != "all-linear" {
@@ -142,7 +145,10 @@ impl PeftConfig {
         }
         if let TargetModules::Names(v) = &self.target_modules {
             if v.is_empty() {
-                out.push((key("target_modules"), "must name at least one module".into()));
+                out.push((
+                    key("target_modules"),
+                    "must name at least one module".into(),
+                ));
             }
         }
         for (p, r) in &self.rank_pattern {
@@ -150,7 +156,10 @@ impl PeftConfig {
                 out.push((key("rank_pattern"), format!("invalid regex {p:?}: {e}")));
             }
             if *r == 0 {
-                out.push((key(&format!("rank_pattern.{p}")), "must be >= 1, got 0".into()));
+                out.push((
+                    key(&format!("rank_pattern.{p}")),
+                    "must be >= 1, got 0".into(),
+                ));
             }
         }
         for (p, a) in &self.alpha_pattern {
@@ -158,11 +167,17 @@ impl PeftConfig {
                 out.push((key("alpha_pattern"), format!("invalid regex {p:?}: {e}")));
             }
             if !(a.is_finite() && *a > 0.0) {
-                out.push((key(&format!("alpha_pattern.{p}")), format!("must be > 0, got {a}")));
+                out.push((
+                    key(&format!("alpha_pattern.{p}")),
+                    format!("must be > 0, got {a}"),
+                ));
             }
         }
         if self.use_dora && self.method == Method::Qlora {
-            out.push((key("use_dora"), "DoRA on a quantized base is not supported".into()));
+            out.push((
+                key("use_dora"),
+                "DoRA on a quantized base is not supported".into(),
+            ));
         }
     }
 
@@ -218,7 +233,11 @@ fn name_matches(path: &str, name: &str) -> bool {
 }
 
 fn compile(key: &str, pattern: &str, anchored: bool) -> crate::Result<Regex> {
-    let full = if anchored { format!("^(?:{pattern})$") } else { pattern.to_string() };
+    let full = if anchored {
+        format!("^(?:{pattern})$")
+    } else {
+        pattern.to_string()
+    };
     Regex::new(&full).map_err(|e| crate::Error::Regex {
         key: key.into(),
         pattern: pattern.into(),
@@ -272,7 +291,14 @@ impl LoraPlan {
             layers: Vec::new(),
             rank_pattern: Vec::new(),
             alpha_pattern: Vec::new(),
-            base: LoraSpec { r: 1, alpha: 1.0, scale: 1.0, dropout: 0.0, dora: false, init: LoraInit::Default },
+            base: LoraSpec {
+                r: 1,
+                alpha: 1.0,
+                scale: 1.0,
+                dropout: 0.0,
+                dora: false,
+                init: LoraInit::Default,
+            },
             rslora: false,
             modules_to_save: Vec::new(),
         }
@@ -346,7 +372,10 @@ mod tests {
     use super::*;
 
     fn lora(f: impl FnOnce(&mut PeftConfig)) -> LoraPlan {
-        let mut c = PeftConfig { method: Method::Lora, ..PeftConfig::default() };
+        let mut c = PeftConfig {
+            method: Method::Lora,
+            ..PeftConfig::default()
+        };
         f(&mut c);
         c.plan().expect("valid test config")
     }
@@ -354,9 +383,15 @@ mod tests {
     #[test]
     fn names_match_suffixes_only_at_dots() {
         let p = lora(|_| {});
-        assert!(p.spec_for("model.layers.0.self_attn.q_proj", false).is_some());
-        assert!(p.spec_for("model.layers.0.self_attn.k_proj", false).is_none());
-        assert!(p.spec_for("model.layers.0.self_attn.xq_proj", false).is_none());
+        assert!(p
+            .spec_for("model.layers.0.self_attn.q_proj", false)
+            .is_some());
+        assert!(p
+            .spec_for("model.layers.0.self_attn.k_proj", false)
+            .is_none());
+        assert!(p
+            .spec_for("model.layers.0.self_attn.xq_proj", false)
+            .is_none());
     }
 
     #[test]
@@ -374,10 +409,16 @@ mod tests {
             c.rank_pattern.insert("v_proj".into(), 4);
             c.use_rslora = true;
         });
-        assert!(p.spec_for("model.layers.0.self_attn.q_proj", false).is_none());
-        let q = p.spec_for("model.layers.1.self_attn.q_proj", false).expect("targeted");
+        assert!(p
+            .spec_for("model.layers.0.self_attn.q_proj", false)
+            .is_none());
+        let q = p
+            .spec_for("model.layers.1.self_attn.q_proj", false)
+            .expect("targeted");
         assert_eq!((q.r, q.scale), (8, 16.0 / 8f64.sqrt()));
-        let v = p.spec_for("model.layers.1.self_attn.v_proj", false).expect("targeted");
+        let v = p
+            .spec_for("model.layers.1.self_attn.v_proj", false)
+            .expect("targeted");
         assert_eq!((v.r, v.scale), (4, 8.0));
     }
 
@@ -393,7 +434,15 @@ mod tests {
         let mut out = Vec::new();
         c.validate("peft", &mut out);
         let keys: Vec<_> = out.iter().map(|(k, _)| k.as_str()).collect();
-        assert_eq!(keys, ["peft.r", "peft.alpha", "peft.dropout", "peft.target_modules"]);
+        assert_eq!(
+            keys,
+            [
+                "peft.r",
+                "peft.alpha",
+                "peft.dropout",
+                "peft.target_modules"
+            ]
+        );
     }
 
     #[test]

@@ -10,17 +10,20 @@
 //! let cfg = PeftConfig { method: Method::Lora, ..PeftConfig::default() };
 //! let plan = cfg.plan().unwrap();
 //! let spec = plan.spec_for("model.layers.0.self_attn.q_proj", false).unwrap();
-//! let q = Linear::<Flex>::new(16, 16, false, 0.02, &Default::default()).with_lora(&spec);
+//! let mut rng = bellows_peft::InitRng::new(0);
+//! let q = Linear::<Flex>::new(16, 16, false, 0.02, &mut rng, &Default::default()).with_lora(&spec, &mut rng);
 //! assert_eq!(q.lora.as_ref().unwrap().rank(), 8);
 //! ```
 #![warn(missing_docs)]
 
 mod config;
 mod error;
+mod init;
 mod io;
 mod linear;
 
 pub use config::{layer_index, LoraInit, LoraPlan, LoraSpec, Method, PeftConfig, TargetModules};
 pub use error::{Error, Result};
+pub use init::InitRng;
 pub use io::adapter_config_json;
 pub use linear::{Linear, LoraAdapter};

@@ -2,7 +2,9 @@
 
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig};
-use burn::tensor::{backend::Backend, Distribution, Tensor};
+use burn::tensor::{backend::Backend, Tensor};
+
+use crate::init::InitRng;
 
 use crate::config::{LoraInit, LoraSpec};
 
@@ -25,18 +27,20 @@ pub struct LoraAdapter<B: Backend> {
 
 impl<B: Backend> LoraAdapter<B> {
     /// Creates a new adapter for a `[out, in]` weight, initialised as `spec.init` says.
-    pub fn new(spec: &LoraSpec, d_in: usize, d_out: usize, device: &B::Device) -> Self {
+    pub fn new(
+        spec: &LoraSpec,
+        d_in: usize,
+        d_out: usize,
+        rng: &mut InitRng,
+        device: &B::Device,
+    ) -> Self {
         let a = match spec.init {
             LoraInit::Default => {
                 // kaiming_uniform_(a = √5) on [r, in]: bound = gain·√(3/fan_in) with gain = √(2/(1+5)) = 1/√in.
                 let bound = 1.0 / (d_in as f64).sqrt();
-                Tensor::random([spec.r, d_in], Distribution::Uniform(-bound, bound), device)
+                rng.uniform([spec.r, d_in], -bound, bound, device)
             }
-            LoraInit::Gaussian => Tensor::random(
-                [spec.r, d_in],
-                Distribution::Normal(0.0, 1.0 / spec.r as f64),
-                device,
-            ),
+            LoraInit::Gaussian => rng.normal([spec.r, d_in], 0.0, 1.0 / spec.r as f64, device),
         };
         let b = Tensor::zeros([d_out, spec.r], device);
         LoraAdapter {
@@ -64,7 +68,10 @@ impl<B: Backend> LoraAdapter<B> {
 
     /// The dense update `scale · B · A`, `[out, in]` (for merging only).
     pub fn delta(&self) -> Tensor<B, 2> {
-        self.lora_b.val().matmul(self.lora_a.val()).mul_scalar(self.scale)
+        self.lora_b
+            .val()
+            .matmul(self.lora_a.val())
+            .mul_scalar(self.scale)
     }
 }
 
@@ -82,8 +89,15 @@ pub struct Linear<B: Backend> {
 
 impl<B: Backend> Linear<B> {
     /// A layer with weights drawn from N(0, std²) (Hugging Face's `initializer_range` init) and zero bias.
-    pub fn new(d_in: usize, d_out: usize, bias: bool, std: f64, device: &B::Device) -> Self {
-        let w = Tensor::random([d_out, d_in], Distribution::Normal(0.0, std), device);
+    pub fn new(
+        d_in: usize,
+        d_out: usize,
+        bias: bool,
+        std: f64,
+        rng: &mut InitRng,
+        device: &B::Device,
+    ) -> Self {
+        let w = rng.normal([d_out, d_in], 0.0, std, device);
         Linear {
             weight: Param::from_tensor(w),
             bias: bias.then(|| Param::from_tensor(Tensor::zeros([d_out], device))),
@@ -92,10 +106,10 @@ impl<B: Backend> Linear<B> {
     }
 
     /// Attaches a fresh adapter (replacing any existing one).
-    pub fn with_lora(mut self, spec: &LoraSpec) -> Self {
+    pub fn with_lora(mut self, spec: &LoraSpec, rng: &mut InitRng) -> Self {
         let [d_out, d_in] = self.weight.dims();
         let device = self.weight.device();
-        self.lora = Some(LoraAdapter::new(spec, d_in, d_out, &device));
+        self.lora = Some(LoraAdapter::new(spec, d_in, d_out, rng, &device));
         self
     }
 
@@ -145,16 +159,24 @@ mod tests {
     type B = Flex;
 
     fn spec(init: LoraInit) -> LoraSpec {
-        LoraSpec { r: 4, alpha: 8.0, scale: 2.0, dropout: 0.0, dora: false, init }
+        LoraSpec {
+            r: 4,
+            alpha: 8.0,
+            scale: 2.0,
+            dropout: 0.0,
+            dora: false,
+            init,
+        }
     }
 
     #[test]
     fn fresh_default_adapter_leaves_output_unchanged() {
         let dev = Default::default();
-        let plain = Linear::<B>::new(6, 5, true, 0.5, &dev);
-        let x = Tensor::<B, 3>::random([2, 3, 6], Distribution::Default, &dev);
+        let mut rng = InitRng::new(1);
+        let plain = Linear::<B>::new(6, 5, true, 0.5, &mut rng, &dev);
+        let x = rng.normal::<B, 3>([2, 3, 6], 0.0, 1.0, &dev);
         let before = plain.forward(x.clone()).into_data();
-        let adapted = plain.with_lora(&spec(LoraInit::Default));
+        let adapted = plain.with_lora(&spec(LoraInit::Default), &mut rng);
         let after = adapted.forward(x).into_data();
         assert_eq!(before, after);
     }
@@ -162,14 +184,17 @@ mod tests {
     #[test]
     fn side_path_equals_merged_weight() {
         let dev = Default::default();
-        let mut l = Linear::<B>::new(6, 5, false, 0.5, &dev).with_lora(&spec(LoraInit::Gaussian));
+        let mut rng = InitRng::new(2);
+        let mut l = Linear::<B>::new(6, 5, false, 0.5, &mut rng, &dev)
+            .with_lora(&spec(LoraInit::Gaussian), &mut rng);
         let lora = l.lora.as_mut().expect("attached");
-        lora.lora_b = Param::from_tensor(Tensor::random([5, 4], Distribution::Default, &dev));
-        let x = Tensor::<B, 2>::random([3, 6], Distribution::Default, &dev);
+        lora.lora_b = Param::from_tensor(rng.normal([5, 4], 0.0, 1.0, &dev));
+        let x = rng.normal::<B, 2>([3, 6], 0.0, 1.0, &dev);
         let y = l.forward(x.clone());
         let merged = l.merge();
         assert!(merged.lora.is_none());
         let y2 = merged.forward(x);
-        y.into_data().assert_approx_eq::<f32>(&y2.into_data(), burn::tensor::Tolerance::absolute(1e-5));
+        y.into_data()
+            .assert_approx_eq::<f32>(&y2.into_data(), burn::tensor::Tolerance::absolute(1e-5));
     }
 }

@@ -26,13 +26,25 @@ impl Accelerator {
     /// Inconsistent launch variables or a failed rendezvous.
     pub fn new(cfg: &DistConfig, job_hash: &str) -> Result<Self> {
         let env = DistEnv::from_env()?;
-        let pg = if env.world_size > 1 { ProcessGroup::init(&env, cfg, job_hash)? } else { ProcessGroup::single() };
-        Ok(Accelerator { env, pg, bucket_bytes: (cfg.bucket_mb * 1024.0 * 1024.0) as usize })
+        let pg = if env.world_size > 1 {
+            ProcessGroup::init(&env, cfg, job_hash)?
+        } else {
+            ProcessGroup::single()
+        };
+        Ok(Accelerator {
+            env,
+            pg,
+            bucket_bytes: (cfg.bucket_mb * 1024.0 * 1024.0) as usize,
+        })
     }
 
     /// A single-process accelerator.
     pub fn single() -> Self {
-        Accelerator { env: DistEnv::single(), pg: ProcessGroup::single(), bucket_bytes: 25 << 20 }
+        Accelerator {
+            env: DistEnv::single(),
+            pg: ProcessGroup::single(),
+            bucket_bytes: 25 << 20,
+        }
     }
 
     /// This process's global rank.
@@ -62,7 +74,10 @@ impl Accelerator {
 
     /// This rank's data shard.
     pub fn shard(&self) -> Shard {
-        Shard { rank: self.rank(), world: self.world_size() }
+        Shard {
+            rank: self.rank(),
+            world: self.world_size(),
+        }
     }
 
     /// The process group, for collectives.
@@ -75,15 +90,27 @@ impl Accelerator {
     ///
     /// # Errors
     /// A collective fails.
-    pub fn sync_grads<B: AutodiffBackend, M: AutodiffModule<B>>(&self, model: &M, grads: GradientsParams) -> Result<GradientsParams> {
-        Ok(crate::grads::all_reduce_sum(model, grads, &self.pg, self.bucket_bytes)?)
+    pub fn sync_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
+        &self,
+        model: &M,
+        grads: GradientsParams,
+    ) -> Result<GradientsParams> {
+        Ok(crate::grads::all_reduce_sum(
+            model,
+            grads,
+            &self.pg,
+            self.bucket_bytes,
+        )?)
     }
 
     /// Makes every rank's trainable parameters equal to rank 0's.
     ///
     /// # Errors
     /// A collective fails.
-    pub fn broadcast_params<B: AutodiffBackend, M: AutodiffModule<B>>(&self, model: M) -> Result<M> {
+    pub fn broadcast_params<B: AutodiffBackend, M: AutodiffModule<B>>(
+        &self,
+        model: M,
+    ) -> Result<M> {
         Ok(crate::grads::broadcast_params(model, &self.pg, 0)?)
     }
 

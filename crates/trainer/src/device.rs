@@ -20,7 +20,9 @@ impl DeviceSpec {
             "cuda" => Ok(DeviceSpec::Cuda(None)),
             _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
                 Some(Ok(n)) => Ok(DeviceSpec::Cuda(Some(n))),
-                _ => Err(format!("expected \"cpu\", \"cuda\" or \"cuda:N\", got {s:?}")),
+                _ => Err(format!(
+                    "expected \"cpu\", \"cuda\" or \"cuda:N\", got {s:?}"
+                )),
             },
         }
     }

@@ -8,7 +8,10 @@ use burn::tensor::{backend::AutodiffBackend, Tensor, TensorData};
 use bellows_dist::{ProcessGroup, ReduceOp};
 
 /// Σ g² over every gradient in `grads` that belongs to `model`, accumulated in f64.
-pub fn norm_sq<B: AutodiffBackend, M: AutodiffModule<B>>(model: &M, grads: &GradientsParams) -> f64 {
+pub fn norm_sq<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    grads: &GradientsParams,
+) -> f64 {
     struct V<'a> {
         grads: &'a GradientsParams,
         sum: f64,
@@ -27,7 +30,11 @@ pub fn norm_sq<B: AutodiffBackend, M: AutodiffModule<B>>(model: &M, grads: &Grad
 }
 
 /// Multiplies every gradient of `model` in `grads` by `factor`.
-pub fn scale<B: AutodiffBackend, M: AutodiffModule<B>>(model: &M, grads: GradientsParams, factor: f64) -> GradientsParams {
+pub fn scale<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    grads: GradientsParams,
+    factor: f64,
+) -> GradientsParams {
     struct V {
         grads: GradientsParams,
         factor: f64,
@@ -35,7 +42,8 @@ pub fn scale<B: AutodiffBackend, M: AutodiffModule<B>>(model: &M, grads: Gradien
     impl<B: AutodiffBackend> ModuleVisitor<B> for V {
         fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
             if let Some(g) = self.grads.remove::<B::InnerBackend, D>(p.id) {
-                self.grads.register::<B::InnerBackend, D>(p.id, g.mul_scalar(self.factor));
+                self.grads
+                    .register::<B::InnerBackend, D>(p.id, g.mul_scalar(self.factor));
             }
         }
     }
@@ -71,7 +79,10 @@ pub fn all_reduce_sum<B: AutodiffBackend, M: AutodiffModule<B>>(
             }
         }
     }
-    let mut take = Take { grads, items: Vec::new() };
+    let mut take = Take {
+        grads,
+        items: Vec::new(),
+    };
     model.visit(&mut take);
     let limit = (bucket_bytes / 4).max(1);
     let mut start = 0;
@@ -103,13 +114,23 @@ pub fn all_reduce_sum<B: AutodiffBackend, M: AutodiffModule<B>>(
         fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
             if let Some((shape, values)) = self.items.remove(&p.id) {
                 let device = p.val().device();
-                let t = Tensor::<B::InnerBackend, D>::from_data(TensorData::new(values, shape), &device);
+                let t = Tensor::<B::InnerBackend, D>::from_data(
+                    TensorData::new(values, shape),
+                    &device,
+                );
                 self.grads.register::<B::InnerBackend, D>(p.id, t);
             }
         }
     }
-    let items = take.items.into_iter().map(|(id, s, v)| (id, (s, v))).collect();
-    let mut put = Put { grads: take.grads, items };
+    let items = take
+        .items
+        .into_iter()
+        .map(|(id, s, v)| (id, (s, v)))
+        .collect();
+    let mut put = Put {
+        grads: take.grads,
+        items,
+    };
     model.visit(&mut put);
     Ok(put.grads)
 }
@@ -141,15 +162,24 @@ pub fn broadcast_params<B: AutodiffBackend, M: AutodiffModule<B>>(
             let device = t.device();
             let dtype = t.dtype();
             let shape = t.dims().to_vec();
-            let mut values = t.into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default();
+            let mut values = t
+                .into_data()
+                .convert::<f32>()
+                .to_vec::<f32>()
+                .unwrap_or_default();
             if let Err(e) = self.pg.broadcast(&mut values, self.root) {
                 self.err = Some(e);
             }
-            let t = Tensor::<B, D>::from_data(TensorData::new(values, shape), (&device, dtype)).require_grad();
+            let t = Tensor::<B, D>::from_data(TensorData::new(values, shape), (&device, dtype))
+                .require_grad();
             Param::initialized(id, t)
         }
     }
-    let mut m = Map { pg, root, err: None };
+    let mut m = Map {
+        pg,
+        root,
+        err: None,
+    };
     let model = model.map(&mut m);
     match m.err {
         Some(e) => Err(e),

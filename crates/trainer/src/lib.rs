@@ -45,9 +45,15 @@ pub fn config_hash(cfg: &RunConfig) -> String {
 /// Sizes the CPU thread pool: `threads`, or the available cores split between the local ranks.
 pub fn init_threads(threads: usize, local_world: usize) -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let n = if threads > 0 { threads } else { (cores / local_world.max(1)).max(1) };
+    let n = if threads > 0 {
+        threads
+    } else {
+        (cores / local_world.max(1)).max(1)
+    };
     // The global pool can only be built once per process; a second call keeps the first size.
-    let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global();
     n
 }
 
@@ -57,7 +63,10 @@ pub fn init_threads(threads: usize, local_world: usize) -> usize {
 /// Any failure, with the file, key, rank or op it concerns.
 pub fn train(cfg: &RunConfig) -> Result<TrainReport> {
     let acc = Accelerator::new(&cfg.dist, &config_hash(cfg))?;
-    match DeviceSpec::parse(&cfg.train.device).map_err(|m| Error::Device { device: cfg.train.device.clone(), message: m })? {
+    match DeviceSpec::parse(&cfg.train.device).map_err(|m| Error::Device {
+        device: cfg.train.device.clone(),
+        message: m,
+    })? {
         DeviceSpec::Cpu => {
             init_threads(cfg.train.threads, acc.local_world_size());
             train_on::<CpuBackend>(cfg, &acc, &Default::default())
@@ -82,6 +91,7 @@ fn cuda_train(cfg: &RunConfig, acc: &Accelerator, index: Option<usize>) -> Resul
 fn cuda_train(cfg: &RunConfig, _acc: &Accelerator, _index: Option<usize>) -> Result<TrainReport> {
     Err(Error::Device {
         device: cfg.train.device.clone(),
-        message: "this bellows was built without CUDA support; rebuild with `--features cuda`".into(),
+        message: "this bellows was built without CUDA support; rebuild with `--features cuda`"
+            .into(),
     })
 }

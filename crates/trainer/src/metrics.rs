@@ -43,10 +43,21 @@ impl MetricsSink {
     /// The files cannot be created.
     pub fn open(dir: &Path, tensorboard: bool) -> Result<Self> {
         let path = dir.join("metrics.jsonl");
-        let file = File::options().create(true).append(true).open(&path).map_err(|e| Error::io(&path, e))?;
+        let file = File::options()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
         let tb_dir = dir.join("tensorboard");
-        let tb = if tensorboard { Some(EventWriter::create(&tb_dir).map_err(|e| Error::io(&tb_dir, e))?) } else { None };
-        Ok(MetricsSink { jsonl: BufWriter::new(file), tb })
+        let tb = if tensorboard {
+            Some(EventWriter::create(&tb_dir).map_err(|e| Error::io(&tb_dir, e))?)
+        } else {
+            None
+        };
+        Ok(MetricsSink {
+            jsonl: BufWriter::new(file),
+            tb,
+        })
     }
 
     /// Records one step.
@@ -56,10 +67,15 @@ impl MetricsSink {
     pub fn log(&mut self, m: &StepMetrics) -> Result<()> {
         let line = serde_json::to_string(m).map_err(|e| Error::Internal(e.to_string()))?;
         writeln!(self.jsonl, "{line}").map_err(|e| Error::io(Path::new("metrics.jsonl"), e))?;
-        self.jsonl.flush().map_err(|e| Error::io(Path::new("metrics.jsonl"), e))?;
+        self.jsonl
+            .flush()
+            .map_err(|e| Error::io(Path::new("metrics.jsonl"), e))?;
         if let Some(tb) = &mut self.tb {
             let path = tb.path().to_path_buf();
-            let mut w = |tag: &str, v: f64| tb.scalar(tag, v as f32, m.step).map_err(|e| Error::io(&path, e));
+            let mut w = |tag: &str, v: f64| {
+                tb.scalar(tag, v as f32, m.step)
+                    .map_err(|e| Error::io(&path, e))
+            };
             w("train/loss", m.loss)?;
             w("train/lr", m.lr)?;
             w("train/grad_norm", m.grad_norm)?;

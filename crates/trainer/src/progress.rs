@@ -32,8 +32,10 @@ impl Progress {
             ProgressStyle::Auto if !tty => Progress::Plain { total },
             ProgressStyle::Auto | ProgressStyle::Bar => {
                 let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
-                let style = BarStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]")
-                    .unwrap_or_else(|_| BarStyle::default_bar());
+                let style = BarStyle::with_template(
+                    "{bar:30} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]",
+                )
+                .unwrap_or_else(|_| BarStyle::default_bar());
                 bar.set_style(style);
                 bar.set_position(done);
                 Progress::Bar(bar)
@@ -50,11 +52,17 @@ impl Progress {
 
     /// Shows a logged step.
     pub fn log(&self, m: &StepMetrics) {
-        let eval = m.eval_loss.map(|e| format!(" eval_loss {e:.4}")).unwrap_or_default();
+        let eval = m
+            .eval_loss
+            .map(|e| format!(" eval_loss {e:.4}"))
+            .unwrap_or_default();
         match self {
             Progress::Bar(b) => {
                 b.set_position(m.step);
-                b.set_message(format!("loss {:.4}{eval} lr {:.2e} {:.0} tok/s", m.loss, m.lr, m.tokens_per_sec));
+                b.set_message(format!(
+                    "loss {:.4}{eval} lr {:.2e} {:.0} tok/s",
+                    m.loss, m.lr, m.tokens_per_sec
+                ));
             }
             Progress::Plain { total } => eprintln!(
                 "step {}/{} loss {:.4}{eval} lr {:.3e} grad_norm {:.3} tok/s {:.0}",

@@ -5,7 +5,9 @@ use std::time::Instant;
 
 use burn::module::{AutodiffModule, Module};
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
-use burn::tensor::{backend::AutodiffBackend, backend::Backend, ElementConversion, Int, Tensor, TensorData};
+use burn::tensor::{
+    backend::AutodiffBackend, backend::Backend, ElementConversion, Int, Tensor, TensorData,
+};
 
 use bellows_data::{Batch, LoaderSpec, Prefetcher, Split, TokenLoader};
 use bellows_models::{causal_lm_loss_sum, CausalLm, ForwardInput, ModelArch};
@@ -38,15 +40,24 @@ pub struct TrainReport {
 ///
 /// # Errors
 /// The model folder cannot be read.
-pub fn build_model<B: Backend>(cfg: &RunConfig, plan: &LoraPlan, device: &B::Device) -> Result<(ModelArch, CausalLm<B>)> {
+pub fn build_model<B: Backend>(
+    cfg: &RunConfig,
+    plan: &LoraPlan,
+    device: &B::Device,
+) -> Result<(ModelArch, CausalLm<B>)> {
+    let mut rng = bellows_peft::InitRng::new(cfg.run.seed);
     let (arch, model) = match (&cfg.model.path, &cfg.model.init) {
-        (Some(dir), _) => bellows_models::load_pretrained::<B>(dir, plan, device)?,
+        (Some(dir), _) => bellows_models::load_pretrained_with::<B>(dir, plan, &mut rng, device)?,
         (None, Some(init)) => {
             let arch = init.arch();
-            let m = CausalLm::new(&arch, plan, device);
+            let m = CausalLm::new(&arch, plan, &mut rng, device);
             (arch, m)
         }
-        (None, None) => return Err(Error::Internal("validated config has neither model.path nor model.init".into())),
+        (None, None) => {
+            return Err(Error::Internal(
+                "validated config has neither model.path nor model.init".into(),
+            ))
+        }
     };
     let model = if plan.uses_adapters() {
         model.map(&mut bellows_models::TrainableMapper::new(|p: &str| {
@@ -61,12 +72,22 @@ pub fn build_model<B: Backend>(cfg: &RunConfig, plan: &LoraPlan, device: &B::Dev
 /// Token ids of a batch as a `[batch, seq]` tensor.
 pub fn batch_ids<B: Backend>(batch: &Batch, device: &B::Device) -> Tensor<B, 2, Int> {
     let ids: Vec<i64> = batch.input_ids.iter().map(|&t| i64::from(t)).collect();
-    Tensor::from_data(TensorData::new(ids, [batch.batch_size, batch.seq_len]), device)
+    Tensor::from_data(
+        TensorData::new(ids, [batch.batch_size, batch.seq_len]),
+        device,
+    )
 }
 
 /// Runs a forward pass on `batch` and returns the summed loss and its token count.
-pub fn batch_loss<B: Backend>(model: &CausalLm<B>, batch: &Batch, device: &B::Device) -> (Tensor<B, 1>, usize) {
-    let input = ForwardInput { positions: &batch.position_ids, segments: Some(&batch.segment_ids) };
+pub fn batch_loss<B: Backend>(
+    model: &CausalLm<B>,
+    batch: &Batch,
+    device: &B::Device,
+) -> (Tensor<B, 1>, usize) {
+    let input = ForwardInput {
+        positions: &batch.position_ids,
+        segments: Some(&batch.segment_ids),
+    };
     let logits = model.forward(batch_ids(batch, device), &input);
     let l = causal_lm_loss_sum(logits, &batch.labels);
     (l.sum, l.tokens)
@@ -86,7 +107,12 @@ pub fn evaluate<B: AutodiffBackend>(
     if cfg.data.eval.is_none() {
         return Ok(None);
     }
-    let spec = LoaderSpec { split: Split::Eval, shard: acc.shard(), seed: cfg.run.seed, vocab_size };
+    let spec = LoaderSpec {
+        split: Split::Eval,
+        shard: acc.shard(),
+        seed: cfg.run.seed,
+        vocab_size,
+    };
     let mut loader = TokenLoader::new(&cfg.data, spec)?;
     let inner = model.valid();
     let (mut sum, mut count) = (0f64, 0f64);
@@ -109,7 +135,11 @@ pub fn evaluate<B: AutodiffBackend>(
 ///
 /// # Errors
 /// Any failure of model, data, collectives or outputs.
-pub fn train_on<B: AutodiffBackend>(cfg: &RunConfig, acc: &Accelerator, device: &B::Device) -> Result<TrainReport> {
+pub fn train_on<B: AutodiffBackend>(
+    cfg: &RunConfig,
+    acc: &Accelerator,
+    device: &B::Device,
+) -> Result<TrainReport> {
     B::seed(device, cfg.run.seed);
     let plan = cfg.peft.plan()?;
     let (arch, model) = build_model::<B>(cfg, &plan, device)?;
@@ -127,12 +157,28 @@ pub fn train_on<B: AutodiffBackend>(cfg: &RunConfig, acc: &Accelerator, device: 
         .with_epsilon(o.eps as f32)
         .with_weight_decay(o.weight_decay as f32)
         .init::<B, CausalLm<B>>();
-    let spec = LoaderSpec { split: Split::Train, shard: acc.shard(), seed: cfg.run.seed, vocab_size: arch.vocab_size };
+    let spec = LoaderSpec {
+        split: Split::Train,
+        shard: acc.shard(),
+        seed: cfg.run.seed,
+        vocab_size: arch.vocab_size,
+    };
     let mut loader = Prefetcher::new(TokenLoader::new(&cfg.data, spec)?, 4);
-    let mut sink = if acc.is_main() { Some(MetricsSink::open(out, cfg.logging.tensorboard)?) } else { None };
+    let mut sink = if acc.is_main() {
+        Some(MetricsSink::open(out, cfg.logging.tensorboard)?)
+    } else {
+        None
+    };
     let total = cfg.run.max_steps;
     let progress = Progress::new(cfg.logging.progress, total, 0, acc.is_main());
-    let mut report = TrainReport { steps: 0, first_loss: f64::NAN, final_loss: f64::NAN, eval_loss: None, tokens: 0, losses: Vec::new() };
+    let mut report = TrainReport {
+        steps: 0,
+        first_loss: f64::NAN,
+        final_loss: f64::NAN,
+        eval_loss: None,
+        tokens: 0,
+        losses: Vec::new(),
+    };
     let mut window = (Instant::now(), 0u64);
     for step in 1..=total {
         let lr = schedule::lr_at(o, step, total);
@@ -170,7 +216,11 @@ pub fn train_on<B: AutodiffBackend>(cfg: &RunConfig, acc: &Accelerator, device: 
         window.1 += global_tokens as u64;
         progress.step(step);
         let eval_now = cfg.run.eval_every > 0 && step % cfg.run.eval_every == 0;
-        let eval_loss = if eval_now || step == total { evaluate(&model, cfg, acc, arch.vocab_size, device)? } else { None };
+        let eval_loss = if eval_now || step == total {
+            evaluate(&model, cfg, acc, arch.vocab_size, device)?
+        } else {
+            None
+        };
         if step == total {
             report.eval_loss = eval_loss;
         }
@@ -214,7 +264,12 @@ pub fn save_final<B: AutodiffBackend>(
 ) -> Result<()> {
     let inner = model.valid();
     if plan.uses_adapters() {
-        let base = cfg.model.path.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+        let base = cfg
+            .model
+            .path
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
         bellows_models::save_adapter(&inner, &cfg.peft, &base, &out.join("adapter"))?;
     } else {
         bellows_models::save_pretrained(&inner, arch, &out.join("model"))?;

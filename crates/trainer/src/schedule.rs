@@ -29,7 +29,13 @@ mod tests {
     use super::*;
 
     fn cfg(s: Scheduler, warm: u64, ratio: f64) -> OptimConfig {
-        OptimConfig { lr: 1.0, warmup_steps: warm, scheduler: s, min_lr_ratio: ratio, ..OptimConfig::default() }
+        OptimConfig {
+            lr: 1.0,
+            warmup_steps: warm,
+            scheduler: s,
+            min_lr_ratio: ratio,
+            ..OptimConfig::default()
+        }
     }
 
     #[test]

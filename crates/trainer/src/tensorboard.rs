@@ -41,7 +41,9 @@ fn bytes_field(field: u32, data: &[u8], out: &mut Vec<u8>) {
 }
 
 fn wall_time() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// Encodes an `Event { wall_time, step, (file_version | summary) }`.
@@ -73,7 +75,9 @@ impl EventWriter {
     /// The folder or file cannot be created.
     pub fn create(dir: &Path) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
         let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
         let host = host.trim();
         let path = dir.join(format!(
@@ -82,7 +86,10 @@ impl EventWriter {
             std::process::id()
         ));
         let file = File::options().create_new(true).write(true).open(&path)?;
-        let mut w = EventWriter { path, out: BufWriter::new(file) };
+        let mut w = EventWriter {
+            path,
+            out: BufWriter::new(file),
+        };
         let first = event(0, &|e: &mut Vec<u8>| bytes_field(3, b"brain.Event:2", e));
         w.record(&first)?;
         w.out.flush()?;
@@ -115,9 +122,11 @@ impl EventWriter {
     fn record(&mut self, data: &[u8]) -> std::io::Result<()> {
         let len = (data.len() as u64).to_le_bytes();
         self.out.write_all(&len)?;
-        self.out.write_all(&mask(crc32c::crc32c(&len)).to_le_bytes())?;
+        self.out
+            .write_all(&mask(crc32c::crc32c(&len)).to_le_bytes())?;
         self.out.write_all(data)?;
-        self.out.write_all(&mask(crc32c::crc32c(data)).to_le_bytes())
+        self.out
+            .write_all(&mask(crc32c::crc32c(data)).to_le_bytes())
     }
 }
 
@@ -128,18 +137,30 @@ impl EventWriter {
 /// A truncated record or a CRC mismatch, naming the byte offset.
 pub fn read_scalars(path: &Path) -> std::io::Result<Vec<(String, u64, f32)>> {
     let bytes = std::fs::read(path)?;
-    let bad = |at: usize, m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("offset {at}: {m}"));
+    let bad = |at: usize, m: &str| {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, format!("offset {at}: {m}"))
+    };
     let mut out = Vec::new();
     let mut at = 0;
     while at < bytes.len() {
-        let head = bytes.get(at..at + 12).ok_or_else(|| bad(at, "truncated header"))?;
+        let head = bytes
+            .get(at..at + 12)
+            .ok_or_else(|| bad(at, "truncated header"))?;
         let len = u64::from_le_bytes(head[..8].try_into().map_err(|_| bad(at, "header"))?) as usize;
-        if u32::from_le_bytes(head[8..12].try_into().map_err(|_| bad(at, "header"))?) != mask(crc32c::crc32c(&head[..8])) {
+        if u32::from_le_bytes(head[8..12].try_into().map_err(|_| bad(at, "header"))?)
+            != mask(crc32c::crc32c(&head[..8]))
+        {
             return Err(bad(at, "length crc mismatch"));
         }
-        let data = bytes.get(at + 12..at + 12 + len).ok_or_else(|| bad(at, "truncated data"))?;
-        let crc = bytes.get(at + 12 + len..at + 16 + len).ok_or_else(|| bad(at, "truncated crc"))?;
-        if u32::from_le_bytes(crc.try_into().map_err(|_| bad(at, "crc"))?) != mask(crc32c::crc32c(data)) {
+        let data = bytes
+            .get(at + 12..at + 12 + len)
+            .ok_or_else(|| bad(at, "truncated data"))?;
+        let crc = bytes
+            .get(at + 12 + len..at + 16 + len)
+            .ok_or_else(|| bad(at, "truncated crc"))?;
+        if u32::from_le_bytes(crc.try_into().map_err(|_| bad(at, "crc"))?)
+            != mask(crc32c::crc32c(data))
+        {
             return Err(bad(at, "data crc mismatch"));
         }
         decode_event(data, &mut out).ok_or_else(|| bad(at, "malformed event"))?;
@@ -195,8 +216,14 @@ fn decode_event(d: &[u8], out: &mut Vec<(String, u64, f32)>) -> Option<()> {
     for (_, summary, _) in f.iter().filter(|x| x.0 == 5) {
         for (_, value, _) in fields(summary)?.iter().filter(|x| x.0 == 1) {
             let vf = fields(value)?;
-            let tag = vf.iter().find(|x| x.0 == 1).map(|x| String::from_utf8_lossy(x.1).into_owned())?;
-            let v = vf.iter().find(|x| x.0 == 2).map(|x| f32::from_le_bytes(x.1.try_into().unwrap_or([0; 4])))?;
+            let tag = vf
+                .iter()
+                .find(|x| x.0 == 1)
+                .map(|x| String::from_utf8_lossy(x.1).into_owned())?;
+            let v = vf
+                .iter()
+                .find(|x| x.0 == 2)
+                .map(|x| f32::from_le_bytes(x.1.try_into().unwrap_or([0; 4])))?;
             out.push((tag, step, v));
         }
     }
@@ -215,7 +242,13 @@ mod tests {
         w.scalar("train/lr", 1e-3, 300).expect("write");
         w.flush().expect("flush");
         let got = read_scalars(w.path()).expect("read");
-        assert_eq!(got, vec![("train/loss".into(), 1, 2.5), ("train/lr".into(), 300, 1e-3)]);
+        assert_eq!(
+            got,
+            vec![
+                ("train/loss".into(), 1, 2.5),
+                ("train/lr".into(), 300, 1e-3)
+            ]
+        );
         // A flipped byte must be detected.
         let mut bytes = std::fs::read(w.path()).expect("read");
         let n = bytes.len();

@@ -17,10 +17,17 @@ pub fn validate(cfg: &RunConfig, out: &mut Vec<(String, String)>) {
         bad("run.output_dir", "must not be empty".into());
     }
     match (&cfg.model.path, &cfg.model.init) {
-        (None, None) => bad("model", "set model.path (a Hugging Face folder) or a [model.init] table".into()),
-        (Some(p), _) if !p.join("config.json").is_file() => {
-            bad("model.path", format!("{} has no config.json (expected a Hugging Face model folder)", p.display()))
-        }
+        (None, None) => bad(
+            "model",
+            "set model.path (a Hugging Face folder) or a [model.init] table".into(),
+        ),
+        (Some(p), _) if !p.join("config.json").is_file() => bad(
+            "model.path",
+            format!(
+                "{} has no config.json (expected a Hugging Face model folder)",
+                p.display()
+            ),
+        ),
         (None, Some(init)) => init.arch().validate("model.init", &mut arch_issues),
         _ => {}
     }
@@ -29,7 +36,10 @@ pub fn validate(cfg: &RunConfig, out: &mut Vec<(String, String)>) {
         bad("optim.lr", format!("must be > 0, got {}", o.lr));
     }
     if !(o.weight_decay.is_finite() && o.weight_decay >= 0.0) {
-        bad("optim.weight_decay", format!("must be >= 0, got {}", o.weight_decay));
+        bad(
+            "optim.weight_decay",
+            format!("must be >= 0, got {}", o.weight_decay),
+        );
     }
     for (k, v) in [("optim.beta1", o.beta1), ("optim.beta2", o.beta2)] {
         if !(0.0..1.0).contains(&v) {
@@ -40,22 +50,25 @@ pub fn validate(cfg: &RunConfig, out: &mut Vec<(String, String)>) {
         bad("optim.eps", format!("must be > 0, got {}", o.eps));
     }
     if !(0.0..=1.0).contains(&o.min_lr_ratio) {
-        bad("optim.min_lr_ratio", format!("must be in [0, 1], got {}", o.min_lr_ratio));
+        bad(
+            "optim.min_lr_ratio",
+            format!("must be in [0, 1], got {}", o.min_lr_ratio),
+        );
     }
     if o.scheduler == Scheduler::Constant && o.min_lr_ratio != 0.0 {
-        bad("optim.min_lr_ratio", "has no effect with scheduler = \"constant\"; remove it".into());
+        bad(
+            "optim.min_lr_ratio",
+            "has no effect with scheduler = \"constant\"; remove it".into(),
+        );
     }
     if !(o.max_grad_norm.is_finite() && o.max_grad_norm >= 0.0) {
-        bad("optim.max_grad_norm", format!("must be >= 0 (0 = off), got {}", o.max_grad_norm));
+        bad(
+            "optim.max_grad_norm",
+            format!("must be >= 0 (0 = off), got {}", o.max_grad_norm),
+        );
     }
     if o.grad_accum_steps == 0 {
         bad("optim.grad_accum_steps", "must be >= 1, got 0".into());
-    }
-    if o.warmup_steps > cfg.run.max_steps {
-        bad(
-            "optim.warmup_steps",
-            format!("({}) must not exceed run.max_steps ({})", o.warmup_steps, cfg.run.max_steps),
-        );
     }
     match DeviceSpec::parse(&cfg.train.device) {
         Err(m) => bad("train.device", m),
@@ -76,10 +89,16 @@ pub fn validate(cfg: &RunConfig, out: &mut Vec<(String, String)>) {
         );
     }
     if cfg.peft.method == bellows_peft::Method::Qlora {
-        bad("peft.method", "\"qlora\" is not available in this version; use \"lora\" or \"none\"".into());
+        bad(
+            "peft.method",
+            "\"qlora\" is not available in this version; use \"lora\" or \"none\"".into(),
+        );
     }
     if cfg.peft.use_dora {
-        bad("peft.use_dora", "DoRA is not available in this version".into());
+        bad(
+            "peft.use_dora",
+            "DoRA is not available in this version".into(),
+        );
     }
     if cfg.checkpoint.keep_last == 0 {
         bad("checkpoint.keep_last", "must be >= 1, got 0".into());

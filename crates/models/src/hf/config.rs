@@ -8,7 +8,11 @@ use crate::config::{Family, ModelArch, RopeScaling};
 use crate::{Error, Result};
 
 fn cfg_err(path: &Path, key: &str, message: impl Into<String>) -> Error {
-    Error::Config { path: path.to_path_buf(), key: key.into(), message: message.into() }
+    Error::Config {
+        path: path.to_path_buf(),
+        key: key.into(),
+        message: message.into(),
+    }
 }
 
 struct Reader<'a> {
@@ -20,24 +24,31 @@ impl Reader<'_> {
     fn usize_or(&self, key: &str, default: Option<usize>) -> Result<usize> {
         match self.obj.get(key) {
             None | Some(Value::Null) => default.ok_or_else(|| cfg_err(self.path, key, "missing")),
-            Some(v) => v
-                .as_u64()
-                .map(|n| n as usize)
-                .ok_or_else(|| cfg_err(self.path, key, format!("expected a non-negative integer, got {v}"))),
+            Some(v) => v.as_u64().map(|n| n as usize).ok_or_else(|| {
+                cfg_err(
+                    self.path,
+                    key,
+                    format!("expected a non-negative integer, got {v}"),
+                )
+            }),
         }
     }
 
     fn f64_or(&self, obj: &Map<String, Value>, key: &str, default: Option<f64>) -> Result<f64> {
         match obj.get(key) {
             None | Some(Value::Null) => default.ok_or_else(|| cfg_err(self.path, key, "missing")),
-            Some(v) => v.as_f64().ok_or_else(|| cfg_err(self.path, key, format!("expected a number, got {v}"))),
+            Some(v) => v
+                .as_f64()
+                .ok_or_else(|| cfg_err(self.path, key, format!("expected a number, got {v}"))),
         }
     }
 
     fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
         match self.obj.get(key) {
             None | Some(Value::Null) => Ok(default),
-            Some(v) => v.as_bool().ok_or_else(|| cfg_err(self.path, key, format!("expected true or false, got {v}"))),
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| cfg_err(self.path, key, format!("expected true or false, got {v}"))),
         }
     }
 
@@ -56,8 +67,11 @@ impl Reader<'_> {
 /// # Errors
 /// Malformed JSON, an unsupported `model_type` or activation, or a bad value, naming the key.
 pub fn parse_config(path: &Path, text: &str) -> Result<ModelArch> {
-    let v: Value = serde_json::from_str(text).map_err(|e| cfg_err(path, "<json>", e.to_string()))?;
-    let obj = v.as_object().ok_or_else(|| cfg_err(path, "<json>", "expected a JSON object"))?;
+    let v: Value =
+        serde_json::from_str(text).map_err(|e| cfg_err(path, "<json>", e.to_string()))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| cfg_err(path, "<json>", "expected a JSON object"))?;
     let r = Reader { path, obj };
     let model_type = obj.get("model_type").and_then(Value::as_str).unwrap_or("");
     let family = match model_type {
@@ -68,13 +82,19 @@ pub fn parse_config(path: &Path, text: &str) -> Result<ModelArch> {
             return Err(cfg_err(
                 path,
                 "model_type",
-                format!("unsupported {other:?}; bellows supports \"llama\", \"mistral\" and \"qwen2\""),
+                format!(
+                    "unsupported {other:?}; bellows supports \"llama\", \"mistral\" and \"qwen2\""
+                ),
             ))
         }
     };
     if let Some(act) = obj.get("hidden_act").and_then(Value::as_str) {
         if act != "silu" {
-            return Err(cfg_err(path, "hidden_act", format!("unsupported {act:?}; expected \"silu\"")));
+            return Err(cfg_err(
+                path,
+                "hidden_act",
+                format!("unsupported {act:?}; expected \"silu\""),
+            ));
         }
     }
     let hidden = r.usize_or("hidden_size", None)?;
@@ -105,15 +125,24 @@ pub fn parse_config(path: &Path, text: &str) -> Result<ModelArch> {
             original_max_position_embeddings: scaling_obj
                 .get("original_max_position_embeddings")
                 .and_then(Value::as_u64)
-                .ok_or_else(|| cfg_err(path, "rope_scaling.original_max_position_embeddings", "missing"))?
-                as usize,
+                .ok_or_else(|| {
+                    cfg_err(
+                        path,
+                        "rope_scaling.original_max_position_embeddings",
+                        "missing",
+                    )
+                })? as usize,
         }),
-        "linear" => Some(RopeScaling::Linear { factor: r.f64_or(scaling_obj, "factor", None)? }),
+        "linear" => Some(RopeScaling::Linear {
+            factor: r.f64_or(scaling_obj, "factor", None)?,
+        }),
         other => {
             return Err(cfg_err(
                 path,
                 "rope_scaling.rope_type",
-                format!("unsupported {other:?}; bellows supports \"default\", \"linear\" and \"llama3\""),
+                format!(
+                "unsupported {other:?}; bellows supports \"default\", \"linear\" and \"llama3\""
+            ),
             ))
         }
     };
@@ -182,7 +211,12 @@ pub fn to_config_json(arch: &ModelArch, dtype: &str) -> Value {
     let scaling = match arch.rope_scaling {
         None => Value::Null,
         Some(RopeScaling::Linear { factor }) => json!({"rope_type": "linear", "factor": factor}),
-        Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings }) => json!({
+        Some(RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        }) => json!({
             "rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
             "high_freq_factor": high_freq_factor,
             "original_max_position_embeddings": original_max_position_embeddings

@@ -11,21 +11,49 @@ use super::weights::WeightFiles;
 use crate::config::ModelArch;
 use crate::params::is_adapter_path;
 use crate::{CausalLm, Error, Result};
-use bellows_peft::{LoraPlan, PeftConfig};
+use bellows_peft::{InitRng, LoraPlan, PeftConfig};
 
-/// Reads `<dir>/config.json` and the weights into a model with adapters per `plan`
-/// (adapters start fresh; load trained ones separately).
+/// Reads and parses `<dir>/config.json`.
+///
+/// # Errors
+/// Unreadable, malformed or unsupported config, naming the key.
+pub fn read_arch(dir: &Path) -> Result<ModelArch> {
+    let cfg_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::Io {
+        path: cfg_path.clone(),
+        source: e,
+    })?;
+    parse_config(&cfg_path, &text)
+}
+
+/// Reads `<dir>/config.json` and the weights into a model with adapters per `plan`; new
+/// adapters are initialised from `rng`.
 ///
 /// # Errors
 /// Unreadable or unsupported config, missing or mis-shaped tensors, corrupt files.
-pub fn load_pretrained<B: Backend>(dir: &Path, plan: &LoraPlan, device: &B::Device) -> Result<(ModelArch, CausalLm<B>)> {
-    let cfg_path = dir.join("config.json");
-    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::Io { path: cfg_path.clone(), source: e })?;
-    let arch = parse_config(&cfg_path, &text)?;
+pub fn load_pretrained_with<B: Backend>(
+    dir: &Path,
+    plan: &LoraPlan,
+    rng: &mut InitRng,
+    device: &B::Device,
+) -> Result<(ModelArch, CausalLm<B>)> {
+    let arch = read_arch(dir)?;
     let files = WeightFiles::open(dir)?;
-    let model = CausalLm::new(&arch, plan, device);
+    let model = CausalLm::new(&arch, plan, rng, device);
     let model = load_weights(model, &files)?;
     Ok((arch, model))
+}
+
+/// [`load_pretrained_with`] with a fixed adapter-init seed (0).
+///
+/// # Errors
+/// As [`load_pretrained_with`].
+pub fn load_pretrained<B: Backend>(
+    dir: &Path,
+    plan: &LoraPlan,
+    device: &B::Device,
+) -> Result<(ModelArch, CausalLm<B>)> {
+    load_pretrained_with(dir, plan, &mut InitRng::new(0), device)
 }
 
 /// Replaces every non-adapter parameter of `model` with the tensor of the same path in `files`
@@ -66,7 +94,11 @@ pub fn load_weights<B: Backend>(model: CausalLm<B>, files: &WeightFiles) -> Resu
             }
         }
     }
-    let mut l = Loader { files, stack: Vec::new(), err: None };
+    let mut l = Loader {
+        files,
+        stack: Vec::new(),
+        err: None,
+    };
     let model = model.map(&mut l);
     match l.err {
         Some(e) => Err(e),
@@ -76,7 +108,10 @@ pub fn load_weights<B: Backend>(model: CausalLm<B>, files: &WeightFiles) -> Resu
 
 /// Every float parameter as `(path, shape, f32 values)`, in module order; adapter tensors are
 /// included only when `adapters` is true, and then only they.
-pub fn state_dict<B: Backend, M: Module<B>>(model: &M, adapters: bool) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+pub fn state_dict<B: Backend, M: Module<B>>(
+    model: &M,
+    adapters: bool,
+) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     struct Collect {
         stack: Vec<String>,
         adapters: bool,
@@ -96,11 +131,19 @@ pub fn state_dict<B: Backend, M: Module<B>>(model: &M, adapters: bool) -> Vec<(S
             }
             let t = p.val();
             let shape = t.dims().to_vec();
-            let values = t.into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default();
+            let values = t
+                .into_data()
+                .convert::<f32>()
+                .to_vec::<f32>()
+                .unwrap_or_default();
             self.out.push((path, shape, values));
         }
     }
-    let mut c = Collect { stack: Vec::new(), adapters, out: Vec::new() };
+    let mut c = Collect {
+        stack: Vec::new(),
+        adapters,
+        out: Vec::new(),
+    };
     model.visit(&mut c);
     c.out
 }
@@ -132,12 +175,23 @@ impl View for &F32View<'_> {
 pub fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<()> {
     let views: Vec<(String, F32View<'_>)> = tensors
         .iter()
-        .map(|(n, s, v)| (n.clone(), F32View { shape: s, bytes: v.iter().flat_map(|x| x.to_le_bytes()).collect() }))
+        .map(|(n, s, v)| {
+            (
+                n.clone(),
+                F32View {
+                    shape: s,
+                    bytes: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                },
+            )
+        })
         .collect();
     let refs: Vec<(&str, &F32View<'_>)> = views.iter().map(|(n, v)| (n.as_str(), v)).collect();
     let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-    let bytes = safetensors::serialize(refs, Some(meta))
-        .map_err(|e| Error::Weights { path: path.to_path_buf(), tensor: "<all>".into(), message: e.to_string() })?;
+    let bytes = safetensors::serialize(refs, Some(meta)).map_err(|e| Error::Weights {
+        path: path.to_path_buf(),
+        tensor: "<all>".into(),
+        message: e.to_string(),
+    })?;
     atomic_write(path, &bytes)
 }
 
@@ -147,7 +201,10 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]
 /// Any I/O failure, naming the path.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
-    let io = |e| Error::Io { path: path.to_path_buf(), source: e };
+    let io = |e| Error::Io {
+        path: path.to_path_buf(),
+        source: e,
+    };
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(io)?;
     }
@@ -163,7 +220,11 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
 ///
 /// # Errors
 /// The files cannot be written.
-pub fn save_pretrained<B: Backend>(model: &CausalLm<B>, arch: &ModelArch, dir: &Path) -> Result<()> {
+pub fn save_pretrained<B: Backend>(
+    model: &CausalLm<B>,
+    arch: &ModelArch,
+    dir: &Path,
+) -> Result<()> {
     let tensors = state_dict(model, false);
     write_safetensors(&dir.join("model.safetensors"), &tensors)?;
     let cfg = serde_json::to_string_pretty(&to_config_json(arch, "float32")).unwrap_or_default();
@@ -187,9 +248,18 @@ pub fn peft_key(path: &str) -> String {
 ///
 /// # Errors
 /// The files cannot be written.
-pub fn save_adapter<B: Backend>(model: &CausalLm<B>, cfg: &PeftConfig, base: &str, dir: &Path) -> Result<()> {
-    let tensors: Vec<_> = state_dict(model, true).into_iter().map(|(p, s, v)| (peft_key(&p), s, v)).collect();
+pub fn save_adapter<B: Backend>(
+    model: &CausalLm<B>,
+    cfg: &PeftConfig,
+    base: &str,
+    dir: &Path,
+) -> Result<()> {
+    let tensors: Vec<_> = state_dict(model, true)
+        .into_iter()
+        .map(|(p, s, v)| (peft_key(&p), s, v))
+        .collect();
     write_safetensors(&dir.join("adapter_model.safetensors"), &tensors)?;
-    let json = serde_json::to_string_pretty(&bellows_peft::adapter_config_json(cfg, base)).unwrap_or_default();
+    let json = serde_json::to_string_pretty(&bellows_peft::adapter_config_json(cfg, base))
+        .unwrap_or_default();
     atomic_write(&dir.join("adapter_config.json"), json.as_bytes())
 }

@@ -5,5 +5,8 @@ mod io;
 mod weights;
 
 pub use config::{parse_config, to_config_json};
-pub use io::{load_pretrained, load_weights, save_adapter, save_pretrained, state_dict, write_safetensors};
+pub use io::{
+    load_pretrained, load_pretrained_with, load_weights, read_arch, save_adapter, save_pretrained,
+    state_dict, write_safetensors,
+};
 pub use weights::{HostTensor, WeightFiles};

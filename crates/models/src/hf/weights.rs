@@ -9,7 +9,11 @@ use safetensors::{Dtype, SafeTensors};
 use crate::{Error, Result};
 
 fn w_err(path: &Path, tensor: &str, message: impl Into<String>) -> Error {
-    Error::Weights { path: path.to_path_buf(), tensor: tensor.into(), message: message.into() }
+    Error::Weights {
+        path: path.to_path_buf(),
+        tensor: tensor.into(),
+        message: message.into(),
+    }
 }
 
 /// The weight files of one model folder, memory-mapped (no copy until a tensor is converted).
@@ -31,10 +35,16 @@ pub struct HostTensor {
 
 #[allow(unsafe_code)]
 fn map(path: &Path) -> Result<Mmap> {
-    let file = std::fs::File::open(path).map_err(|e| Error::Io { path: path.to_path_buf(), source: e })?;
+    let file = std::fs::File::open(path).map_err(|e| Error::Io {
+        path: path.to_path_buf(),
+        source: e,
+    })?;
     // SAFETY: the file is opened read-only and only read through the map; a concurrent truncation
     // by another process is outside what any reader of model files can guard against.
-    unsafe { Mmap::map(&file) }.map_err(|e| Error::Io { path: path.to_path_buf(), source: e })
+    unsafe { Mmap::map(&file) }.map_err(|e| Error::Io {
+        path: path.to_path_buf(),
+        source: e,
+    })
 }
 
 impl WeightFiles {
@@ -48,30 +58,45 @@ impl WeightFiles {
         let names: Vec<PathBuf> = if single.is_file() {
             vec![single]
         } else if index_path.is_file() {
-            let text = std::fs::read_to_string(&index_path).map_err(|e| Error::Io { path: index_path.clone(), source: e })?;
-            let v: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| w_err(&index_path, "<index>", e.to_string()))?;
+            let text = std::fs::read_to_string(&index_path).map_err(|e| Error::Io {
+                path: index_path.clone(),
+                source: e,
+            })?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| w_err(&index_path, "<index>", e.to_string()))?;
             let map = v
                 .get("weight_map")
                 .and_then(|m| m.as_object())
                 .ok_or_else(|| w_err(&index_path, "weight_map", "missing or not an object"))?;
-            let mut files: Vec<String> = map.values().filter_map(|f| f.as_str().map(String::from)).collect();
+            let mut files: Vec<String> = map
+                .values()
+                .filter_map(|f| f.as_str().map(String::from))
+                .collect();
             files.sort();
             files.dedup();
             for f in &files {
                 if f.contains('/') || f.contains("..") {
-                    return Err(w_err(&index_path, f, "shard names must be plain file names"));
+                    return Err(w_err(
+                        &index_path,
+                        f,
+                        "shard names must be plain file names",
+                    ));
                 }
             }
             files.into_iter().map(|f| dir.join(f)).collect()
         } else {
-            return Err(w_err(dir, "<files>", "no model.safetensors or model.safetensors.index.json"));
+            return Err(w_err(
+                dir,
+                "<files>",
+                "no model.safetensors or model.safetensors.index.json",
+            ));
         };
         let mut files = Vec::new();
         let mut index = HashMap::new();
         for path in names {
             let mmap = map(&path)?;
-            let st = SafeTensors::deserialize(&mmap).map_err(|e| w_err(&path, "<header>", e.to_string()))?;
+            let st = SafeTensors::deserialize(&mmap)
+                .map_err(|e| w_err(&path, "<header>", e.to_string()))?;
             for name in st.names() {
                 index.insert(name.to_string(), files.len());
             }
@@ -94,7 +119,11 @@ impl WeightFiles {
     pub fn describe(&self) -> PathBuf {
         match self.files.as_slice() {
             [(p, _)] => p.clone(),
-            _ => self.files.first().map(|(p, _)| p.with_file_name("model.safetensors.index.json")).unwrap_or_default(),
+            _ => self
+                .files
+                .first()
+                .map(|(p, _)| p.with_file_name("model.safetensors.index.json"))
+                .unwrap_or_default(),
         }
     }
 
@@ -103,16 +132,29 @@ impl WeightFiles {
     /// # Errors
     /// Missing tensor, wrong shape, or unsupported dtype, naming file and tensor.
     pub fn read_f32(&self, name: &str, expected: &[usize]) -> Result<HostTensor> {
-        let &i = self.index.get(name).ok_or_else(|| w_err(&self.describe(), name, "missing tensor"))?;
+        let &i = self
+            .index
+            .get(name)
+            .ok_or_else(|| w_err(&self.describe(), name, "missing tensor"))?;
         let (path, mmap) = &self.files[i];
-        let st = SafeTensors::deserialize(mmap).map_err(|e| w_err(path, "<header>", e.to_string()))?;
-        let view = st.tensor(name).map_err(|e| w_err(path, name, e.to_string()))?;
+        let st =
+            SafeTensors::deserialize(mmap).map_err(|e| w_err(path, "<header>", e.to_string()))?;
+        let view = st
+            .tensor(name)
+            .map_err(|e| w_err(path, name, e.to_string()))?;
         if view.shape() != expected {
-            return Err(w_err(path, name, format!("shape {:?}, expected {:?}", view.shape(), expected)));
+            return Err(w_err(
+                path,
+                name,
+                format!("shape {:?}, expected {:?}", view.shape(), expected),
+            ));
         }
         let bytes = view.data();
         let values: Vec<f32> = match view.dtype() {
-            Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            Dtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
             Dtype::BF16 => bytes
                 .chunks_exact(2)
                 .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
@@ -121,8 +163,17 @@ impl WeightFiles {
                 .chunks_exact(2)
                 .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
                 .collect(),
-            other => return Err(w_err(path, name, format!("unsupported dtype {other:?} (expected F32, BF16 or F16)"))),
+            other => {
+                return Err(w_err(
+                    path,
+                    name,
+                    format!("unsupported dtype {other:?} (expected F32, BF16 or F16)"),
+                ))
+            }
         };
-        Ok(HostTensor { shape: view.shape().to_vec(), values })
+        Ok(HostTensor {
+            shape: view.shape().to_vec(),
+            values,
+        })
     }
 }

@@ -16,8 +16,8 @@ use toml::{Table, Value};
 
 pub use overrides::{apply as apply_override, parse_value};
 pub use sections::{
-    CheckpointSection, InitSection, LoggingSection, ModelSection, OptimConfig, Precision, ProgressStyle, Resume,
-    RunSection, Scheduler, TrainSection,
+    CheckpointSection, InitSection, LoggingSection, ModelSection, OptimConfig, Precision,
+    ProgressStyle, Resume, RunSection, Scheduler, TrainSection,
 };
 
 /// A whole job file, resolved with defaults.
@@ -83,7 +83,13 @@ impl fmt::Display for ConfigIssues {
             if i > 0 {
                 writeln!(f)?;
             }
-            write!(f, "{}: {}: {}", self.file.display(), issue.key, issue.message)?;
+            write!(
+                f,
+                "{}: {}: {}",
+                self.file.display(),
+                issue.key,
+                issue.message
+            )?;
         }
         Ok(())
     }
@@ -91,7 +97,17 @@ impl fmt::Display for ConfigIssues {
 
 impl std::error::Error for ConfigIssues {}
 
-const SECTIONS: [&str; 9] = ["run", "model", "data", "optim", "peft", "train", "dist", "checkpoint", "logging"];
+const SECTIONS: [&str; 9] = [
+    "run",
+    "model",
+    "data",
+    "optim",
+    "peft",
+    "train",
+    "dist",
+    "checkpoint",
+    "logging",
+];
 
 impl RunConfig {
     /// Reads `path`, applies `overrides` (`dotted.key=value`), deserialises and validates.
@@ -101,7 +117,10 @@ impl RunConfig {
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self, ConfigIssues> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigIssues {
             file: path.to_path_buf(),
-            issues: vec![ConfigIssue { key: "<file>".into(), message: format!("cannot read: {e}") }],
+            issues: vec![ConfigIssue {
+                key: "<file>".into(),
+                message: format!("cannot read: {e}"),
+            }],
         })?;
         Self::from_toml_str(&text, path, overrides)
     }
@@ -110,15 +129,28 @@ impl RunConfig {
     ///
     /// # Errors
     /// Every problem found, each with its dotted key.
-    pub fn from_toml_str(text: &str, file: &Path, overrides: &[String]) -> Result<Self, ConfigIssues> {
-        let fail = |issues| ConfigIssues { file: file.to_path_buf(), issues };
+    pub fn from_toml_str(
+        text: &str,
+        file: &Path,
+        overrides: &[String],
+    ) -> Result<Self, ConfigIssues> {
+        let fail = |issues| ConfigIssues {
+            file: file.to_path_buf(),
+            issues,
+        };
         let mut root: Table = text.parse().map_err(|e: toml::de::Error| {
-            fail(vec![ConfigIssue { key: "<syntax>".into(), message: syntax_message(text, &e) }])
+            fail(vec![ConfigIssue {
+                key: "<syntax>".into(),
+                message: syntax_message(text, &e),
+            }])
         })?;
         let mut issues = Vec::new();
         for o in overrides {
             if let Err(e) = apply_override(&mut root, o) {
-                issues.push(ConfigIssue { key: "--set".into(), message: format!("{:?}: {}", e.text, e.message) });
+                issues.push(ConfigIssue {
+                    key: "--set".into(),
+                    message: format!("{:?}: {}", e.text, e.message),
+                });
             }
         }
         for key in root.keys() {
@@ -130,7 +162,10 @@ impl RunConfig {
             }
         }
         if !root.contains_key("data") {
-            issues.push(ConfigIssue { key: "data".into(), message: "missing section: data.train is required".into() });
+            issues.push(ConfigIssue {
+                key: "data".into(),
+                message: "missing section: data.train is required".into(),
+            });
         }
         let mut cfg = RunConfig::default();
         section(&root, "run", &mut cfg.run, &mut issues);
@@ -145,7 +180,11 @@ impl RunConfig {
         if issues.is_empty() {
             let mut found = Vec::new();
             cfg.validate(&mut found);
-            issues.extend(found.into_iter().map(|(key, message)| ConfigIssue { key, message }));
+            issues.extend(
+                found
+                    .into_iter()
+                    .map(|(key, message)| ConfigIssue { key, message }),
+            );
         }
         if issues.is_empty() {
             Ok(cfg)
@@ -167,10 +206,18 @@ impl RunConfig {
 
 /// Deserialises `root[name]` into `slot`, reporting every bad key: after each error the offending
 /// key is removed and deserialisation retried, so one pass finds all of them.
-fn section<T: DeserializeOwned>(root: &Table, name: &str, slot: &mut T, issues: &mut Vec<ConfigIssue>) {
+fn section<T: DeserializeOwned>(
+    root: &Table,
+    name: &str,
+    slot: &mut T,
+    issues: &mut Vec<ConfigIssue>,
+) {
     let Some(value) = root.get(name) else { return };
     let Value::Table(table) = value else {
-        issues.push(ConfigIssue { key: name.into(), message: format!("must be a table, got {}", value.type_str()) });
+        issues.push(ConfigIssue {
+            key: name.into(),
+            message: format!("must be a table, got {}", value.type_str()),
+        });
         return;
     };
     let mut table = table.clone();
@@ -204,8 +251,14 @@ fn unknown_field_path(path: &str, message: &str) -> (String, String) {
     if let Some(rest) = message.strip_prefix("unknown field `") {
         if let Some(end) = rest.find('`') {
             let field = &rest[..end];
-            let p = if path == "." || path.is_empty() { field.to_string() } else { format!("{path}.{field}") };
-            return (p, format!("unknown key{}", &rest[end + 1..].replace(", expected", ", expected")));
+            let p = if path == "." || path.is_empty() {
+                field.to_string()
+            } else if path == field || path.ends_with(&format!(".{field}")) {
+                path.to_string()
+            } else {
+                format!("{path}.{field}")
+            };
+            return (p, format!("unknown key{}", &rest[end + 1..]));
         }
     }
     (path.to_string(), message.to_string())
@@ -213,7 +266,9 @@ fn unknown_field_path(path: &str, message: &str) -> (String, String) {
 
 fn remove_path(table: &mut Table, path: &str) -> bool {
     let parts: Vec<&str> = path.split('.').filter(|p| !p.is_empty()).collect();
-    let Some((last, parents)) = parts.split_last() else { return false };
+    let Some((last, parents)) = parts.split_last() else {
+        return false;
+    };
     let mut t = table;
     for p in parents {
         match t.get_mut(*p) {

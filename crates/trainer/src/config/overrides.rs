@@ -15,7 +15,9 @@ pub struct OverrideError {
 /// (`peft.method=lora` gives the string `"lora"`, `optim.lr=3e-4` the float 3e-4).
 pub fn parse_value(value: &str) -> Value {
     match format!("v = {value}").parse::<Table>() {
-        Ok(mut t) => t.remove("v").unwrap_or_else(|| Value::String(value.to_string())),
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| Value::String(value.to_string())),
         Err(_) => Value::String(value.to_string()),
     }
 }
@@ -25,8 +27,13 @@ pub fn parse_value(value: &str) -> Value {
 /// # Errors
 /// A missing `=`, an empty key segment, or a path through a non-table value.
 pub fn apply(root: &mut Table, text: &str) -> Result<(), OverrideError> {
-    let err = |m: &str| OverrideError { text: text.to_string(), message: m.to_string() };
-    let (key, value) = text.split_once('=').ok_or_else(|| err("expected dotted.key=value"))?;
+    let err = |m: &str| OverrideError {
+        text: text.to_string(),
+        message: m.to_string(),
+    };
+    let (key, value) = text
+        .split_once('=')
+        .ok_or_else(|| err("expected dotted.key=value"))?;
     let parts: Vec<&str> = key.trim().split('.').collect();
     if parts.iter().any(|p| p.is_empty()) {
         return Err(err("empty key segment"));
@@ -34,7 +41,9 @@ pub fn apply(root: &mut Table, text: &str) -> Result<(), OverrideError> {
     let (last, parents) = parts.split_last().ok_or_else(|| err("empty key"))?;
     let mut table = root;
     for (i, p) in parents.iter().enumerate() {
-        let entry = table.entry(p.to_string()).or_insert_with(|| Value::Table(Table::new()));
+        let entry = table
+            .entry(p.to_string())
+            .or_insert_with(|| Value::Table(Table::new()));
         table = match entry {
             Value::Table(t) => t,
             _ => return Err(err(&format!("{} is not a table", parts[..=i].join(".")))),
@@ -56,7 +65,10 @@ mod tests {
         assert_eq!(parse_value("8"), Value::Integer(8));
         assert_eq!(
             parse_value(r#"["a.parquet","b.parquet"]"#),
-            Value::Array(vec![Value::String("a.parquet".into()), Value::String("b.parquet".into())])
+            Value::Array(vec![
+                Value::String("a.parquet".into()),
+                Value::String("b.parquet".into())
+            ])
         );
         assert_eq!(parse_value("runs/x"), Value::String("runs/x".into()));
     }

@@ -289,7 +289,11 @@ pub struct TrainSection {
 
 impl Default for TrainSection {
     fn default() -> Self {
-        TrainSection { device: default_device(), precision: Precision::F32, threads: 0 }
+        TrainSection {
+            device: default_device(),
+            precision: Precision::F32,
+            threads: 0,
+        }
     }
 }
 
@@ -326,7 +330,10 @@ pub struct LoggingSection {
 
 impl Default for LoggingSection {
     fn default() -> Self {
-        LoggingSection { tensorboard: true, progress: ProgressStyle::Auto }
+        LoggingSection {
+            tensorboard: true,
+            progress: ProgressStyle::Auto,
+        }
     }
 }
 
@@ -387,6 +394,11 @@ pub struct CheckpointSection {
 
 impl Default for CheckpointSection {
     fn default() -> Self {
-        CheckpointSection { every_steps: 0, every_secs: 0, keep_last: default_keep_last(), resume: Resume::None }
+        CheckpointSection {
+            every_steps: 0,
+            every_secs: 0,
+            keep_last: default_keep_last(),
+            resume: Resume::None,
+        }
     }
 }
