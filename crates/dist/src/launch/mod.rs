@@ -14,7 +14,7 @@
 //! | `BELLOWS_JOB_TOKEN` | per-job secret for the store; its presence marks a bellows launch |
 //! | `BELLOWS_RESTART_COUNT` | 0 on the first attempt, then 1, 2, ... |
 //! | `OMP_NUM_THREADS` | `1` when `nproc_per_node > 1` and the caller did not set it (as torchrun does) |
-//! | `LD_LIBRARY_PATH` | with feature `cuda` only: prefixed with [`crate::nccl::loader_dir`] when libnccl needs it |
+//! | `LD_LIBRARY_PATH` | with feature `cuda` only: prefixed with `nccl::loader_dir()` (a `libnccl.so` link) when libnccl is found |
 //!
 //! Each worker runs in its own process group; signals are forwarded to those groups.
 
