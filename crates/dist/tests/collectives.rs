@@ -306,3 +306,51 @@ fn different_job_hashes_are_refused_naming_the_rank() {
         }
     });
 }
+
+#[test]
+fn a_rank_that_never_arrives_is_named_by_everyone_else() {
+    with_timeout(60, || {
+        let token = "missing-test";
+        let server = bellows_dist::store::StoreServer::bind("127.0.0.1:0", token).expect("bind");
+        let port = server.local_addr().port();
+        let t0 = Instant::now();
+        // Ranks 0 and 1 of 3 join; rank 2 never does.
+        let handles: Vec<_> = (0..2)
+            .map(|rank| {
+                std::thread::spawn(move || {
+                    let env = DistEnv {
+                        rank,
+                        world_size: 3,
+                        local_rank: rank,
+                        local_world_size: 3,
+                        node_rank: 0,
+                        master_addr: "127.0.0.1".into(),
+                        master_port: port,
+                        source: EnvSource::Bellows,
+                        job_token: Some(token.into()),
+                    };
+                    ProcessGroup::init(&env, &cfg(1), "h").map(|_| ())
+                })
+            })
+            .collect();
+        for (rank, h) in handles.into_iter().enumerate() {
+            let err = h.join().expect("thread").expect_err("must time out");
+            assert!(
+                matches!(
+                    err,
+                    Error::Timeout {
+                        op: "init",
+                        peer: 2,
+                        ..
+                    }
+                ),
+                "rank {rank}: {err}"
+            );
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "took {:?}",
+            t0.elapsed()
+        );
+    });
+}
