@@ -213,33 +213,31 @@ fn mismatched_collectives_are_detected_and_break_the_group() {
 
 #[test]
 fn a_peer_that_leaves_mid_job_fails_the_others_quickly_naming_it() {
-    with_timeout(60, || {
-        let t0 = Instant::now();
-        let out = run_local(3, &cfg(3), |pg| {
-            let mut v = vec![1f32; 1 << 20];
-            pg.all_reduce(&mut v, ReduceOp::Sum)
-                .map_err(|e| e.to_string())?;
-            if pg.rank() == 2 {
-                drop(pg); // rank 2 "dies" between collectives
-                return Ok(Duration::ZERO);
+    with_timeout(90, || {
+        for world in [2, 3, 4] {
+            let out = run_local(world, &cfg(5), |pg| {
+                let mut v = vec![1f32; 1 << 20];
+                pg.all_reduce(&mut v, ReduceOp::Sum)
+                    .map_err(|e| (e.to_string(), Duration::ZERO))?;
+                if pg.rank() == 1 {
+                    drop(pg); // rank 1 "dies" between collectives
+                    return Ok(());
+                }
+                let t = Instant::now();
+                pg.all_reduce(&mut v, ReduceOp::Sum)
+                    .map_err(|e| (e.to_string(), t.elapsed()))
+            })
+            .expect("harness");
+            for (rank, r) in out.iter().enumerate().filter(|(r, _)| *r != 1) {
+                let (e, took) = r.as_ref().expect_err("survivors must fail");
+                assert!(e.contains("rank 1"), "world {world} rank {rank}: {e}");
+                // Detected from the closed connection, well before the 5 s timeout.
+                assert!(
+                    *took < Duration::from_secs(3),
+                    "world {world} rank {rank} took {took:?}: {e}"
+                );
             }
-            let t = Instant::now();
-            let r = pg
-                .all_reduce(&mut v, ReduceOp::Sum)
-                .map_err(|e| e.to_string());
-            r.map(|()| t.elapsed())
-                .map_err(|e| format!("{e} after {:?}", t.elapsed()))
-        })
-        .expect("harness");
-        for (rank, r) in out.iter().enumerate().take(2) {
-            let e = r.as_ref().expect_err("survivors must fail");
-            assert!(e.contains("rank 2"), "rank {rank}: {e}");
         }
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "took {:?}",
-            t0.elapsed()
-        );
     });
 }
 
