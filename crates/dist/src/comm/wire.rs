@@ -23,10 +23,18 @@ const KIND_ABORT: u8 = 2;
 const MAX_ABORT: usize = 2000;
 /// How long a rank that timed out keeps listening for an abort from upstream (at most half the timeout).
 const ABORT_GRACE: Duration = Duration::from_millis(500);
+/// How often a blocked reader checks whether the sender thread has failed.
+const SEND_POLL: Duration = Duration::from_millis(50);
 
 /// Why a read from the previous rank stopped.
 pub(crate) enum ReadFail {
-    Timeout { filled: usize },
+    Timeout {
+        filled: usize,
+    },
+    /// The sender thread failed (its error is in the shared slot).
+    SendFailed {
+        filled: usize,
+    },
     Closed,
     Io(std::io::Error),
 }
@@ -86,6 +94,8 @@ pub(crate) struct Io<'a> {
     prev: &'a TcpStream,
     buf: &'a mut Vec<u8>,
     send_error: &'a Mutex<Option<Error>>,
+    /// Set once the caller has seen the sender's failure (then reads only look for an abort).
+    send_failed: bool,
 }
 
 impl<'a> Io<'a> {
@@ -102,6 +112,7 @@ impl<'a> Io<'a> {
             prev,
             buf,
             send_error,
+            send_failed: false,
         }
     }
 
@@ -144,11 +155,22 @@ impl<'a> Io<'a> {
                     return Err(self.fail(ReadFail::Timeout { filled: 0 }));
                 }
             }
+            // Sending to the next rank failed, most likely because it has already failed itself. The
+            // previous rank may be about to explain: prefer its abort message if one arrives shortly.
+            Err(ReadFail::SendFailed { filled: 0 }) => {
+                self.send_failed = true;
+                let grace = Instant::now() + (c.timeout / 2).min(ABORT_GRACE);
+                let heard = self.read_until(&mut h, grace).is_ok() && h[0] == KIND_ABORT;
+                if !heard {
+                    return Err(self.fail(ReadFail::SendFailed { filled: 0 }));
+                }
+            }
             Err(f) => return Err(self.fail(f)),
         }
         let len = u32::from_le_bytes([h[4], h[5], h[6], h[7]]) as usize;
         if h[0] == KIND_ABORT && len <= MAX_ABORT {
             let mut text = vec![0u8; len];
+            self.send_failed = true; // Failing anyway: read the text even if the sender has failed too.
             let _ = self.read_until(&mut text, Instant::now() + ABORT_GRACE);
             let message = format!("aborted: {}", String::from_utf8_lossy(&text));
             return Err(Error::Peer {
@@ -199,8 +221,12 @@ impl<'a> Io<'a> {
             if left.is_zero() {
                 return Err(ReadFail::Timeout { filled });
             }
-            // set_read_timeout rejects zero; `left` is non-zero here.
-            let _ = self.prev.set_read_timeout(Some(left));
+            if !self.send_failed && lock(self.send_error).is_some() {
+                return Err(ReadFail::SendFailed { filled });
+            }
+            // set_read_timeout rejects zero; `left` is non-zero here. Wake up now and then to notice a
+            // failed sender.
+            let _ = self.prev.set_read_timeout(Some(left.min(SEND_POLL)));
             match (&*self.prev).read(&mut out[filled..]) {
                 Ok(0) => return Err(ReadFail::Closed),
                 Ok(n) => filled += n,
@@ -215,11 +241,19 @@ impl<'a> Io<'a> {
         Ok(())
     }
 
-    /// Prefers the sender's error: a failed send wakes the reader by shutting `prev`, which looks like EOF.
+    /// The error for a failed read; for a failed sender, the sender's own error.
     fn fail(&self, f: ReadFail) -> Error {
         let c = self.call;
         let (op, rank, peer) = (c.op.name(), c.rank, c.prev);
         let e = match f {
+            ReadFail::SendFailed { .. } => {
+                return lock(self.send_error).take().unwrap_or_else(|| Error::Peer {
+                    op,
+                    rank,
+                    peer: c.next,
+                    message: "send failed".to_string(),
+                })
+            }
             ReadFail::Timeout { .. } => Error::Timeout {
                 op,
                 rank,
@@ -243,7 +277,7 @@ impl<'a> Io<'a> {
                 message: format!("receive failed: {e}"),
             },
         };
-        lock(self.send_error).take().unwrap_or(e)
+        e
     }
 
     fn take_send_error(&self) -> Error {
@@ -286,7 +320,6 @@ pub(crate) enum SendEnd {
 pub(crate) fn send_loop(
     call: Call,
     next: &TcpStream,
-    prev: &TcpStream,
     rx: Receiver<Vec<u8>>,
     stop: &AtomicBool,
     send_error: &Mutex<Option<Error>>,
@@ -315,8 +348,6 @@ pub(crate) fn send_loop(
                 }
             };
             *lock(send_error) = Some(error);
-            // Wake the caller if it is blocked reading from the previous rank.
-            let _ = prev.shutdown(std::net::Shutdown::Read);
             return SendEnd::Failed;
         }
     }
