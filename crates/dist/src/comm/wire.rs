@@ -129,7 +129,8 @@ impl<'a> Io<'a> {
         if sent {
             Ok(())
         } else {
-            Err(self.take_send_error())
+            // The sender thread has stopped after a failed write.
+            Err(self.explain(ReadFail::SendFailed { filled: 0 }))
         }
     }
 
@@ -149,36 +150,19 @@ impl<'a> Io<'a> {
                     c.timeout.as_secs_f64(),
                     c.prev
                 ));
-                let grace = Instant::now() + (c.timeout / 2).min(ABORT_GRACE);
-                let heard = self.read_until(&mut h, grace).is_ok() && h[0] == KIND_ABORT;
-                if !heard {
-                    return Err(self.fail(ReadFail::Timeout { filled: 0 }));
-                }
+                return Err(self.explain(ReadFail::Timeout { filled: 0 }));
             }
             // Sending to the next rank failed, most likely because it has already failed itself. The
-            // previous rank may be about to explain: prefer its abort message if one arrives shortly.
+            // previous rank may be about to explain, or may be gone: prefer what it tells us.
             Err(ReadFail::SendFailed { filled: 0 }) => {
-                self.send_failed = true;
-                let grace = Instant::now() + (c.timeout / 2).min(ABORT_GRACE);
-                let heard = self.read_until(&mut h, grace).is_ok() && h[0] == KIND_ABORT;
-                if !heard {
-                    return Err(self.fail(ReadFail::SendFailed { filled: 0 }));
-                }
+                return Err(self.explain(ReadFail::SendFailed { filled: 0 }));
             }
             Err(f) => return Err(self.fail(f)),
         }
         let len = u32::from_le_bytes([h[4], h[5], h[6], h[7]]) as usize;
         if h[0] == KIND_ABORT && len <= MAX_ABORT {
-            let mut text = vec![0u8; len];
-            self.send_failed = true; // Failing anyway: read the text even if the sender has failed too.
-            let _ = self.read_until(&mut text, Instant::now() + ABORT_GRACE);
-            let message = format!("aborted: {}", String::from_utf8_lossy(&text));
-            return Err(Error::Peer {
-                op: c.op.name(),
-                rank: c.rank,
-                peer: c.prev,
-                message,
-            });
+            let text = self.abort_text(len);
+            return Err(self.aborted(&text));
         }
         let seq = u64::from_le_bytes(h[8..16].try_into().expect("8-byte slice"));
         let total = u64::from_le_bytes(h[16..24].try_into().expect("8-byte slice"));
@@ -208,6 +192,53 @@ impl<'a> Io<'a> {
         *self.buf = buf;
         r.map_err(|f| self.fail(f))?;
         Ok(&self.buf[..])
+    }
+
+    /// After a timeout or a failed send, listens to the previous rank for up to [`ABORT_GRACE`]:
+    /// an abort message or a closed connection explains the failure better than `why` does.
+    fn explain(&mut self, why: ReadFail) -> Error {
+        self.send_failed = true; // From here on only the previous rank matters.
+        let grace = Instant::now() + (self.call.timeout / 2).min(ABORT_GRACE);
+        let mut h = [0u8; HEADER];
+        loop {
+            match self.read_until(&mut h, grace) {
+                Ok(()) => {}
+                Err(ReadFail::Closed) => return self.fail(ReadFail::Closed),
+                Err(_) => return self.fail(why),
+            }
+            let len = u32::from_le_bytes([h[4], h[5], h[6], h[7]]) as usize;
+            if h[0] == KIND_ABORT && len <= MAX_ABORT {
+                let text = self.abort_text(len);
+                return self.aborted(&text);
+            }
+            // Data still in flight from before the failure: skip it.
+            let mut skip = vec![0u8; len.min(1 << 20)];
+            let mut left = len;
+            while left > 0 {
+                let n = left.min(skip.len());
+                if self.read_until(&mut skip[..n], grace).is_err() {
+                    return self.fail(why);
+                }
+                left -= n;
+            }
+        }
+    }
+
+    fn abort_text(&mut self, len: usize) -> String {
+        let mut text = vec![0u8; len];
+        self.send_failed = true; // Failing anyway: read the text even if the sender has failed too.
+        let _ = self.read_until(&mut text, Instant::now() + ABORT_GRACE);
+        String::from_utf8_lossy(&text).into_owned()
+    }
+
+    fn aborted(&self, text: &str) -> Error {
+        let c = self.call;
+        Error::Peer {
+            op: c.op.name(),
+            rank: c.rank,
+            peer: c.prev,
+            message: format!("aborted: {text}"),
+        }
     }
 
     fn read_until(
@@ -278,16 +309,6 @@ impl<'a> Io<'a> {
             },
         };
         e
-    }
-
-    fn take_send_error(&self) -> Error {
-        let c = self.call;
-        lock(self.send_error).take().unwrap_or_else(|| Error::Peer {
-            op: c.op.name(),
-            rank: c.rank,
-            peer: c.next,
-            message: "sender stopped".to_string(),
-        })
     }
 
     /// Queues an abort message behind any queued data.
