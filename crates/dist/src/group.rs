@@ -1,7 +1,7 @@
 //! [`ProcessGroup`]: identity plus collectives, behind one backend enum.
 
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::comm::{chunk_range, connect_ring, Element, ReduceOp, Ring, RingSpec};
 use crate::config::{BackendKind, DistConfig};
@@ -11,6 +11,8 @@ use crate::store::{StoreClient, StoreServer};
 
 /// The store token used when the launcher did not provide one (`BELLOWS_JOB_TOKEN`).
 const DEFAULT_TOKEN: &str = "bellows";
+/// How much longer than rank 0 the other ranks wait for rank 0's rendezvous verdict.
+const VERDICT_SLACK: Duration = Duration::from_secs(5);
 
 enum Backend {
     Single,
@@ -333,7 +335,8 @@ fn nccl_backend(_: &mut StoreClient, _: &str, _: &DistEnv, _: Duration) -> Resul
 }
 
 /// Rank 0 compares every rank's hash and publishes a verdict that all ranks act on, so every rank's
-/// error names the rank that differs.
+/// error names the rank that differs, or the rank that never arrived. The verdict is
+/// `ok`, `hash\n<rank>\n<their hash>` or `missing\n<rank>`.
 fn check_job_hash(
     store: &mut StoreClient,
     prefix: &str,
@@ -341,35 +344,74 @@ fn check_job_hash(
     job_hash: &str,
     timeout: Duration,
 ) -> Result<()> {
-    store.set(&format!("{prefix}/hash/{}", env.rank), job_hash.as_bytes())?;
+    let (rank, secs) = (env.rank, timeout.as_secs_f64());
+    store.set(&format!("{prefix}/hash/{rank}"), job_hash.as_bytes())?;
     let verdict_key = format!("{prefix}/hash/verdict");
-    if env.rank == 0 {
+    if rank == 0 {
         let mut verdict = "ok".to_string();
+        let deadline = Instant::now() + timeout;
         for r in 1..env.world_size {
-            let theirs =
-                String::from_utf8_lossy(&store.get(&format!("{prefix}/hash/{r}"), timeout)?)
-                    .into_owned();
-            if theirs != job_hash {
-                verdict = format!("{r}\n{theirs}");
-                break;
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1));
+            match store.get(&format!("{prefix}/hash/{r}"), left) {
+                Ok(theirs) if theirs == job_hash.as_bytes() => {}
+                Ok(theirs) => {
+                    verdict = format!("hash\n{r}\n{}", String::from_utf8_lossy(&theirs));
+                    break;
+                }
+                Err(Error::StoreTimeout { .. }) => {
+                    verdict = format!("missing\n{r}");
+                    break;
+                }
+                Err(e) => return Err(e),
             }
         }
         store.set(&verdict_key, verdict.as_bytes())?;
     }
-    let verdict = String::from_utf8_lossy(&store.get(&verdict_key, timeout)?).into_owned();
-    if verdict == "ok" {
-        return Ok(());
-    }
-    let (bad, theirs) = verdict.split_once('\n').unwrap_or((verdict.as_str(), ""));
-    let ours = if env.rank == 0 {
-        job_hash.to_string()
-    } else {
-        String::from_utf8_lossy(&store.get(&format!("{prefix}/hash/0"), timeout)?).into_owned()
+    // Rank 0 gives up on a missing rank after `timeout`; the others wait a little longer to hear which.
+    let verdict = match store.get(&verdict_key, timeout + VERDICT_SLACK) {
+        Ok(v) => String::from_utf8_lossy(&v).into_owned(),
+        Err(Error::StoreTimeout { .. }) => {
+            return Err(Error::Timeout {
+                op: "init",
+                rank,
+                peer: 0,
+                secs,
+            })
+        }
+        Err(e) => return Err(e),
     };
-    Err(Error::JobHashMismatch {
-        rank: 0,
-        peer: bad.parse().unwrap_or(usize::MAX),
-        ours,
-        theirs: theirs.to_string(),
-    })
+    let mut parts = verdict.splitn(3, '\n');
+    match (
+        parts.next(),
+        parts.next().and_then(|r| r.parse::<usize>().ok()),
+        parts.next(),
+    ) {
+        (Some("ok"), _, _) => Ok(()),
+        (Some("missing"), Some(peer), _) => Err(Error::Timeout {
+            op: "init",
+            rank,
+            peer,
+            secs,
+        }),
+        (Some("hash"), Some(peer), theirs) => {
+            let ours = if rank == 0 {
+                job_hash.to_string()
+            } else {
+                String::from_utf8_lossy(&store.get(&format!("{prefix}/hash/0"), timeout)?)
+                    .into_owned()
+            };
+            Err(Error::JobHashMismatch {
+                rank: 0,
+                peer,
+                ours,
+                theirs: theirs.unwrap_or_default().to_string(),
+            })
+        }
+        _ => Err(Error::Store {
+            addr: store.addr().to_string(),
+            message: format!("malformed job-hash verdict {verdict:?}"),
+        }),
+    }
 }

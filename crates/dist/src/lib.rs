@@ -15,6 +15,17 @@
 //! pg.all_reduce(&mut grads, ReduceOp::Mean)?;
 //! # Ok::<(), bellows_dist::Error>(())
 //! ```
+//!
+//! # Guarantees and limits
+//! * Every collective and every rendezvous step fails after `DistConfig::timeout_secs` without progress;
+//!   errors name the op, this rank and the peer. A peer that exits is detected from its closed connection
+//!   at once, and the failure travels round the ring as an abort message, so every rank fails fast.
+//! * CPU all-reduce results are bitwise identical on every rank (see the determinism note on the ring).
+//! * When a rank *hangs* (alive but silent), the ranks next to it name it; in worlds above 3 ranks further
+//!   away may name the neighbour that timed out instead of the hung rank.
+//! * After a failed collective the group is broken for good: make a new one (e.g. restart via `launch`).
+//! * Under torchrun the store listens on `MASTER_PORT + 1`, because torchrun's own store holds `MASTER_PORT`.
+//! * The NCCL backend stages host buffers through the GPU; it is compile-checked here (no GPU on CI).
 #![warn(missing_docs)]
 
 mod comm;

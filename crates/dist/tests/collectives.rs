@@ -213,33 +213,31 @@ fn mismatched_collectives_are_detected_and_break_the_group() {
 
 #[test]
 fn a_peer_that_leaves_mid_job_fails_the_others_quickly_naming_it() {
-    with_timeout(60, || {
-        let t0 = Instant::now();
-        let out = run_local(3, &cfg(3), |pg| {
-            let mut v = vec![1f32; 1 << 20];
-            pg.all_reduce(&mut v, ReduceOp::Sum)
-                .map_err(|e| e.to_string())?;
-            if pg.rank() == 2 {
-                drop(pg); // rank 2 "dies" between collectives
-                return Ok(Duration::ZERO);
+    with_timeout(90, || {
+        for world in [2, 3, 4] {
+            let out = run_local(world, &cfg(5), |pg| {
+                let mut v = vec![1f32; 1 << 20];
+                pg.all_reduce(&mut v, ReduceOp::Sum)
+                    .map_err(|e| (e.to_string(), Duration::ZERO))?;
+                if pg.rank() == 1 {
+                    drop(pg); // rank 1 "dies" between collectives
+                    return Ok(());
+                }
+                let t = Instant::now();
+                pg.all_reduce(&mut v, ReduceOp::Sum)
+                    .map_err(|e| (e.to_string(), t.elapsed()))
+            })
+            .expect("harness");
+            for (rank, r) in out.iter().enumerate().filter(|(r, _)| *r != 1) {
+                let (e, took) = r.as_ref().expect_err("survivors must fail");
+                assert!(e.contains("rank 1"), "world {world} rank {rank}: {e}");
+                // Detected from the closed connection, well before the 5 s timeout.
+                assert!(
+                    *took < Duration::from_secs(3),
+                    "world {world} rank {rank} took {took:?}: {e}"
+                );
             }
-            let t = Instant::now();
-            let r = pg
-                .all_reduce(&mut v, ReduceOp::Sum)
-                .map_err(|e| e.to_string());
-            r.map(|()| t.elapsed())
-                .map_err(|e| format!("{e} after {:?}", t.elapsed()))
-        })
-        .expect("harness");
-        for (rank, r) in out.iter().enumerate().take(2) {
-            let e = r.as_ref().expect_err("survivors must fail");
-            assert!(e.contains("rank 2"), "rank {rank}: {e}");
         }
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "took {:?}",
-            t0.elapsed()
-        );
     });
 }
 
@@ -304,5 +302,53 @@ fn different_job_hashes_are_refused_naming_the_rank() {
             );
             assert!(text.contains("rank 1"), "rank {rank}: {text}");
         }
+    });
+}
+
+#[test]
+fn a_rank_that_never_arrives_is_named_by_everyone_else() {
+    with_timeout(60, || {
+        let token = "missing-test";
+        let server = bellows_dist::store::StoreServer::bind("127.0.0.1:0", token).expect("bind");
+        let port = server.local_addr().port();
+        let t0 = Instant::now();
+        // Ranks 0 and 1 of 3 join; rank 2 never does.
+        let handles: Vec<_> = (0..2)
+            .map(|rank| {
+                std::thread::spawn(move || {
+                    let env = DistEnv {
+                        rank,
+                        world_size: 3,
+                        local_rank: rank,
+                        local_world_size: 3,
+                        node_rank: 0,
+                        master_addr: "127.0.0.1".into(),
+                        master_port: port,
+                        source: EnvSource::Bellows,
+                        job_token: Some(token.into()),
+                    };
+                    ProcessGroup::init(&env, &cfg(1), "h").map(|_| ())
+                })
+            })
+            .collect();
+        for (rank, h) in handles.into_iter().enumerate() {
+            let err = h.join().expect("thread").expect_err("must time out");
+            assert!(
+                matches!(
+                    err,
+                    Error::Timeout {
+                        op: "init",
+                        peer: 2,
+                        ..
+                    }
+                ),
+                "rank {rank}: {err}"
+            );
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "took {:?}",
+            t0.elapsed()
+        );
     });
 }

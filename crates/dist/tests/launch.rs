@@ -9,18 +9,31 @@ use bellows_dist::launch::{run, LaunchOptions};
 use bellows_dist::Error;
 use common::with_timeout;
 
-/// The example binary, which `cargo test -p bellows-dist` builds along with this test
-/// (a filtered `cargo test --test launch` does not: build examples first then).
+/// The `allreduce_worker` example. `cargo test -p bellows-dist` builds examples (in test mode as
+/// `examples/allreduce_worker-<hash>`; `cargo build --examples` as `examples/allreduce_worker`): take the
+/// newest. A filtered `cargo test --test launch` does not build examples.
 fn worker() -> PathBuf {
-    let debug_dir = std::env::current_exe()
+    let dir = std::env::current_exe()
         .expect("exe")
         .parent()
         .and_then(|d| d.parent())
         .expect("target dir")
-        .to_path_buf();
-    let exe = debug_dir.join("examples").join("allreduce_worker");
-    assert!(exe.exists(), "{} is missing: run `cargo build -p bellows-dist --examples` or the whole `cargo test -p bellows-dist`", exe.display());
-    exe
+        .join("examples");
+    let newest = std::fs::read_dir(&dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name == "allreduce_worker"
+                || (name.starts_with("allreduce_worker-") && !name.contains('.'))
+        })
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .max();
+    match newest {
+        Some((_, path)) => path,
+        None => panic!("no allreduce_worker in {}: run the whole `cargo test -p bellows-dist` or `cargo build -p bellows-dist --examples`", dir.display()),
+    }
 }
 
 fn opts(nproc: usize, out: &std::path::Path, extra: &[&str]) -> LaunchOptions {

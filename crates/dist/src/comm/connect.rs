@@ -44,7 +44,17 @@ pub(crate) fn connect_ring(store: &mut StoreClient, spec: &RingSpec) -> Result<R
 
     let next = (spec.rank + 1) % spec.world;
     let prev = (spec.rank + spec.world - 1) % spec.world;
-    let next_addr = store.get(&format!("{}/addr/{next}", spec.prefix), spec.timeout)?;
+    let next_addr = store
+        .get(&format!("{}/addr/{next}", spec.prefix), spec.timeout)
+        .map_err(|e| match e {
+            Error::StoreTimeout { secs, .. } => Error::Timeout {
+                op: "init",
+                rank: spec.rank,
+                peer: next,
+                secs,
+            },
+            e => e,
+        })?;
     let next_addr: SocketAddr =
         String::from_utf8_lossy(&next_addr)
             .parse()

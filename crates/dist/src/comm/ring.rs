@@ -107,7 +107,7 @@ impl Ring {
         let (tx, rx) = std::sync::mpsc::channel();
         let (next, prev, buf) = (&self.next, &self.prev, &mut self.buf);
         let (result, end) = std::thread::scope(|s| {
-            let sender = s.spawn(|| send_loop(call, next, prev, rx, &stop, &send_error));
+            let sender = s.spawn(|| send_loop(call, next, rx, &stop, &send_error));
             let mut io = Io::new(call, tx, prev, buf, &send_error);
             let result = body(&mut io);
             if result.is_err() {

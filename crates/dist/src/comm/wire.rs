@@ -23,10 +23,18 @@ const KIND_ABORT: u8 = 2;
 const MAX_ABORT: usize = 2000;
 /// How long a rank that timed out keeps listening for an abort from upstream (at most half the timeout).
 const ABORT_GRACE: Duration = Duration::from_millis(500);
+/// How often a blocked reader checks whether the sender thread has failed.
+const SEND_POLL: Duration = Duration::from_millis(50);
 
 /// Why a read from the previous rank stopped.
 pub(crate) enum ReadFail {
-    Timeout { filled: usize },
+    Timeout {
+        filled: usize,
+    },
+    /// The sender thread failed (its error is in the shared slot).
+    SendFailed {
+        filled: usize,
+    },
     Closed,
     Io(std::io::Error),
 }
@@ -86,6 +94,8 @@ pub(crate) struct Io<'a> {
     prev: &'a TcpStream,
     buf: &'a mut Vec<u8>,
     send_error: &'a Mutex<Option<Error>>,
+    /// Set once the caller has seen the sender's failure (then reads only look for an abort).
+    send_failed: bool,
 }
 
 impl<'a> Io<'a> {
@@ -102,6 +112,7 @@ impl<'a> Io<'a> {
             prev,
             buf,
             send_error,
+            send_failed: false,
         }
     }
 
@@ -118,7 +129,8 @@ impl<'a> Io<'a> {
         if sent {
             Ok(())
         } else {
-            Err(self.take_send_error())
+            // The sender thread has stopped after a failed write.
+            Err(self.explain(ReadFail::SendFailed { filled: 0 }))
         }
     }
 
@@ -138,25 +150,19 @@ impl<'a> Io<'a> {
                     c.timeout.as_secs_f64(),
                     c.prev
                 ));
-                let grace = Instant::now() + (c.timeout / 2).min(ABORT_GRACE);
-                let heard = self.read_until(&mut h, grace).is_ok() && h[0] == KIND_ABORT;
-                if !heard {
-                    return Err(self.fail(ReadFail::Timeout { filled: 0 }));
-                }
+                return Err(self.explain(ReadFail::Timeout { filled: 0 }));
+            }
+            // Sending to the next rank failed, most likely because it has already failed itself. The
+            // previous rank may be about to explain, or may be gone: prefer what it tells us.
+            Err(ReadFail::SendFailed { filled: 0 }) => {
+                return Err(self.explain(ReadFail::SendFailed { filled: 0 }));
             }
             Err(f) => return Err(self.fail(f)),
         }
         let len = u32::from_le_bytes([h[4], h[5], h[6], h[7]]) as usize;
         if h[0] == KIND_ABORT && len <= MAX_ABORT {
-            let mut text = vec![0u8; len];
-            let _ = self.read_until(&mut text, Instant::now() + ABORT_GRACE);
-            let message = format!("aborted: {}", String::from_utf8_lossy(&text));
-            return Err(Error::Peer {
-                op: c.op.name(),
-                rank: c.rank,
-                peer: c.prev,
-                message,
-            });
+            let text = self.abort_text(len);
+            return Err(self.aborted(&text));
         }
         let seq = u64::from_le_bytes(h[8..16].try_into().expect("8-byte slice"));
         let total = u64::from_le_bytes(h[16..24].try_into().expect("8-byte slice"));
@@ -188,6 +194,53 @@ impl<'a> Io<'a> {
         Ok(&self.buf[..])
     }
 
+    /// After a timeout or a failed send, listens to the previous rank for up to [`ABORT_GRACE`]:
+    /// an abort message or a closed connection explains the failure better than `why` does.
+    fn explain(&mut self, why: ReadFail) -> Error {
+        self.send_failed = true; // From here on only the previous rank matters.
+        let grace = Instant::now() + (self.call.timeout / 2).min(ABORT_GRACE);
+        let mut h = [0u8; HEADER];
+        loop {
+            match self.read_until(&mut h, grace) {
+                Ok(()) => {}
+                Err(ReadFail::Closed) => return self.fail(ReadFail::Closed),
+                Err(_) => return self.fail(why),
+            }
+            let len = u32::from_le_bytes([h[4], h[5], h[6], h[7]]) as usize;
+            if h[0] == KIND_ABORT && len <= MAX_ABORT {
+                let text = self.abort_text(len);
+                return self.aborted(&text);
+            }
+            // Data still in flight from before the failure: skip it.
+            let mut skip = vec![0u8; len.min(1 << 20)];
+            let mut left = len;
+            while left > 0 {
+                let n = left.min(skip.len());
+                if self.read_until(&mut skip[..n], grace).is_err() {
+                    return self.fail(why);
+                }
+                left -= n;
+            }
+        }
+    }
+
+    fn abort_text(&mut self, len: usize) -> String {
+        let mut text = vec![0u8; len];
+        self.send_failed = true; // Failing anyway: read the text even if the sender has failed too.
+        let _ = self.read_until(&mut text, Instant::now() + ABORT_GRACE);
+        String::from_utf8_lossy(&text).into_owned()
+    }
+
+    fn aborted(&self, text: &str) -> Error {
+        let c = self.call;
+        Error::Peer {
+            op: c.op.name(),
+            rank: c.rank,
+            peer: c.prev,
+            message: format!("aborted: {text}"),
+        }
+    }
+
     fn read_until(
         &mut self,
         out: &mut [u8],
@@ -199,8 +252,12 @@ impl<'a> Io<'a> {
             if left.is_zero() {
                 return Err(ReadFail::Timeout { filled });
             }
-            // set_read_timeout rejects zero; `left` is non-zero here.
-            let _ = self.prev.set_read_timeout(Some(left));
+            if !self.send_failed && lock(self.send_error).is_some() {
+                return Err(ReadFail::SendFailed { filled });
+            }
+            // set_read_timeout rejects zero; `left` is non-zero here. Wake up now and then to notice a
+            // failed sender.
+            let _ = self.prev.set_read_timeout(Some(left.min(SEND_POLL)));
             match (&*self.prev).read(&mut out[filled..]) {
                 Ok(0) => return Err(ReadFail::Closed),
                 Ok(n) => filled += n,
@@ -215,11 +272,19 @@ impl<'a> Io<'a> {
         Ok(())
     }
 
-    /// Prefers the sender's error: a failed send wakes the reader by shutting `prev`, which looks like EOF.
+    /// The error for a failed read; for a failed sender, the sender's own error.
     fn fail(&self, f: ReadFail) -> Error {
         let c = self.call;
         let (op, rank, peer) = (c.op.name(), c.rank, c.prev);
         let e = match f {
+            ReadFail::SendFailed { .. } => {
+                return lock(self.send_error).take().unwrap_or_else(|| Error::Peer {
+                    op,
+                    rank,
+                    peer: c.next,
+                    message: "send failed".to_string(),
+                })
+            }
             ReadFail::Timeout { .. } => Error::Timeout {
                 op,
                 rank,
@@ -243,17 +308,7 @@ impl<'a> Io<'a> {
                 message: format!("receive failed: {e}"),
             },
         };
-        lock(self.send_error).take().unwrap_or(e)
-    }
-
-    fn take_send_error(&self) -> Error {
-        let c = self.call;
-        lock(self.send_error).take().unwrap_or_else(|| Error::Peer {
-            op: c.op.name(),
-            rank: c.rank,
-            peer: c.next,
-            message: "sender stopped".to_string(),
-        })
+        e
     }
 
     /// Queues an abort message behind any queued data.
@@ -286,7 +341,6 @@ pub(crate) enum SendEnd {
 pub(crate) fn send_loop(
     call: Call,
     next: &TcpStream,
-    prev: &TcpStream,
     rx: Receiver<Vec<u8>>,
     stop: &AtomicBool,
     send_error: &Mutex<Option<Error>>,
@@ -315,8 +369,6 @@ pub(crate) fn send_loop(
                 }
             };
             *lock(send_error) = Some(error);
-            // Wake the caller if it is blocked reading from the previous rank.
-            let _ = prev.shutdown(std::net::Shutdown::Read);
             return SendEnd::Failed;
         }
     }

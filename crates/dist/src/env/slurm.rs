@@ -57,6 +57,10 @@ pub(crate) fn tasks_per_node(spec: &str) -> Option<Vec<usize>> {
             None => (part, 1),
         };
         let count = count.trim().parse::<usize>().ok()?;
+        // No real allocation has a million nodes; refuse rather than allocate without bound.
+        if out.len() + times > 1_000_000 {
+            return None;
+        }
         out.extend(std::iter::repeat_n(count, times));
     }
     Some(out)
@@ -114,6 +118,7 @@ mod tests {
         assert_eq!(tasks_per_node("4"), Some(vec![4]));
         assert_eq!(tasks_per_node("4(x2"), None);
         assert_eq!(tasks_per_node("a"), None);
+        assert_eq!(tasks_per_node("1(x99999999999)"), None);
     }
 
     #[test]

@@ -14,7 +14,7 @@
 //! | `BELLOWS_JOB_TOKEN` | per-job secret for the store; its presence marks a bellows launch |
 //! | `BELLOWS_RESTART_COUNT` | 0 on the first attempt, then 1, 2, ... |
 //! | `OMP_NUM_THREADS` | `1` when `nproc_per_node > 1` and the caller did not set it (as torchrun does) |
-//! | `LD_LIBRARY_PATH` | with feature `cuda` only: prefixed with [`crate::nccl::loader_dir`] when libnccl needs it |
+//! | `LD_LIBRARY_PATH` | with feature `cuda` only: prefixed with `nccl::loader_dir()` (a `libnccl.so` link) when libnccl is found |
 //!
 //! Each worker runs in its own process group; signals are forwarded to those groups.
 
@@ -119,8 +119,9 @@ pub fn run(opts: &LaunchOptions) -> Result<LaunchReport> {
     let mut attempt = 0;
     loop {
         // A fresh store per attempt, so that nothing from a failed attempt leaks into the next one.
+        // With `master_port == 0` every attempt gets a new free port.
         let server = if opts.node_rank == 0 {
-            let s = StoreServer::bind(&format!("{}:{port}", bracket(&opts.master_addr)), &token)?;
+            let s = bind_store(&opts.master_addr, opts.master_port, &token)?;
             port = s.local_addr().port();
             Some(s)
         } else {
@@ -151,6 +152,24 @@ pub fn run(opts: &LaunchOptions) -> Result<LaunchReport> {
                     restarts,
                 });
             }
+        }
+    }
+}
+
+/// Binds the store, retrying a fixed port for a few seconds while the previous attempt's sockets close.
+fn bind_store(host: &str, port: u16, token: &str) -> Result<StoreServer> {
+    let addr = format!("{}:{port}", bracket(host));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match StoreServer::bind(&addr, token) {
+            Err(Error::Io { source, .. })
+                if port != 0
+                    && source.kind() == std::io::ErrorKind::AddrInUse
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            other => return other,
         }
     }
 }

@@ -33,36 +33,44 @@ fn describe(status: ExitStatus) -> String {
     }
 }
 
-/// Copies `from` to our stdout or stderr line by line, each line prefixed with `[rank N] `.
+/// Copies `from` to `to` line by line, each line prefixed with `[rank N] ` and written with one call
+/// (ending with a newline even if the worker's last line had none).
+fn prefix_lines(rank: usize, from: impl Read, mut to: impl FnMut(&[u8])) {
+    let mut reader = BufReader::new(from);
+    let mut line = Vec::new();
+    let prefix = format!("[rank {rank}] ");
+    loop {
+        line.clear();
+        match reader.read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {
+                if line.last() != Some(&b'\n') {
+                    line.push(b'\n');
+                }
+                let mut out = Vec::with_capacity(prefix.len() + line.len());
+                out.extend_from_slice(prefix.as_bytes());
+                out.extend_from_slice(&line);
+                to(&out);
+            }
+        }
+    }
+}
+
+/// Relays a worker's stdout or stderr to ours on a thread; whole lines under the lock, so lines from
+/// different ranks never interleave.
 fn relay(
     rank: usize,
     from: impl Read + Send + 'static,
     to_stderr: bool,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
-        let mut reader = BufReader::new(from);
-        let mut line = Vec::new();
-        let prefix = format!("[rank {rank}] ");
-        loop {
-            line.clear();
-            match reader.read_until(b'\n', &mut line) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {
-                    if line.last() != Some(&b'\n') {
-                        line.push(b'\n');
-                    }
-                    let mut out = Vec::with_capacity(prefix.len() + line.len());
-                    out.extend_from_slice(prefix.as_bytes());
-                    out.extend_from_slice(&line);
-                    // One write per line under the lock, so lines from different ranks never interleave.
-                    let _ = if to_stderr {
-                        std::io::stderr().lock().write_all(&out)
-                    } else {
-                        std::io::stdout().lock().write_all(&out)
-                    };
-                }
-            }
-        }
+        prefix_lines(rank, from, |line| {
+            let _ = if to_stderr {
+                std::io::stderr().lock().write_all(line)
+            } else {
+                std::io::stdout().lock().write_all(line)
+            };
+        })
     })
 }
 
@@ -239,5 +247,22 @@ fn wait_or_kill(workers: &mut [Worker], exits: &Exits, grace: Duration) {
             // SIGKILL could not end it within 5 s, or every waiter is gone: give up waiting.
             Err(_) => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_line_gets_the_rank_prefix() {
+        let mut out = Vec::new();
+        prefix_lines(3, &b"one\ntwo\n\xffbinary\nlast"[..], |l| {
+            out.extend_from_slice(l)
+        });
+        assert_eq!(
+            out,
+            b"[rank 3] one\n[rank 3] two\n[rank 3] \xffbinary\n[rank 3] last\n"
+        );
     }
 }
