@@ -46,12 +46,16 @@ mod tests {
     }
 
     #[test]
-    fn cosine_and_linear_reach_the_floor() {
+    fn cosine_and_linear_follow_transformers_progress() {
+        // transformers: progress = finished_steps / total, so step 6 of 10 is half way.
         let c = cfg(Scheduler::Cosine, 0, 0.1);
-        assert_eq!(lr_at(&c, 1, 11), 1.0);
-        assert!((lr_at(&c, 6, 11) - 0.55).abs() < 1e-12);
-        assert!((lr_at(&c, 11, 11) - 0.1).abs() < 1e-12);
+        assert_eq!(lr_at(&c, 1, 10), 1.0);
+        assert!((lr_at(&c, 6, 10) - 0.55).abs() < 1e-12);
+        assert!(
+            (lr_at(&c, 11, 10) - 0.1).abs() < 1e-12,
+            "clamped at the floor"
+        );
         let l = cfg(Scheduler::Linear, 0, 0.0);
-        assert!((lr_at(&l, 6, 11) - 0.5).abs() < 1e-12);
+        assert!((lr_at(&l, 6, 10) - 0.5).abs() < 1e-12);
     }
 }
