@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use bellows_trainer::{train, RunConfig};
 
 mod env_cmd;
+mod launch_cmd;
 
 /// Distributed fine-tuning of Llama-family models (full, LoRA) on CPU or CUDA.
 #[derive(Debug, Parser)]
@@ -36,6 +37,8 @@ enum Command {
     Config(ConfigCmd),
     /// Print version, backend, devices and threads.
     Env,
+    /// Run `train` in N processes per node (data parallel), torchrun-style.
+    Launch(launch_cmd::LaunchArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -70,6 +73,7 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
+        Command::Launch(a) => launch_cmd::launch(a),
         Command::Env => {
             env_cmd::print();
             ExitCode::SUCCESS

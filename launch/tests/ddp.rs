@@ -1,0 +1,306 @@
+//! `bellows launch` data parallelism through real OS processes on loopback (CPU ring backend):
+//! N processes with batch b end with the same adapter as one process with batch N·b.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::array::{ArrayRef, Int32Builder, ListBuilder};
+use arrow::datatypes::{DataType, Field, Schema};
+use arrow::record_batch::RecordBatch;
+use parquet::arrow::ArrowWriter;
+use parquet::file::properties::WriterProperties;
+
+fn bellows() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_bellows"))
+}
+
+/// 48 rows of different lengths in row groups of 4: each rank's 4-row batch is one row group,
+/// so N ranks × 4 rows cover exactly the rows of one process's 4·N-row batch.
+fn write_data(path: &Path) {
+    let schema = Arc::new(Schema::new(vec![Field::new(
+        "input_ids",
+        DataType::List(Arc::new(Field::new("item", DataType::Int32, true))),
+        false,
+    )]));
+    let props = WriterProperties::builder()
+        .set_max_row_group_row_count(Some(4))
+        .build();
+    let file = std::fs::File::create(path).expect("create");
+    let mut w = ArrowWriter::try_new(file, schema.clone(), Some(props)).expect("writer");
+    let mut b = ListBuilder::new(Int32Builder::new());
+    for r in 0..48i32 {
+        let len = 5 + (r * 7) % 12;
+        let d = 1 + r % 3;
+        for t in 0..len {
+            b.values().append_value((r * 11 + t * d) % 64);
+        }
+        b.append(true);
+    }
+    let col: ArrayRef = Arc::new(b.finish());
+    w.write(&RecordBatch::try_new(schema, vec![col]).expect("batch"))
+        .expect("write");
+    w.close().expect("close");
+}
+
+fn job(dir: &Path) -> PathBuf {
+    let data = dir.join("rows.parquet");
+    write_data(&data);
+    let cfg = dir.join("job.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+[run]
+seed = 3
+max_steps = 4
+log_every = 1
+[model.init]
+vocab_size = 64
+hidden_size = 32
+intermediate_size = 64
+num_hidden_layers = 2
+num_attention_heads = 4
+num_key_value_heads = 2
+[data]
+train = "{}"
+seq_len = 16
+batch_size = 4
+shuffle = "off"
+[optim]
+lr = 1e-2
+warmup_steps = 0
+[peft]
+method = "lora"
+r = 4
+alpha = 8.0
+target_modules = "all-linear"
+init = "gaussian"
+[dist]
+timeout_secs = 60
+[logging]
+progress = "plain"
+"#,
+            data.display()
+        ),
+    )
+    .expect("write job");
+    cfg
+}
+
+fn check(out: &Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what} failed\nstdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn adapter(out_dir: &Path) -> Vec<(String, Vec<f32>)> {
+    let bytes =
+        std::fs::read(out_dir.join("adapter/adapter_model.safetensors")).expect("adapter written");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+    let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
+    names.sort();
+    names
+        .into_iter()
+        .map(|n| {
+            let v = st.tensor(&n).expect("tensor");
+            let vals = v
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            (n, vals)
+        })
+        .collect()
+}
+
+fn assert_same_adapter(a: &Path, b: &Path, what: &str) {
+    let (x, y) = (adapter(a), adapter(b));
+    assert_eq!(x.len(), y.len(), "{what}: tensor count");
+    assert!(!x.is_empty());
+    for ((n1, v1), (n2, v2)) in x.iter().zip(&y) {
+        assert_eq!(n1, n2);
+        for (i, (p, q)) in v1.iter().zip(v2).enumerate() {
+            assert!(
+                (p - q).abs() <= 1e-6 + 1e-5 * q.abs(),
+                "{what}: {n1}[{i}] {p} vs {q}"
+            );
+        }
+    }
+}
+
+fn single(cfg: &Path, out: &Path, batch: usize) {
+    let o = bellows()
+        .arg("train")
+        .arg(cfg)
+        .args([
+            "--set",
+            &format!("data.batch_size={batch}"),
+            "--set",
+            &format!("run.output_dir={}", out.display()),
+        ])
+        .output()
+        .expect("run");
+    check(&o, "single-process train");
+}
+
+fn launch(cfg: &Path, out: &Path, nproc: usize, extra: &[&str]) -> Output {
+    bellows()
+        .arg("launch")
+        .args(["--nproc-per-node", &nproc.to_string()])
+        .arg(cfg)
+        .args(["--set", &format!("run.output_dir={}", out.display())])
+        .args(extra)
+        .output()
+        .expect("run launch")
+}
+
+#[test]
+fn two_and_three_processes_match_one_process_with_the_combined_batch() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = job(dir.path());
+    single(&cfg, &dir.path().join("one8"), 8);
+    let o = launch(&cfg, &dir.path().join("two"), 2, &[]);
+    check(&o, "launch 2");
+    // Worker output carries rank prefixes.
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("[rank 0]")
+            || String::from_utf8_lossy(&o.stdout).contains("[rank 0]")
+    );
+    assert_same_adapter(
+        &dir.path().join("two"),
+        &dir.path().join("one8"),
+        "2 procs x 4 vs 1 x 8",
+    );
+
+    // Gradient accumulation on top: 2 procs x batch 2 x 2 micro-steps.
+    let o = launch(
+        &cfg,
+        &dir.path().join("two_accum"),
+        2,
+        &[
+            "--set",
+            "data.batch_size=2",
+            "--set",
+            "optim.grad_accum_steps=2",
+        ],
+    );
+    check(&o, "launch 2 with accumulation");
+    assert_same_adapter(
+        &dir.path().join("two_accum"),
+        &dir.path().join("one8"),
+        "2 procs x 2 x accum 2 vs 1 x 8",
+    );
+
+    single(&cfg, &dir.path().join("one12"), 12);
+    let o = launch(&cfg, &dir.path().join("three"), 3, &[]);
+    check(&o, "launch 3");
+    assert_same_adapter(
+        &dir.path().join("three"),
+        &dir.path().join("one12"),
+        "3 procs x 4 vs 1 x 12",
+    );
+}
+
+#[test]
+fn two_single_process_nodes_match_one_node_with_two_processes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = job(dir.path());
+    let o = launch(&cfg, &dir.path().join("one_node"), 2, &[]);
+    check(&o, "one node x 2");
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+        l.local_addr().expect("addr").port()
+    };
+    let out = dir.path().join("two_nodes");
+    let node = |r: usize| {
+        bellows()
+            .arg("launch")
+            .args([
+                "--nproc-per-node",
+                "1",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                &r.to_string(),
+            ])
+            .args([
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                &port.to_string(),
+                "--job-token",
+                "t0k3n",
+            ])
+            .arg(&cfg)
+            .args(["--set", &format!("run.output_dir={}", out.display())])
+            .spawn()
+            .expect("spawn node")
+    };
+    let mut n0 = node(0);
+    let mut n1 = node(1);
+    let s1 = n1.wait().expect("node 1");
+    let s0 = n0.wait().expect("node 0");
+    assert!(s0.success() && s1.success(), "nodes exited {s0} / {s1}");
+    assert_same_adapter(
+        &out,
+        &dir.path().join("one_node"),
+        "2 nodes x 1 vs 1 node x 2",
+    );
+}
+
+#[test]
+fn killing_a_worker_stops_the_launch_naming_the_rank() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = job(dir.path());
+    let out = dir.path().join("killed");
+    let child = bellows()
+        .arg("launch")
+        .args(["--nproc-per-node", "2", "--stop-grace-secs", "2"])
+        .arg(&cfg)
+        .args([
+            "--set",
+            &format!("run.output_dir={}", out.display()),
+            "--set",
+            "run.max_steps=100000",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    // Wait until training runs (rank 0 writes metrics), then kill rank 1's process.
+    let start = Instant::now();
+    while !out.join("metrics.jsonl").is_file() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "training never started"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", child.id()))
+        .expect("children");
+    let pids: Vec<i32> = children
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    assert_eq!(pids.len(), 2, "two workers: {children}");
+    let victim = pids[1];
+    let killed_at = Instant::now();
+    Command::new("kill")
+        .args(["-9", &victim.to_string()])
+        .status()
+        .expect("kill");
+    let out = child.wait_with_output().expect("launcher exits");
+    let took = killed_at.elapsed();
+    assert!(!out.status.success(), "launcher must fail");
+    assert!(took < Duration::from_secs(30), "took {took:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("rank 1") || err.contains("rank 0"),
+        "names a rank:\n{err}"
+    );
+}
