@@ -8,6 +8,8 @@ use clap::{Args, Parser, Subcommand};
 use bellows_trainer::{train, RunConfig};
 
 mod env_cmd;
+mod eval_cmd;
+mod generate_cmd;
 mod launch_cmd;
 
 /// Distributed fine-tuning of Llama-family models (full, LoRA) on CPU or CUDA.
@@ -37,6 +39,10 @@ enum Command {
     Config(ConfigCmd),
     /// Print version, backend, devices and threads.
     Env,
+    /// Evaluate a Hugging Face model folder on a token file (Hugging Face causal-LM loss).
+    Eval(eval_cmd::EvalArgs),
+    /// Continue a prompt with a model folder (KV cache; greedy at temperature 0).
+    Generate(generate_cmd::GenerateArgs),
     /// Run `train` in N processes per node (data parallel), torchrun-style.
     Launch(launch_cmd::LaunchArgs),
 }
@@ -74,6 +80,8 @@ fn main() -> ExitCode {
             Err(code) => code,
         },
         Command::Launch(a) => launch_cmd::launch(a),
+        Command::Eval(a) => eval_cmd::eval(a),
+        Command::Generate(a) => generate_cmd::run(a),
         Command::Env => {
             env_cmd::print();
             ExitCode::SUCCESS

@@ -1,0 +1,43 @@
+//! `bellows eval`: prints `{"loss", "perplexity", "tokens", "rows"}` as one JSON line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+
+use bellows_trainer::{evaluate_dir, EvalOptions};
+
+/// Options of `bellows eval`.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// A Hugging Face model folder.
+    #[arg(long)]
+    model: PathBuf,
+    /// A Parquet / Arrow IPC / JSONL file with an `input_ids` column (and optional `labels`).
+    #[arg(long)]
+    data: PathBuf,
+    /// Rows per forward pass.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Evaluate at most this many rows.
+    #[arg(long)]
+    max_rows: Option<usize>,
+    /// Pad rows to this length; a longer row is an error naming it.
+    #[arg(long, default_value_t = 1024)]
+    seq_len: usize,
+}
+
+/// Runs the evaluation and prints the report.
+pub fn eval(a: EvalArgs) -> ExitCode {
+    let opts = EvalOptions { batch_size: a.batch_size, max_rows: a.max_rows, seq_len: a.seq_len };
+    match evaluate_dir(&a.model, &a.data, &opts) {
+        Ok(r) => {
+            println!("{}", serde_json::to_string(&r).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,133 @@
+//! `bellows eval` and `bellows generate` through the real binary, against transformers goldens.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, Int64Builder, ListBuilder};
+use arrow::datatypes::{DataType, Field, Schema};
+use arrow::record_batch::RecordBatch;
+use parquet::arrow::ArrowWriter;
+
+fn golden(case: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden").join(case)
+}
+
+fn read(path: &Path, name: &str) -> (Vec<usize>, Vec<f64>) {
+    let bytes = std::fs::read(path).expect("golden file");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+    let v = st.tensor(name).expect("tensor");
+    let vals = match v.dtype() {
+        safetensors::Dtype::I64 => v
+            .data()
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as f64)
+            .collect(),
+        safetensors::Dtype::F32 => v
+            .data()
+            .chunks_exact(4)
+            .map(|c| f64::from(f32::from_le_bytes(c.try_into().expect("4 bytes"))))
+            .collect(),
+        d => panic!("unexpected dtype {d:?}"),
+    };
+    (v.shape().to_vec(), vals)
+}
+
+fn list_column(rows: &[Vec<i64>]) -> ArrayRef {
+    let mut b = ListBuilder::new(Int64Builder::new());
+    for r in rows {
+        b.values().append_slice(r);
+        b.append(true);
+    }
+    Arc::new(b.finish())
+}
+
+#[test]
+fn eval_prints_the_transformers_loss() {
+    let inputs = golden("llama_gqa").join("inputs.safetensors");
+    let (shape, ids) = read(&inputs, "input_ids");
+    let (_, labels) = read(&inputs, "labels");
+    let s = shape[1];
+    let rows = |v: &[f64]| v.chunks(s).map(|r| r.iter().map(|&x| x as i64).collect()).collect::<Vec<Vec<i64>>>();
+    let list = |n: &str| Field::new(n, DataType::List(Arc::new(Field::new("item", DataType::Int64, true))), false);
+    let schema = Arc::new(Schema::new(vec![list("input_ids"), list("labels")]));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("eval.parquet");
+    let mut w = ArrowWriter::try_new(std::fs::File::create(&data).expect("create"), schema.clone(), None).expect("writer");
+    let batch = RecordBatch::try_new(schema, vec![list_column(&rows(&ids)), list_column(&rows(&labels))]).expect("batch");
+    w.write(&batch).expect("write");
+    w.close().expect("close");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_bellows"))
+        .args(["eval", "--model"])
+        .arg(golden("llama_gqa"))
+        .arg("--data")
+        .arg(&data)
+        .args(["--batch-size", "1", "--seq-len", "16"])
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON line");
+    let (_, expected) = read(&golden("llama_gqa").join("expected.safetensors"), "loss");
+    let loss = v["loss"].as_f64().expect("loss");
+    assert!((loss - expected[0]).abs() <= 1e-5 * expected[0].abs(), "loss {loss} vs transformers {}", expected[0]);
+    assert_eq!(v["tokens"], 25, "12 + 13 counted targets (see tests/golden/README.md)");
+    assert!((v["perplexity"].as_f64().expect("ppl") - loss.exp()).abs() < 1e-9);
+
+    // --max-rows 1 evaluates only the first row.
+    let out = Command::new(env!("CARGO_BIN_EXE_bellows"))
+        .args(["eval", "--model"])
+        .arg(golden("llama_gqa"))
+        .arg("--data")
+        .arg(&data)
+        .args(["--max-rows", "1", "--seq-len", "16"])
+        .output()
+        .expect("run");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["rows"], 1);
+    assert_eq!(v["tokens"], 12);
+
+    // A row longer than --seq-len is an error naming the row, not a silent truncation.
+    let out = Command::new(env!("CARGO_BIN_EXE_bellows"))
+        .args(["eval", "--model"])
+        .arg(golden("llama_gqa"))
+        .arg("--data")
+        .arg(&data)
+        .args(["--seq-len", "8"])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("eval.parquet"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn greedy_generate_prints_the_transformers_continuation() {
+    let g = golden("generate").join("generate.safetensors");
+    let (shape, prompt) = read(&g, "prompt_ids");
+    let (nshape, new) = read(&g, "new_tokens");
+    let p = shape[1];
+    let n = nshape[1];
+    let ids: Vec<String> = prompt[..p].iter().map(|&x| (x as i64).to_string()).collect();
+    let out = Command::new(env!("CARGO_BIN_EXE_bellows"))
+        .args(["generate", "--model"])
+        .arg(golden("llama_gqa"))
+        .args(["--prompt-ids", &ids.join(","), "--max-new-tokens", &n.to_string()])
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let expected: Vec<String> = new[..n].iter().map(|&x| (x as i64).to_string()).collect();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), expected.join(","));
+}
+
+#[test]
+fn generate_without_a_tokenizer_says_so() {
+    let out = Command::new(env!("CARGO_BIN_EXE_bellows"))
+        .args(["generate", "--model"])
+        .arg(golden("llama_gqa"))
+        .args(["--prompt", "hello"])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("tokenizer.json") && err.contains("--prompt-ids"), "{err}");
+}
