@@ -1,11 +1,15 @@
 //! Loader throughput and peak memory for one dataset size.
 //!
-//! `cargo run --release -p bellows-data --example throughput -- <rows> [pad|pack] [prefetch]`
+//! ```text
+//! cargo run --release -p bellows-data --example throughput -- write <rows> <file.parquet>
+//! cargo run --release -p bellows-data --example throughput -- read <file.parquet> [pad|pad-truncate|pack] [prefetch]
+//! ```
 //!
-//! Writes `<rows>` pre-tokenized rows (lengths 16..=1024, mean ~520 tokens, vocab 32000, row groups of
-//! 4096 rows) to a temporary Parquet file, then times opening a train loader (seq_len 1024, batch 8,
-//! shuffle buffer 1024) and reading one epoch. Prints tokens/s and the process's peak RSS (VmHWM).
-//! Run each size in its own process: VmHWM only grows.
+//! `write` makes `<rows>` pre-tokenized rows (lengths uniform in 16..=1024, mean ~520 tokens, vocab
+//! 32000, zstd, row groups of 4096 rows). `read` times opening a train loader (seq_len 1024, batch 8,
+//! `truncation = "split"`, shuffle buffer 1024) and reading one epoch, and prints tokens/s (real tokens,
+//! not padding), positions/s (batch slots incl. padding) and the process's peak RSS (VmHWM), so
+//! reading runs in its own process.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -66,24 +70,34 @@ fn write_data(path: &std::path::Path, rows: usize) -> anyhow::Result<u64> {
 }
 
 fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let rows: usize = args.get(1).map_or(Ok(10_000), |s| s.parse())?;
-    let packing = match args.get(2).map(String::as_str) {
-        Some("pack") => Packing::Pack,
-        _ => Packing::Pad,
-    };
-    let prefetch = args.get(3).is_some_and(|s| s == "prefetch");
-    let dir = tempfile::tempdir()?;
-    let path = dir.path().join("bench.parquet");
-    let data_tokens = write_data(&path, rows)?;
-    let file_mib = std::fs::metadata(&path)?.len() as f64 / (1 << 20) as f64;
-    let rss_after_write = peak_rss_mib();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("write") if args.len() == 3 => {
+            let rows: usize = args[1].parse()?;
+            let tokens = write_data(std::path::Path::new(&args[2]), rows)?;
+            println!("wrote {rows} rows, {tokens} tokens to {}", args[2]);
+            Ok(())
+        }
+        Some("read") if args.len() >= 2 => read(&args[1], args.get(2), args.get(3)),
+        _ => anyhow::bail!(
+            "usage: throughput write <rows> <file> | throughput read <file> [pad|pad-truncate|pack] [prefetch]"
+        ),
+    }
+}
 
-    let mut cfg = DataConfig::new(Files::One(path.display().to_string()));
+fn read(path: &str, mode: Option<&String>, prefetch: Option<&String>) -> anyhow::Result<()> {
+    let (packing, truncation) = match mode.map(String::as_str) {
+        Some("pack") => (Packing::Pack, Truncation::Split),
+        Some("pad-truncate") => (Packing::Pad, Truncation::Truncate),
+        _ => (Packing::Pad, Truncation::Split),
+    };
+    let prefetch = prefetch.is_some_and(|s| s == "prefetch");
+    let file_mib = std::fs::metadata(path)?.len() as f64 / (1 << 20) as f64;
+    let mut cfg = DataConfig::new(Files::One(path.to_string()));
     cfg.seq_len = 1024;
     cfg.batch_size = 8;
     cfg.packing = packing;
-    cfg.truncation = Truncation::Split;
+    cfg.truncation = truncation;
     let spec = LoaderSpec {
         split: Split::Train,
         shard: Shard::single(),
@@ -103,18 +117,29 @@ fn main() -> anyhow::Result<()> {
             Box::new(move || l.next_batch())
         };
     let t1 = Instant::now();
-    let mut label_tokens = 0usize;
-    for _ in 0..steps {
+    let mut real_tokens = 0usize;
+    let mut middle = None;
+    for step in 0..steps {
         let b = next()?.ok_or_else(|| anyhow::anyhow!("stream ended"))?;
-        label_tokens += b.label_tokens();
+        real_tokens += b.segment_ids.iter().filter(|&&s| s > 0).count();
+        if step == steps / 2 {
+            middle = Some(b.state_after);
+        }
     }
     let read_s = t1.elapsed().as_secs_f64();
-    let yielded = steps as f64 * 8.0 * 1024.0;
+    drop(next);
+    let state = middle.ok_or_else(|| anyhow::anyhow!("no batches"))?;
+    let t2 = Instant::now();
+    let mut resumed = TokenLoader::resume(&cfg, spec, &state)?;
+    resumed.next_batch()?;
+    let resume_s = t2.elapsed().as_secs_f64();
+    let positions = steps as f64 * 8.0 * 1024.0;
     println!(
-        "rows={rows} mode={packing:?} prefetch={prefetch} data_tokens={data_tokens} file={file_mib:.1}MiB \
-         open={open_s:.2}s epoch={read_s:.2}s steps={steps} tokens/s={:.0} label_tokens={label_tokens} \
-         peak_rss_after_write={rss_after_write:.0}MiB peak_rss={:.0}MiB",
-        yielded / read_s,
+        "file={file_mib:.0}MiB mode={packing:?}/{truncation:?} prefetch={prefetch} open={open_s:.2}s \
+         epoch={read_s:.2}s steps={steps} tokens/s={:.2e} positions/s={:.2e} \
+         resume_mid_epoch+1_batch={resume_s:.2}s peak_rss={:.0}MiB",
+        real_tokens as f64 / read_s,
+        positions / read_s,
         peak_rss_mib()
     );
     Ok(())

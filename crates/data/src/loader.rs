@@ -38,9 +38,11 @@ type Taken = (RowRef, Doc);
 /// (and pad mode with `truncation = "split"`) a partly written document carries over to the next row
 /// and batch, but not into the next epoch.
 ///
-/// **Cost.** Opening reads file metadata only, unless a chunk's unit count needs its rows (pack mode,
-/// `truncation = "split"`, `on_error = "skip"`, text content): then one pass over the split counts them.
-/// Memory is bounded by the shuffle buffer plus one decoded batch of 1024 rows per open chunk.
+/// **Cost.** Opening reads Parquet/IPC metadata (and scans JSONL files once for line starts), unless a
+/// chunk's unit count needs its rows (pack mode, `truncation = "split"`, `on_error = "skip"`, text
+/// content): then one pass over the split counts them, and [`TokenLoader::resume`] pays it again.
+/// Memory is bounded by the shuffle buffer plus the open chunk's decoded rows: 1024 at a time for
+/// Parquet, one whole record batch for Arrow IPC, one line for JSONL. See `BENCHMARKS.md`.
 ///
 /// ```no_run
 /// use bellows_data::{DataConfig, Files, LoaderSpec, Shard, Split, TokenLoader};
