@@ -29,7 +29,11 @@ pub struct EvalArgs {
 
 /// Runs the evaluation and prints the report.
 pub fn eval(a: EvalArgs) -> ExitCode {
-    let opts = EvalOptions { batch_size: a.batch_size, max_rows: a.max_rows, seq_len: a.seq_len };
+    let opts = EvalOptions {
+        batch_size: a.batch_size,
+        max_rows: a.max_rows,
+        seq_len: a.seq_len,
+    };
     match evaluate_dir(&a.model, &a.data, &opts) {
         Ok(r) => {
             println!("{}", serde_json::to_string(&r).unwrap_or_default());

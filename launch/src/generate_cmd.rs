@@ -52,24 +52,42 @@ pub fn run(a: GenerateArgs) -> ExitCode {
         (Some(text), _) => {
             let tok = match tokenizers::Tokenizer::from_file(&tok_path) {
                 Ok(t) => t,
-                Err(e) => return fail(format!("{}: {e} (use --prompt-ids without a tokenizer)", tok_path.display())),
+                Err(e) => {
+                    return fail(format!(
+                        "{}: {e} (use --prompt-ids without a tokenizer)",
+                        tok_path.display()
+                    ))
+                }
             };
             match tok.encode(text.as_str(), true) {
                 Ok(enc) => (enc.get_ids().to_vec(), Some(tok)),
-                Err(e) => return fail(format!("{}: cannot encode the prompt: {e}", tok_path.display())),
+                Err(e) => {
+                    return fail(format!(
+                        "{}: cannot encode the prompt: {e}",
+                        tok_path.display()
+                    ))
+                }
             }
         }
         (None, Some(ids)) => {
-            let parsed: Result<Vec<u32>, _> = ids.split(',').map(|s| s.trim().parse::<u32>()).collect();
+            let parsed: Result<Vec<u32>, _> =
+                ids.split(',').map(|s| s.trim().parse::<u32>()).collect();
             match parsed {
                 Ok(v) if !v.is_empty() => (v, None),
-                _ => return fail(format!("--prompt-ids: expected comma-separated token ids, got {ids:?}")),
+                _ => {
+                    return fail(format!(
+                        "--prompt-ids: expected comma-separated token ids, got {ids:?}"
+                    ))
+                }
             }
         }
         (None, None) => return fail("give --prompt or --prompt-ids".into()),
     };
     if let Some(bad) = prompt.iter().find(|&&t| t as usize >= arch.vocab_size) {
-        return fail(format!("prompt token {bad} is outside the vocabulary of {}", arch.vocab_size));
+        return fail(format!(
+            "prompt token {bad} is outside the vocabulary of {}",
+            arch.vocab_size
+        ));
     }
     let opts = GenerateOptions {
         max_new_tokens: a.max_new_tokens,
@@ -84,7 +102,10 @@ pub fn run(a: GenerateArgs) -> ExitCode {
             Ok(text) => println!("{text}"),
             Err(e) => return fail(format!("cannot decode: {e}")),
         },
-        None => println!("{}", new.iter().map(u32::to_string).collect::<Vec<_>>().join(",")),
+        None => println!(
+            "{}",
+            new.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+        ),
     }
     ExitCode::SUCCESS
 }

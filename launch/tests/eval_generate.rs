@@ -10,7 +10,9 @@ use arrow::record_batch::RecordBatch;
 use parquet::arrow::ArrowWriter;
 
 fn golden(case: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden").join(case)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/golden")
+        .join(case)
 }
 
 fn read(path: &Path, name: &str) -> (Vec<usize>, Vec<f64>) {
@@ -48,13 +50,32 @@ fn eval_prints_the_transformers_loss() {
     let (shape, ids) = read(&inputs, "input_ids");
     let (_, labels) = read(&inputs, "labels");
     let s = shape[1];
-    let rows = |v: &[f64]| v.chunks(s).map(|r| r.iter().map(|&x| x as i64).collect()).collect::<Vec<Vec<i64>>>();
-    let list = |n: &str| Field::new(n, DataType::List(Arc::new(Field::new("item", DataType::Int64, true))), false);
+    let rows = |v: &[f64]| {
+        v.chunks(s)
+            .map(|r| r.iter().map(|&x| x as i64).collect())
+            .collect::<Vec<Vec<i64>>>()
+    };
+    let list = |n: &str| {
+        Field::new(
+            n,
+            DataType::List(Arc::new(Field::new("item", DataType::Int64, true))),
+            false,
+        )
+    };
     let schema = Arc::new(Schema::new(vec![list("input_ids"), list("labels")]));
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("eval.parquet");
-    let mut w = ArrowWriter::try_new(std::fs::File::create(&data).expect("create"), schema.clone(), None).expect("writer");
-    let batch = RecordBatch::try_new(schema, vec![list_column(&rows(&ids)), list_column(&rows(&labels))]).expect("batch");
+    let mut w = ArrowWriter::try_new(
+        std::fs::File::create(&data).expect("create"),
+        schema.clone(),
+        None,
+    )
+    .expect("writer");
+    let batch = RecordBatch::try_new(
+        schema,
+        vec![list_column(&rows(&ids)), list_column(&rows(&labels))],
+    )
+    .expect("batch");
     w.write(&batch).expect("write");
     w.close().expect("close");
 
@@ -66,12 +87,23 @@ fn eval_prints_the_transformers_loss() {
         .args(["--batch-size", "1", "--seq-len", "16"])
         .output()
         .expect("run");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON line");
     let (_, expected) = read(&golden("llama_gqa").join("expected.safetensors"), "loss");
     let loss = v["loss"].as_f64().expect("loss");
-    assert!((loss - expected[0]).abs() <= 1e-5 * expected[0].abs(), "loss {loss} vs transformers {}", expected[0]);
-    assert_eq!(v["tokens"], 25, "12 + 13 counted targets (see tests/golden/README.md)");
+    assert!(
+        (loss - expected[0]).abs() <= 1e-5 * expected[0].abs(),
+        "loss {loss} vs transformers {}",
+        expected[0]
+    );
+    assert_eq!(
+        v["tokens"], 25,
+        "12 + 13 counted targets (see tests/golden/README.md)"
+    );
     assert!((v["perplexity"].as_f64().expect("ppl") - loss.exp()).abs() < 1e-9);
 
     // --max-rows 1 evaluates only the first row.
@@ -83,6 +115,11 @@ fn eval_prints_the_transformers_loss() {
         .args(["--max-rows", "1", "--seq-len", "16"])
         .output()
         .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(v["rows"], 1);
     assert_eq!(v["tokens"], 12);
@@ -97,7 +134,11 @@ fn eval_prints_the_transformers_loss() {
         .output()
         .expect("run");
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("eval.parquet"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("eval.parquet"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -107,16 +148,31 @@ fn greedy_generate_prints_the_transformers_continuation() {
     let (nshape, new) = read(&g, "new_tokens");
     let p = shape[1];
     let n = nshape[1];
-    let ids: Vec<String> = prompt[..p].iter().map(|&x| (x as i64).to_string()).collect();
+    let ids: Vec<String> = prompt[..p]
+        .iter()
+        .map(|&x| (x as i64).to_string())
+        .collect();
     let out = Command::new(env!("CARGO_BIN_EXE_bellows"))
         .args(["generate", "--model"])
         .arg(golden("llama_gqa"))
-        .args(["--prompt-ids", &ids.join(","), "--max-new-tokens", &n.to_string()])
+        .args([
+            "--prompt-ids",
+            &ids.join(","),
+            "--max-new-tokens",
+            &n.to_string(),
+        ])
         .output()
         .expect("run");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let expected: Vec<String> = new[..n].iter().map(|&x| (x as i64).to_string()).collect();
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), expected.join(","));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        expected.join(",")
+    );
 }
 
 #[test]
@@ -129,5 +185,8 @@ fn generate_without_a_tokenizer_says_so() {
         .expect("run");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("tokenizer.json") && err.contains("--prompt-ids"), "{err}");
+    assert!(
+        err.contains("tokenizer.json") && err.contains("--prompt-ids"),
+        "{err}"
+    );
 }

@@ -133,7 +133,13 @@ impl TokenLoader {
         }
         l.start_epoch(state.epoch)?;
         let bad = |what: &str| Error::BadState(format!("{what} is out of range for this data"));
-        if state.chunk_pos > l.plan.chunks.len() || state.batches_in_epoch > l.plan.steps {
+        // The eval split reads its whole share, so it may go past the train step count.
+        let step_limit = if spec.split == Split::Eval {
+            u64::MAX
+        } else {
+            l.plan.steps
+        };
+        if state.chunk_pos > l.plan.chunks.len() || state.batches_in_epoch > step_limit {
             return Err(bad("chunk position or batch count"));
         }
         l.batches_in_epoch = state.batches_in_epoch;
@@ -164,6 +170,9 @@ impl TokenLoader {
         if self.empty || self.finished {
             return Ok(None);
         }
+        if self.spec.split == Split::Eval {
+            return self.next_eval_batch();
+        }
         if self.batches_in_epoch >= self.plan.steps {
             if self.spec.split == Split::Eval {
                 self.finished = true;
@@ -184,6 +193,57 @@ impl TokenLoader {
             self.finished = true;
         }
         Ok(Some(buf.finish(self.batch_size, self.state())))
+    }
+
+    /// The eval split reads this rank's whole share, once: no remainder is dropped, and the last
+    /// batch may have fewer rows (so an evaluation counts every token). Ranks may therefore yield
+    /// different numbers of eval batches; evaluation needs no per-step synchronisation.
+    fn next_eval_batch(&mut self) -> Result<Option<Batch>> {
+        let mut buf = BatchBuf::new(self.batch_size, self.seq_len);
+        let mut rows = 0;
+        for row in 1..=self.batch_size {
+            if !self.has_more()? {
+                break;
+            }
+            match self.packing {
+                Packing::Pad => self.fill_pad_row(&mut buf)?,
+                Packing::Pack => {
+                    let mut fill = 0;
+                    let mut segment = 0;
+                    while fill < self.seq_len && self.has_more()? {
+                        let (tokens, labels) = self.take(self.seq_len - fill)?;
+                        if tokens.is_empty() {
+                            continue;
+                        }
+                        segment += 1;
+                        buf.push_piece(&tokens, &labels, segment, fill > 0);
+                        fill += tokens.len();
+                    }
+                }
+            }
+            buf.pad_to_rows(row, self.pad);
+            rows = row;
+        }
+        if rows == 0 {
+            self.finished = true;
+            return Ok(None);
+        }
+        self.batches_in_epoch += 1;
+        Ok(Some(buf.finish(rows, self.state())))
+    }
+
+    /// Whether another document is available (fetching it into the carry slot if needed).
+    fn has_more(&mut self) -> Result<bool> {
+        if self.carry.is_some() {
+            return Ok(true);
+        }
+        match self.next_doc()? {
+            Some((r, d)) => {
+                self.carry = Some((r, d, 0));
+                Ok(true)
+            }
+            None => Ok(false),
+        }
     }
 
     /// The current state; resuming from it continues right after the last batch returned.
@@ -294,7 +354,8 @@ impl TokenLoader {
             rank,
             world,
         );
-        if self.plan.steps == 0 {
+        // The eval split reads whatever its share holds, down to a single partial batch.
+        if self.plan.steps == 0 && self.spec.split == Split::Train {
             let unit = match self.packing {
                 Packing::Pad => "rows",
                 Packing::Pack => "tokens",

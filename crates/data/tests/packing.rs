@@ -36,7 +36,11 @@ fn pack_mode_concatenates_documents_and_masks_document_starts() {
     assert_eq!(b1.position_ids, [0, 0, 1, 2]);
     assert_eq!(b1.labels, [5, -100, 7, 8]);
     assert_eq!(b1.label_tokens(), 2);
-    // 10 tokens make two full rows of 4; the last 2 are dropped at the end of the epoch.
+    // 10 tokens make two full rows of 4; the eval split keeps the last 2 in a padded row.
+    let b2 = l.next_batch().unwrap().unwrap();
+    assert_eq!(b2.input_ids[..2], [9, 10]);
+    assert_eq!(b2.segment_ids[2..], [0, 0]);
+    assert_eq!(b2.labels[2..], [-100, -100]);
     assert!(l.next_batch().unwrap().is_none());
 }
 
@@ -76,8 +80,13 @@ fn packed_rows_never_pad_and_cover_the_token_stream_in_order() {
     let mut l = TokenLoader::new(&cfg, spec(Split::Eval, 0, 1, 97)).unwrap();
     let batches = drain(&mut l);
     let total: usize = rows.iter().map(Vec::len).sum();
-    assert_eq!(batches.len(), total / (32 * 4));
-    let stream: Vec<u32> = batches.iter().flat_map(|b| b.input_ids.clone()).collect();
+    // The eval split keeps the remainder: full rows, then one padded final row.
+    assert_eq!(batches.len(), total.div_ceil(32 * 4));
+    let stream: Vec<u32> = batches
+        .iter()
+        .flat_map(|b| b.input_ids.clone())
+        .take(total)
+        .collect();
     let want: Vec<u32> = rows
         .iter()
         .flatten()
@@ -85,8 +94,11 @@ fn packed_rows_never_pad_and_cover_the_token_stream_in_order() {
         .take(stream.len())
         .collect();
     assert_eq!(stream, want);
+    let full = &batches[..batches.len() - 1];
+    for b in full {
+        assert!(b.segment_ids.iter().all(|&s| s > 0), "full rows never pad");
+    }
     for b in &batches {
-        assert!(b.segment_ids.iter().all(|&s| s > 0));
         for i in 0..b.input_ids.len() {
             if i % 32 != 0 && b.segment_ids[i] != b.segment_ids[i - 1] {
                 assert_eq!(b.labels[i], -100);

@@ -24,7 +24,13 @@ pub struct GenerateOptions {
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        GenerateOptions { max_new_tokens: 32, temperature: 0.0, top_p: 1.0, seed: 0, eos_token_id: None }
+        GenerateOptions {
+            max_new_tokens: 32,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+            eos_token_id: None,
+        }
     }
 }
 
@@ -73,7 +79,12 @@ pub fn pick_token(logits: &[f32], opts: &GenerateOptions, rng: &mut impl Rng) ->
 ///
 /// # Panics
 /// If `prompt` is empty.
-pub fn generate<B: Backend>(model: &CausalLm<B>, prompt: &[u32], opts: &GenerateOptions, device: &B::Device) -> Vec<u32> {
+pub fn generate<B: Backend>(
+    model: &CausalLm<B>,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    device: &B::Device,
+) -> Vec<u32> {
     assert!(!prompt.is_empty(), "generate needs a non-empty prompt");
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
     let mut cache = KvCache::new(model.model.layers.len());
@@ -84,13 +95,18 @@ pub fn generate<B: Backend>(model: &CausalLm<B>, prompt: &[u32], opts: &Generate
         let logits = model.forward_cached(next, &mut cache);
         let [_, s, v] = logits.dims();
         let last = logits.slice([0..1, s - 1..s, 0..v]).reshape([v]);
-        let row: Vec<f32> = last.into_data().convert::<f32>().to_vec().unwrap_or_default();
+        let row: Vec<f32> = last
+            .into_data()
+            .convert::<f32>()
+            .to_vec()
+            .unwrap_or_default();
         let tok = pick_token(&row, opts, &mut rng);
         if opts.eos_token_id == Some(tok) {
             break;
         }
         out.push(tok);
-        next = Tensor::<B, 2, Int>::from_data(TensorData::new(vec![i64::from(tok)], [1, 1]), device);
+        next =
+            Tensor::<B, 2, Int>::from_data(TensorData::new(vec![i64::from(tok)], [1, 1]), device);
     }
     out
 }
@@ -108,14 +124,27 @@ mod tests {
     fn greedy_takes_the_argmax_and_top_p_restricts_the_support() {
         let mut rng = ChaCha8Rng::seed_from_u64(1);
         let logits = [0.0f32, 3.0, 1.0, 2.9];
-        assert_eq!(pick_token(&logits, &GenerateOptions::default(), &mut rng), 1);
-        let opts = GenerateOptions { temperature: 1.0, top_p: 0.5, ..GenerateOptions::default() };
+        assert_eq!(
+            pick_token(&logits, &GenerateOptions::default(), &mut rng),
+            1
+        );
+        let opts = GenerateOptions {
+            temperature: 1.0,
+            top_p: 0.5,
+            ..GenerateOptions::default()
+        };
         for _ in 0..50 {
             let t = pick_token(&logits, &opts, &mut rng);
             assert!(t == 1 || t == 3, "top-p 0.5 keeps the two largest, got {t}");
         }
-        let opts = GenerateOptions { temperature: 1.0, top_p: 1.0, ..GenerateOptions::default() };
-        let seen: std::collections::HashSet<u32> = (0..400).map(|_| pick_token(&logits, &opts, &mut rng)).collect();
+        let opts = GenerateOptions {
+            temperature: 1.0,
+            top_p: 1.0,
+            ..GenerateOptions::default()
+        };
+        let seen: std::collections::HashSet<u32> = (0..400)
+            .map(|_| pick_token(&logits, &opts, &mut rng))
+            .collect();
         assert_eq!(seen.len(), 4, "full support at top_p 1");
     }
 }

@@ -55,30 +55,55 @@ fn first_rows(b: Batch, k: usize) -> Batch {
 ///
 /// # Errors
 /// Unreadable or invalid data (naming file, column and row).
-pub fn evaluate_model(model: &CausalLm<Flex>, vocab_size: usize, data: &Path, opts: &EvalOptions) -> Result<EvalReport> {
+pub fn evaluate_model(
+    model: &CausalLm<Flex>,
+    vocab_size: usize,
+    data: &Path,
+    opts: &EvalOptions,
+) -> Result<EvalReport> {
     let files = Files::One(data.display().to_string());
     let mut cfg = DataConfig::new(files.clone());
     cfg.eval = Some(files);
     cfg.seq_len = opts.seq_len;
     cfg.batch_size = opts.batch_size;
     cfg.truncation = Truncation::Error;
-    let spec = LoaderSpec { split: Split::Eval, shard: Shard { rank: 0, world: 1 }, seed: 0, vocab_size };
+    let spec = LoaderSpec {
+        split: Split::Eval,
+        shard: Shard { rank: 0, world: 1 },
+        seed: 0,
+        vocab_size,
+    };
     let mut loader = TokenLoader::new(&cfg, spec)?;
     let device = Default::default();
     let (mut sum, mut tokens, mut rows) = (0f64, 0u64, 0u64);
     while let Some(batch) = loader.next_batch()? {
-        let left = opts.max_rows.map_or(usize::MAX, |m| m.saturating_sub(rows as usize));
+        let left = opts
+            .max_rows
+            .map_or(usize::MAX, |m| m.saturating_sub(rows as usize));
         if left == 0 {
             break;
         }
-        let batch = if batch.batch_size > left { first_rows(batch, left) } else { batch };
+        let batch = if batch.batch_size > left {
+            first_rows(batch, left)
+        } else {
+            batch
+        };
         let (s, t) = batch_loss(model, &batch, &device);
         sum += s.into_scalar().elem::<f64>();
         tokens += t as u64;
         rows += batch.batch_size as u64;
     }
-    let loss = if tokens > 0 { sum / tokens as f64 } else { f64::NAN };
-    Ok(EvalReport { loss, perplexity: loss.exp(), tokens, rows })
+    let loss = if tokens > 0 {
+        sum / tokens as f64
+    } else {
+        f64::NAN
+    };
+    Ok(EvalReport {
+        loss,
+        perplexity: loss.exp(),
+        tokens,
+        rows,
+    })
 }
 
 /// Loads the Hugging Face folder `model_dir` and evaluates it on `data`.
