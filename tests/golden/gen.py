@@ -366,6 +366,8 @@ def config_4x_from_5x(cfg5):
             c["torch_dtype"] = v
         elif k == "transformers_version":
             c[k] = "4.46.3"
+        elif k == "head_dim" and v * cfg5["num_attention_heads"] == cfg5["hidden_size"]:
+            continue  # 4.x-era checkpoints (e.g. Llama 3.1) omit head_dim: readers must fall back to hidden/heads
         else:
             c[k] = v
     return c
@@ -408,7 +410,7 @@ def case_config_styles():
     assert diff > 1e-2, diff
     for name, d, style in (
         ("config_5x", d5, "this one 5.x (`rope_parameters` {rope_theta, rope_type, ...}, `dtype`)."),
-        ("config_4x", d4, "this one 4.x (`rope_theta`, `rope_scaling` {rope_type, ...}, `torch_dtype`; hand-written)."),
+        ("config_4x", d4, "this one 4.x (`rope_theta`, `rope_scaling` {rope_type, ...}, `torch_dtype`, no `head_dim`; hand-written)."),
     ):
         save_st(os.path.join(d, "inputs.safetensors"), {"input_ids": ids, "labels": labels})
         save_st(os.path.join(d, "expected.safetensors"), e5)
@@ -782,6 +784,25 @@ CASES = [
 ALIASES = {"config_4x": "config_styles", "config_5x": "config_styles"}
 
 
+def write_manifest():
+    """manifest.json: every case folder present under OUT with its kind and the sha256 of each file."""
+    import hashlib
+
+    cases = {}
+    for name in sorted(os.listdir(OUT)):
+        cj = os.path.join(OUT, name, "case.json")
+        if not os.path.isfile(cj):
+            continue
+        files = {}
+        for root, _, fs in os.walk(os.path.join(OUT, name)):
+            for f in sorted(fs):
+                full = os.path.join(root, f)
+                with open(full, "rb") as fh:
+                    files[os.path.relpath(full, os.path.join(OUT, name))] = hashlib.sha256(fh.read()).hexdigest()
+        cases[name] = {"kind": json.load(open(cj)).get("kind"), "files": dict(sorted(files.items()))}
+    write_json(os.path.join(OUT, "manifest.json"), {"generator": "tests/golden/gen.py", "cases": cases})
+
+
 def main():
     global OUT
     if os.environ.get("PYTHONHASHSEED") != "0":
@@ -813,6 +834,7 @@ def main():
             print(f"[gen] {n}", flush=True)
             setup_torch()
             fn()
+    write_manifest()
     print("[gen] done", flush=True)
 
 
