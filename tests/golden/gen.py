@@ -452,13 +452,31 @@ def case_bf16_weights():
 def case_mistral():
     seed = 160
     m = build(MistralForCausalLM, MistralConfig, seed, sliding_window=4096, rope_theta=10000.0)
-    finish_model_case(
+    reloaded, ids, labels, exp = finish_model_case(
         "mistral",
         "Tiny model_type mistral (MistralForCausalLM): same math as Llama at this length. sliding_window "
-        "4096 (as Mistral-7B-v0.1) is longer than the sequence, so it has no effect here; GQA 4/2; untied.",
+        "4096 (as Mistral-7B-v0.1) is longer than the sequence, so it has no effect here; GQA 4/2; untied. "
+        "expected_sliding_window_4.safetensors: the same weights run with config sliding_window = 4 "
+        "(query i attends to keys j with i - 4 < j <= i, transformers' sliding_window_overlay).",
         m,
         seed,
     )
+    cfg = copy.deepcopy(reloaded.config)
+    cfg.sliding_window = 4
+    sw = MistralForCausalLM._from_config(cfg, attn_implementation=ATTN, dtype=torch.float32).eval()
+    sw.load_state_dict(reloaded.state_dict())
+    sw_out = forward(sw, ids, labels, hidden=False)
+    diff = max_diff(sw_out["logits"], exp["logits"])
+    # the first 4 positions see the same keys either way
+    same_head = max_diff(sw_out["logits"][:, :4], exp["logits"][:, :4])
+    assert diff > 1e-2 and same_head < 1e-5, (diff, same_head)
+    d = os.path.join(OUT, "mistral")
+    save_st(os.path.join(d, "expected_sliding_window_4.safetensors"), sw_out)
+    cj = json.load(open(os.path.join(d, "case.json")))
+    cj["files"]["expected_sliding_window_4"] = "expected_sliding_window_4.safetensors (logits, loss)"
+    cj["checks"] = {"max_abs_logit_diff_sliding_window_4_vs_4096": diff,
+                    "max_abs_logit_diff_first_4_positions": same_head}
+    write_json(os.path.join(d, "case.json"), cj)
 
 
 def case_sharded():
