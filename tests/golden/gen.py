@@ -765,6 +765,64 @@ def case_lora_default_init():
     assert diff == 0.0, diff
 
 
+def case_full_finetune():
+    """Full-model gradients and an AdamW (with weight decay) trajectory on ../llama_gqa."""
+    name = "full_finetune"
+    src = os.path.join(OUT, "llama_gqa")
+    assert os.path.exists(os.path.join(src, "model.safetensors")), "run the llama_gqa case first"
+    model = load_folder(src)
+    ids, labels = make_inputs(100 + 1, model.config.vocab_size)
+    d = case_dir(name)
+    model.train()
+    model.zero_grad()
+    loss = model(input_ids=ids, labels=labels).loss
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    min_abs_nonzero = float(min(g[g != 0].abs().min() for g in grads.values()))
+    zeros = int(sum((g == 0).sum() for g in grads.values()))
+    below_1e6 = int(sum(((g != 0) & (g.abs() < 1e-6)).sum() for g in grads.values()))
+    opt_kw = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+    opt = torch.optim.AdamW(model.parameters(), foreach=False, **opt_kw)
+    losses = []
+    for _ in range(ADAMW_STEPS):
+        opt.zero_grad()
+        l = model(input_ids=ids, labels=labels).loss
+        losses.append(float(l.detach()))
+        l.backward()
+        opt.step()
+    with torch.no_grad():
+        losses.append(float(model(input_ids=ids, labels=labels).loss))
+    save_st(os.path.join(d, "grads.safetensors"), grads)
+    save_st(os.path.join(d, "trajectory.safetensors"), {"losses": torch.tensor(losses, dtype=torch.float32)})
+    write_json(
+        os.path.join(d, "case.json"),
+        {
+            "case": name,
+            "kind": "full_finetune",
+            "description": "Full fine-tuning of ../llama_gqa on its inputs: grads.safetensors = d loss / d p for "
+            "every parameter after one backward (HF names; includes RMSNorm weights, embed_tokens, lm_head); "
+            "trajectory.safetensors losses[6] = loss before each of 5 torch.optim.AdamW steps on the same batch, "
+            "then after the 5th. AdamW with weight_decay 0.1 (decoupled: p -= lr*wd*p before the Adam update, "
+            "applied to every parameter incl. norms and embeddings) so its semantics matter.",
+            "versions": versions(),
+            "seed": {"base_weights": 100, "inputs": 101},
+            "base_model_dir": "../llama_gqa",
+            "inputs": "../llama_gqa/inputs.safetensors",
+            "optimizer": {"name": "torch.optim.AdamW", "lr": opt_kw["lr"], "betas": list(opt_kw["betas"]),
+                          "eps": opt_kw["eps"], "weight_decay": opt_kw["weight_decay"], "amsgrad": False,
+                          "foreach": False, "steps": ADAMW_STEPS, "params": "all", "grad_clipping": None,
+                          "lr_schedule": "constant"},
+            "tolerance": {"grads": TOL_GRAD, "losses": TOL_TRAJ},
+            "checks": {"loss": float(loss.detach()), "losses": losses,
+                       "exactly_zero_grad_elements": zeros,
+                       "exactly_zero_grad_note": "embed_tokens rows of token ids absent from input_ids",
+                       "min_abs_nonzero_grad_element": min_abs_nonzero,
+                       "nonzero_grad_elements_below_1e-6": below_1e6},
+            "files": {"grads": "grads.safetensors", "trajectory": "trajectory.safetensors"},
+        },
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. bitsandbytes NF4
 # ---------------------------------------------------------------------------------------------
@@ -796,6 +854,7 @@ CASES = [
     ("rslora", case_rslora),
     ("dora", case_dora),
     ("lora_default_init", case_lora_default_init),
+    ("full_finetune", case_full_finetune),
     ("nf4_quant", case_nf4_quant),
     ("qlora_model", case_qlora_model),
 ]
