@@ -53,7 +53,7 @@ OUT = HERE  # replaced by --out
 # ---------------------------------------------------------------------------------------------
 BATCH = 2
 SEQ = 16
-ATTN = "eager"  # attention implementation used for every expected value (sdpa agrees to ~1e-7)
+ATTN = "eager"  # attention implementation used for every expected value (sdpa agrees to ~1.2e-6)
 
 # The common tiny Llama. hidden 64, 4 heads (head_dim 16), 2 kv heads (GQA groups of 2),
 # intermediate 96, vocab 96. ~74k parameters = ~296 KiB in f32.
@@ -366,6 +366,8 @@ def config_4x_from_5x(cfg5):
             c["torch_dtype"] = v
         elif k == "transformers_version":
             c[k] = "4.46.3"
+        elif k == "head_dim" and v * cfg5["num_attention_heads"] == cfg5["hidden_size"]:
+            continue  # 4.x-era checkpoints (e.g. Llama 3.1) omit head_dim: readers must fall back to hidden/heads
         else:
             c[k] = v
     return c
@@ -408,7 +410,7 @@ def case_config_styles():
     assert diff > 1e-2, diff
     for name, d, style in (
         ("config_5x", d5, "this one 5.x (`rope_parameters` {rope_theta, rope_type, ...}, `dtype`)."),
-        ("config_4x", d4, "this one 4.x (`rope_theta`, `rope_scaling` {rope_type, ...}, `torch_dtype`; hand-written)."),
+        ("config_4x", d4, "this one 4.x (`rope_theta`, `rope_scaling` {rope_type, ...}, `torch_dtype`, no `head_dim`; hand-written)."),
     ):
         save_st(os.path.join(d, "inputs.safetensors"), {"input_ids": ids, "labels": labels})
         save_st(os.path.join(d, "expected.safetensors"), e5)
@@ -450,13 +452,31 @@ def case_bf16_weights():
 def case_mistral():
     seed = 160
     m = build(MistralForCausalLM, MistralConfig, seed, sliding_window=4096, rope_theta=10000.0)
-    finish_model_case(
+    reloaded, ids, labels, exp = finish_model_case(
         "mistral",
         "Tiny model_type mistral (MistralForCausalLM): same math as Llama at this length. sliding_window "
-        "4096 (as Mistral-7B-v0.1) is longer than the sequence, so it has no effect here; GQA 4/2; untied.",
+        "4096 (as Mistral-7B-v0.1) is longer than the sequence, so it has no effect here; GQA 4/2; untied. "
+        "expected_sliding_window_4.safetensors: the same weights run with config sliding_window = 4 "
+        "(query i attends to keys j with i - 4 < j <= i, transformers' sliding_window_overlay).",
         m,
         seed,
     )
+    cfg = copy.deepcopy(reloaded.config)
+    cfg.sliding_window = 4
+    sw = MistralForCausalLM._from_config(cfg, attn_implementation=ATTN, dtype=torch.float32).eval()
+    sw.load_state_dict(reloaded.state_dict())
+    sw_out = forward(sw, ids, labels, hidden=False)
+    diff = max_diff(sw_out["logits"], exp["logits"])
+    # the first 4 positions see the same keys either way
+    same_head = max_diff(sw_out["logits"][:, :4], exp["logits"][:, :4])
+    assert diff > 1e-2 and same_head < 1e-5, (diff, same_head)
+    d = os.path.join(OUT, "mistral")
+    save_st(os.path.join(d, "expected_sliding_window_4.safetensors"), sw_out)
+    cj = json.load(open(os.path.join(d, "case.json")))
+    cj["files"]["expected_sliding_window_4"] = "expected_sliding_window_4.safetensors (logits, loss)"
+    cj["checks"] = {"max_abs_logit_diff_sliding_window_4_vs_4096": diff,
+                    "max_abs_logit_diff_first_4_positions": same_head}
+    write_json(os.path.join(d, "case.json"), cj)
 
 
 def case_sharded():
@@ -745,6 +765,64 @@ def case_lora_default_init():
     assert diff == 0.0, diff
 
 
+def case_full_finetune():
+    """Full-model gradients and an AdamW (with weight decay) trajectory on ../llama_gqa."""
+    name = "full_finetune"
+    src = os.path.join(OUT, "llama_gqa")
+    assert os.path.exists(os.path.join(src, "model.safetensors")), "run the llama_gqa case first"
+    model = load_folder(src)
+    ids, labels = make_inputs(100 + 1, model.config.vocab_size)
+    d = case_dir(name)
+    model.train()
+    model.zero_grad()
+    loss = model(input_ids=ids, labels=labels).loss
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    min_abs_nonzero = float(min(g[g != 0].abs().min() for g in grads.values()))
+    zeros = int(sum((g == 0).sum() for g in grads.values()))
+    below_1e6 = int(sum(((g != 0) & (g.abs() < 1e-6)).sum() for g in grads.values()))
+    opt_kw = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+    opt = torch.optim.AdamW(model.parameters(), foreach=False, **opt_kw)
+    losses = []
+    for _ in range(ADAMW_STEPS):
+        opt.zero_grad()
+        l = model(input_ids=ids, labels=labels).loss
+        losses.append(float(l.detach()))
+        l.backward()
+        opt.step()
+    with torch.no_grad():
+        losses.append(float(model(input_ids=ids, labels=labels).loss))
+    save_st(os.path.join(d, "grads.safetensors"), grads)
+    save_st(os.path.join(d, "trajectory.safetensors"), {"losses": torch.tensor(losses, dtype=torch.float32)})
+    write_json(
+        os.path.join(d, "case.json"),
+        {
+            "case": name,
+            "kind": "full_finetune",
+            "description": "Full fine-tuning of ../llama_gqa on its inputs: grads.safetensors = d loss / d p for "
+            "every parameter after one backward (HF names; includes RMSNorm weights, embed_tokens, lm_head); "
+            "trajectory.safetensors losses[6] = loss before each of 5 torch.optim.AdamW steps on the same batch, "
+            "then after the 5th. AdamW with weight_decay 0.1 (decoupled: p -= lr*wd*p before the Adam update, "
+            "applied to every parameter incl. norms and embeddings) so its semantics matter.",
+            "versions": versions(),
+            "seed": {"base_weights": 100, "inputs": 101},
+            "base_model_dir": "../llama_gqa",
+            "inputs": "../llama_gqa/inputs.safetensors",
+            "optimizer": {"name": "torch.optim.AdamW", "lr": opt_kw["lr"], "betas": list(opt_kw["betas"]),
+                          "eps": opt_kw["eps"], "weight_decay": opt_kw["weight_decay"], "amsgrad": False,
+                          "foreach": False, "steps": ADAMW_STEPS, "params": "all", "grad_clipping": None,
+                          "lr_schedule": "constant"},
+            "tolerance": {"grads": TOL_GRAD, "losses": TOL_TRAJ},
+            "checks": {"loss": float(loss.detach()), "losses": losses,
+                       "exactly_zero_grad_elements": zeros,
+                       "exactly_zero_grad_note": "embed_tokens rows of token ids absent from input_ids",
+                       "min_abs_nonzero_grad_element": min_abs_nonzero,
+                       "nonzero_grad_elements_below_1e-6": below_1e6},
+            "files": {"grads": "grads.safetensors", "trajectory": "trajectory.safetensors"},
+        },
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. bitsandbytes NF4
 # ---------------------------------------------------------------------------------------------
@@ -776,10 +854,30 @@ CASES = [
     ("rslora", case_rslora),
     ("dora", case_dora),
     ("lora_default_init", case_lora_default_init),
+    ("full_finetune", case_full_finetune),
     ("nf4_quant", case_nf4_quant),
     ("qlora_model", case_qlora_model),
 ]
 ALIASES = {"config_4x": "config_styles", "config_5x": "config_styles"}
+
+
+def write_manifest():
+    """manifest.json: every case folder present under OUT with its kind and the sha256 of each file."""
+    import hashlib
+
+    cases = {}
+    for name in sorted(os.listdir(OUT)):
+        cj = os.path.join(OUT, name, "case.json")
+        if not os.path.isfile(cj):
+            continue
+        files = {}
+        for root, _, fs in os.walk(os.path.join(OUT, name)):
+            for f in sorted(fs):
+                full = os.path.join(root, f)
+                with open(full, "rb") as fh:
+                    files[os.path.relpath(full, os.path.join(OUT, name))] = hashlib.sha256(fh.read()).hexdigest()
+        cases[name] = {"kind": json.load(open(cj)).get("kind"), "files": dict(sorted(files.items()))}
+    write_json(os.path.join(OUT, "manifest.json"), {"generator": "tests/golden/gen.py", "cases": cases})
 
 
 def main():
@@ -813,6 +911,7 @@ def main():
             print(f"[gen] {n}", flush=True)
             setup_torch()
             fn()
+    write_manifest()
     print("[gen] done", flush=True)
 
 

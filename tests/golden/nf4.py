@@ -204,8 +204,8 @@ def case_nf4_quant(out_root, d, versions, save_st, write_json):
             "numpy reference; NAME.dequant_bnb is kept to show the bug. Quantization itself (packed codes, "
             "absmax) is correct for every shape.",
             "double_quant_notes": "bnb's 8-bit blockwise quantizer of absmax is not strictly nearest: see "
-            "per_weight.dq.nearest_8bit_absmax_code_mismatches_vs_bnb (3 near-ties at the midpoint between two "
-            "levels and one value near 0 that bnb rounds 2 codes away). Its offset (mean of absmax) differs from "
+            "per_weight.dq.nearest_8bit_absmax_code_mismatches_vs_bnb (3 values within 1e-5 of the midpoint between "
+            "two levels rounded to the farther one, and one value near 0 that bnb rounds 2 codes away). Its offset (mean of absmax) differs from "
             "numpy's float32 mean by ~1 ulp (summation order).",
             "per_weight": meta,
             "tolerance": {
