@@ -44,14 +44,20 @@ pub fn config_hash(cfg: &RunConfig) -> String {
     digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
-/// Sizes the CPU thread pool: `threads`, or the available cores split between the local ranks.
-pub fn init_threads(threads: usize, local_world: usize) -> usize {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let n = if threads > 0 {
+/// Threads for one worker: `threads` if set, else this machine's cores split evenly between the
+/// `local_world` processes of the node (at least 1), so N workers on N cores do not oversubscribe.
+pub fn thread_count(threads: usize, local_world: usize, cores: usize) -> usize {
+    if threads > 0 {
         threads
     } else {
         (cores / local_world.max(1)).max(1)
-    };
+    }
+}
+
+/// Sizes the global CPU thread pool per [`thread_count`] and returns the size.
+pub fn init_threads(threads: usize, local_world: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let n = thread_count(threads, local_world, cores);
     // The global pool can only be built once per process; a second call keeps the first size.
     let _ = rayon::ThreadPoolBuilder::new()
         .num_threads(n)
@@ -96,4 +102,17 @@ fn cuda_train(cfg: &RunConfig, _acc: &Accelerator, _index: Option<usize>) -> Res
         message: "this bellows was built without CUDA support; rebuild with `--features cuda`"
             .into(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::thread_count;
+
+    #[test]
+    fn workers_split_the_cores_of_their_node() {
+        assert_eq!(thread_count(0, 1, 16), 16);
+        assert_eq!(thread_count(0, 2, 16), 8);
+        assert_eq!(thread_count(0, 3, 2), 1, "never zero");
+        assert_eq!(thread_count(4, 8, 2), 4, "train.threads wins");
+    }
 }
