@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand};
 
 use bellows_trainer::{train, RunConfig};
 
+mod bench_cmd;
 mod env_cmd;
 mod eval_cmd;
 mod generate_cmd;
@@ -43,6 +44,8 @@ enum Command {
     Eval(eval_cmd::EvalArgs),
     /// Continue a prompt with a model folder (KV cache; greedy at temperature 0).
     Generate(generate_cmd::GenerateArgs),
+    /// Time training steps on the shapes of the PyTorch + PEFT peer script (one JSON line).
+    Bench(bench_cmd::BenchArgs),
     /// Run `train` in N processes per node (data parallel), torchrun-style.
     Launch(launch_cmd::LaunchArgs),
 }
@@ -80,6 +83,7 @@ fn main() -> ExitCode {
             Err(code) => code,
         },
         Command::Launch(a) => launch_cmd::launch(a),
+        Command::Bench(a) => bench_cmd::bench(a),
         Command::Eval(a) => eval_cmd::eval(a),
         Command::Generate(a) => generate_cmd::run(a),
         Command::Env => {

@@ -13,6 +13,7 @@
 #![warn(missing_docs)]
 
 mod accelerator;
+mod bench;
 pub mod config;
 mod device;
 mod error;
@@ -26,6 +27,7 @@ pub mod tensorboard;
 mod validate;
 
 pub use accelerator::Accelerator;
+pub use bench::{peak_rss_mib, run_bench, BenchMode, BenchReport};
 pub use config::{ConfigIssue, ConfigIssues, RunConfig};
 pub use device::{cuda_available, DeviceSpec};
 pub use error::{Error, Result};
