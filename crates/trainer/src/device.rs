@@ -29,10 +29,13 @@ impl DeviceSpec {
 }
 
 /// Whether the CUDA driver library can be loaded on this machine (false when built without CUDA).
+#[cfg_attr(feature = "cuda", allow(unsafe_code))]
 pub fn cuda_available() -> bool {
     #[cfg(feature = "cuda")]
     {
-        cudarc::driver::sys::is_culib_present()
+        // SAFETY: this only tries to dlopen the CUDA driver library and reports whether it loaded;
+        // no CUDA function is called and no state is shared with other threads.
+        unsafe { cudarc::driver::sys::is_culib_present() }
     }
     #[cfg(not(feature = "cuda"))]
     {
