@@ -34,6 +34,9 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
+    /// An adapter config could not be read or resolved.
+    #[error(transparent)]
+    Peft(#[from] bellows_peft::Error),
 }
 
 /// `Result` with this crate's [`Error`].

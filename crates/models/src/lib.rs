@@ -34,7 +34,10 @@ pub use cache::{KvCache, LayerCache};
 pub use config::{Family, ModelArch, RopeScaling};
 pub use error::{Error, Result};
 pub use generate::{generate, pick_token, probabilities, GenerateOptions};
-pub use hf::{load_pretrained, load_pretrained_with, read_arch, save_adapter, save_pretrained};
+pub use hf::{
+    load_adapter, load_pretrained, load_pretrained_with, load_pretrained_with_adapter, read_arch,
+    save_adapter, save_pretrained,
+};
 pub use loss::{causal_lm_loss_sum, count_label_tokens, LossSum, IGNORE_INDEX};
 pub use mlp::Mlp;
 pub use model::{attention_mask, CausalLm, Decoder, DecoderLayer, ForwardInput};

@@ -195,17 +195,40 @@ impl<B: Backend> CausalLm<B> {
         }
     }
 
-    /// Folds every adapter into its base weight (PEFT's `merge_and_unload`).
-    pub fn merge_adapters(self) -> Self {
+    /// Applies `f` to every linear layer (the seven per decoder layer, then `lm_head`).
+    pub fn map_linears(self, f: impl Fn(Linear<B>) -> Linear<B>) -> Self {
         let mut m = self;
         m.model.layers = m
             .model
             .layers
             .into_iter()
-            .map(|l| l.map_linears(Linear::merge))
+            .map(|l| l.map_linears(&f))
             .collect();
-        m.lm_head = m.lm_head.map(Linear::merge);
+        m.lm_head = m.lm_head.map(&f);
         m
+    }
+
+    /// Folds every adapter into its base weight and drops it (PEFT's `merge_and_unload`); DoRA
+    /// layers become `(m/‖W + s·B·A‖)·(W + s·B·A)`.
+    pub fn merge_adapters(self) -> Self {
+        self.map_linears(Linear::merge)
+    }
+
+    /// Folds every adapter into its base weight but keeps it (PEFT's `merge_adapter`), so
+    /// [`CausalLm::unmerge_adapters`] can restore the base.
+    pub fn merge_adapters_in_place(self) -> Self {
+        self.map_linears(Linear::merge_in_place)
+    }
+
+    /// Undoes [`CausalLm::merge_adapters_in_place`] (PEFT's `unmerge_adapter`).
+    pub fn unmerge_adapters(self) -> Self {
+        self.map_linears(Linear::unmerge)
+    }
+
+    /// Sets every DoRA magnitude to the row norms of its (new) base weight, as PEFT initialises
+    /// them; loaders call it after reading base weights.
+    pub fn init_dora_magnitudes(self) -> Self {
+        self.map_linears(Linear::init_dora_magnitude)
     }
 
     /// Replaces the embedding weight (used by loaders); keeps the parameter id.

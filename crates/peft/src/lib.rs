@@ -17,6 +17,7 @@
 #![warn(missing_docs)]
 
 mod config;
+mod dora;
 mod error;
 mod init;
 mod io;
@@ -25,5 +26,5 @@ mod linear;
 pub use config::{layer_index, LoraInit, LoraPlan, LoraSpec, Method, PeftConfig, TargetModules};
 pub use error::{Error, Result};
 pub use init::InitRng;
-pub use io::adapter_config_json;
+pub use io::{adapter_config_json, parse_adapter_config, read_adapter_config};
 pub use linear::{Linear, LoraAdapter};

@@ -4,9 +4,9 @@ use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::{backend::Backend, Tensor};
 
-use crate::init::InitRng;
-
 use crate::config::{LoraInit, LoraSpec};
+use crate::dora;
+use crate::init::InitRng;
 
 /// A LoRA adapter: `ΔW = scale · B · A` (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models").
 ///
@@ -17,6 +17,8 @@ pub struct LoraAdapter<B: Backend> {
     pub lora_a: Param<Tensor<B, 2>>,
     /// The up projection B, `[out, r]`.
     pub lora_b: Param<Tensor<B, 2>>,
+    /// DoRA's magnitude vector `[out]` (Liu et al. 2024), `None` for plain LoRA.
+    pub magnitude: Option<Param<Tensor<B, 1>>>,
     /// Dropout on the adapter's input.
     pub dropout: Dropout,
     /// The scale applied to the side path: alpha / r (or alpha / √r for rsLoRA).
@@ -46,6 +48,10 @@ impl<B: Backend> LoraAdapter<B> {
         LoraAdapter {
             lora_a: Param::from_tensor(a),
             lora_b: Param::from_tensor(b),
+            // Placeholder: `Linear::with_lora` sets it to the row norms of the base weight.
+            magnitude: spec
+                .dora
+                .then(|| Param::from_tensor(Tensor::ones([d_out], device))),
             dropout: DropoutConfig::new(spec.dropout).init(),
             scale: spec.scale,
             alpha: spec.alpha,
@@ -60,7 +66,11 @@ impl<B: Backend> LoraAdapter<B> {
     /// The side path `scale · dropout(x) · Aᵀ · Bᵀ` for `x: [n, in]`, giving `[n, out]`.
     /// Two thin matmuls; the dense `B·A` is never formed.
     pub fn side(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        let x = self.dropout.forward(x);
+        self.project(self.dropout.forward(x))
+    }
+
+    /// `scale · x · Aᵀ · Bᵀ` without dropout.
+    pub(crate) fn project(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         x.matmul(self.lora_a.val().transpose())
             .matmul(self.lora_b.val().transpose())
             .mul_scalar(self.scale)
@@ -76,7 +86,7 @@ impl<B: Backend> LoraAdapter<B> {
 }
 
 /// A linear layer `y = x·Wᵀ + b` with the weight in Hugging Face layout `[out, in]`
-/// and an optional LoRA adapter on the side path.
+/// and an optional LoRA / DoRA adapter on the side path.
 #[derive(Module, Debug)]
 pub struct Linear<B: Backend> {
     /// The weight, `[out, in]` (Hugging Face / PyTorch layout, not burn's `[in, out]`).
@@ -85,6 +95,11 @@ pub struct Linear<B: Backend> {
     pub bias: Option<Param<Tensor<B, 1>>>,
     /// The adapter, if this layer is targeted.
     pub lora: Option<LoraAdapter<B>>,
+    /// Whether the adapter is currently folded into `weight` ([`Linear::merge_in_place`]); the side
+    /// path is then skipped until [`Linear::unmerge`].
+    pub merged: bool,
+    /// DoRA only: the detached row norms `‖W + s·B·A‖` used by the merge, kept to unmerge exactly.
+    pub merged_norm: Vec<f32>,
 }
 
 impl<B: Backend> Linear<B> {
@@ -98,18 +113,42 @@ impl<B: Backend> Linear<B> {
         device: &B::Device,
     ) -> Self {
         let w = rng.normal([d_out, d_in], 0.0, std, device);
+        Linear::from_weight(w, bias.then(|| Tensor::zeros([d_out], device)))
+    }
+
+    /// A plain layer from a `[out, in]` weight and an optional `[out]` bias (both trainable).
+    pub fn from_weight(weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Self {
         Linear {
-            weight: Param::from_tensor(w),
-            bias: bias.then(|| Param::from_tensor(Tensor::zeros([d_out], device))),
+            weight: Param::from_tensor(weight),
+            bias: bias.map(Param::from_tensor),
             lora: None,
+            merged: false,
+            merged_norm: Vec::new(),
         }
     }
 
-    /// Attaches a fresh adapter (replacing any existing one).
+    /// Attaches a fresh adapter (replacing any existing one). A DoRA adapter's magnitude starts
+    /// as the row norms of the weight, as PEFT initialises it.
     pub fn with_lora(mut self, spec: &LoraSpec, rng: &mut InitRng) -> Self {
         let [d_out, d_in] = self.weight.dims();
         let device = self.weight.device();
         self.lora = Some(LoraAdapter::new(spec, d_in, d_out, rng, &device));
+        self.merged = false;
+        self.merged_norm.clear();
+        self.init_dora_magnitude()
+    }
+
+    /// Resets a DoRA magnitude to `‖W + s·B·A‖` per output row (a no-op for LoRA or no adapter).
+    /// Call it after replacing the base weight of a fresh DoRA adapter.
+    pub fn init_dora_magnitude(mut self) -> Self {
+        let w = self.weight.val();
+        if let Some(lora) = self.lora.as_mut() {
+            if let Some(m) = lora.magnitude.take() {
+                let norm = dora::weight_norm(w, lora);
+                let grad = m.is_require_grad();
+                lora.magnitude = Some(Param::initialized(m.id, norm).set_require_grad(grad));
+            }
+        }
         self
     }
 
@@ -124,29 +163,118 @@ impl<B: Backend> Linear<B> {
     }
 
     /// Applies the layer to `x: [.., in]`, giving `[.., out]`.
+    ///
+    /// LoRA: `y = W·x + b + s·B·A·x`. DoRA, as PEFT computes it:
+    /// `y = W·x + b + (m/n − 1)·W·x' + (m/n)·s·B·A·x'` with `x' = dropout(x)` and
+    /// `n = ‖W + s·B·A‖` per output row, detached (DoRA paper §4.3). The dense `W + s·B·A` is only
+    /// formed for DoRA's norm, outside the autodiff graph.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let dims = x.dims();
         let d_in = dims[D - 1];
         let n = dims[..D - 1].iter().product::<usize>();
         let x2: Tensor<B, 2> = x.reshape([n, d_in]);
-        let mut y = x2.clone().matmul(self.weight.val().transpose());
+        let w = self.weight.val();
+        let mut y = x2.clone().matmul(w.clone().transpose());
+        match &self.lora {
+            Some(lora) if !self.merged => match &lora.magnitude {
+                None => y = y + lora.side(x2),
+                Some(m) => {
+                    let scale: Tensor<B, 2> =
+                        (m.val() / dora::weight_norm(w.clone(), lora)).unsqueeze_dim(0);
+                    let xd = lora.dropout.forward(x2);
+                    let wx = if lora.dropout.prob == 0.0 {
+                        y.clone()
+                    } else {
+                        xd.clone().matmul(w.transpose())
+                    };
+                    y = y + wx * scale.clone().sub_scalar(1.0) + lora.project(xd) * scale;
+                }
+            },
+            _ => {}
+        }
         if let Some(b) = &self.bias {
             y = y + b.val().unsqueeze_dim(0);
-        }
-        if let Some(lora) = &self.lora {
-            y = y + lora.side(x2);
         }
         let mut out = dims;
         out[D - 1] = self.d_out();
         y.reshape(out)
     }
 
-    /// Folds the adapter into the base weight (`W ← W + scale·B·A`) and drops it.
-    pub fn merge(mut self) -> Self {
-        if let Some(lora) = self.lora.take() {
-            let w = self.weight.val() + lora.delta();
-            self.weight = Param::initialized(self.weight.id, w);
+    /// The merged weight: `W + s·B·A` (LoRA) or `(m/n)·(W + s·B·A)` (DoRA), with DoRA's norms.
+    fn merged_weight(&self, lora: &LoraAdapter<B>) -> (Tensor<B, 2>, Option<Tensor<B, 1>>) {
+        let w = self.weight.val();
+        let sum = w.clone() + lora.delta();
+        match &lora.magnitude {
+            None => (sum, None),
+            Some(m) => {
+                let norm = dora::weight_norm(w, lora);
+                let factor: Tensor<B, 2> = (m.val() / norm.clone()).unsqueeze_dim(1);
+                (sum * factor, Some(norm))
+            }
         }
+    }
+
+    fn set_weight(&mut self, w: Tensor<B, 2>) {
+        let grad = self.weight.is_require_grad();
+        self.weight = Param::initialized(self.weight.id, w).set_require_grad(grad);
+    }
+
+    /// Folds the adapter into the base weight and drops it (PEFT's `merge_and_unload`).
+    pub fn merge(self) -> Self {
+        let mut l = self.merge_in_place();
+        l.lora = None;
+        l.merged = false;
+        l.merged_norm.clear();
+        l
+    }
+
+    /// Folds the adapter into the base weight but keeps it, so [`Linear::unmerge`] can restore
+    /// the base (PEFT's `merge_adapter`). The forward then uses the merged weight alone.
+    pub fn merge_in_place(mut self) -> Self {
+        if self.merged {
+            return self;
+        }
+        let Some(lora) = self.lora.take() else {
+            return self;
+        };
+        let (w, norm) = self.merged_weight(&lora);
+        self.set_weight(w.detach());
+        self.merged_norm = norm
+            .map(|n| {
+                n.into_data()
+                    .convert::<f32>()
+                    .to_vec::<f32>()
+                    .unwrap_or_default()
+            })
+            .unwrap_or_default();
+        self.lora = Some(lora);
+        self.merged = true;
+        self
+    }
+
+    /// Undoes [`Linear::merge_in_place`]: `W ← W − s·B·A` (LoRA) or `W ← W·(n/m) − s·B·A` (DoRA).
+    /// A no-op when not merged.
+    pub fn unmerge(mut self) -> Self {
+        if !self.merged {
+            return self;
+        }
+        let Some(lora) = self.lora.take() else {
+            return self;
+        };
+        let mut w = self.weight.val();
+        if let Some(m) = &lora.magnitude {
+            let device = w.device();
+            let n = self.merged_norm.len();
+            let norm = Tensor::<B, 1>::from_data(
+                burn::tensor::TensorData::new(std::mem::take(&mut self.merged_norm), [n]),
+                &device,
+            );
+            let factor: Tensor<B, 2> = (norm / m.val()).unsqueeze_dim(1);
+            w = w * factor;
+        }
+        self.set_weight((w - lora.delta()).detach());
+        self.lora = Some(lora);
+        self.merged = false;
         self
     }
 }

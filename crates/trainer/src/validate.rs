@@ -94,12 +94,6 @@ pub fn validate(cfg: &RunConfig, out: &mut Vec<(String, String)>) {
             "\"qlora\" is not available in this version; use \"lora\" or \"none\"".into(),
         );
     }
-    if cfg.peft.use_dora {
-        bad(
-            "peft.use_dora",
-            "DoRA is not available in this version".into(),
-        );
-    }
     if cfg.checkpoint.keep_last == 0 {
         bad("checkpoint.keep_last", "must be >= 1, got 0".into());
     }

@@ -40,7 +40,7 @@ pub fn load_pretrained_with<B: Backend>(
     let arch = read_arch(dir)?;
     let files = WeightFiles::open(dir)?;
     let model = CausalLm::new(&arch, plan, rng, device);
-    let model = load_weights(model, &files)?;
+    let model = load_weights(model, &files)?.init_dora_magnitudes();
     Ok((arch, model))
 }
 

@@ -1,12 +1,14 @@
 //! Hugging Face model folders: `config.json` + safetensors in, the same out.
 
+mod adapter;
 mod config;
 mod io;
 mod weights;
 
+pub use adapter::{load_adapter, load_pretrained_with_adapter};
 pub use config::{parse_config, to_config_json};
 pub use io::{
-    load_pretrained, load_pretrained_with, load_weights, read_arch, save_adapter, save_pretrained,
-    state_dict, write_safetensors,
+    load_pretrained, load_pretrained_with, load_weights, peft_key, read_arch, save_adapter,
+    save_pretrained, state_dict, write_safetensors,
 };
 pub use weights::{HostTensor, WeightFiles};

@@ -91,6 +91,18 @@ impl WeightFiles {
                 "no model.safetensors or model.safetensors.index.json",
             ));
         };
+        Self::from_paths(names)
+    }
+
+    /// Opens one safetensors file (e.g. `adapter_model.safetensors`).
+    ///
+    /// # Errors
+    /// The file is missing or its header is corrupt.
+    pub fn open_file(path: &Path) -> Result<Self> {
+        Self::from_paths(vec![path.to_path_buf()])
+    }
+
+    fn from_paths(names: Vec<PathBuf>) -> Result<Self> {
         let mut files = Vec::new();
         let mut index = HashMap::new();
         for path in names {
