@@ -12,6 +12,7 @@ mod env_cmd;
 mod eval_cmd;
 mod generate_cmd;
 mod launch_cmd;
+mod merge_cmd;
 
 /// Distributed fine-tuning of Llama-family models (full, LoRA) on CPU or CUDA.
 #[derive(Debug, Parser)]
@@ -48,6 +49,8 @@ enum Command {
     Bench(bench_cmd::BenchArgs),
     /// Run `train` in N processes per node (data parallel), torchrun-style.
     Launch(launch_cmd::LaunchArgs),
+    /// Fold a PEFT adapter into its base model and write a plain Hugging Face folder.
+    Merge(merge_cmd::MergeArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -90,6 +93,7 @@ fn main() -> ExitCode {
             env_cmd::print();
             ExitCode::SUCCESS
         }
+        Command::Merge(args) => merge_cmd::run(&args),
         Command::Train(job) => {
             let cfg = match load(&job) {
                 Ok(c) => c,

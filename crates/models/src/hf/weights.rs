@@ -122,6 +122,13 @@ impl WeightFiles {
         self.index.contains_key(name)
     }
 
+    /// The shape of a tensor, if it exists and its file header is readable.
+    pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        let (_, mmap) = &self.files[*self.index.get(name)?];
+        let st = SafeTensors::deserialize(mmap).ok()?;
+        st.tensor(name).ok().map(|v| v.shape().to_vec())
+    }
+
     /// All tensor names.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.index.keys().map(String::as_str)
