@@ -36,7 +36,6 @@ pub fn adapter_config_json(cfg: &PeftConfig, base_model: &str) -> Value {
         "bias": "none",
         "inference_mode": true,
         "revision": Value::Null,
-        "library_name": "bellows",
     })
 }
 
