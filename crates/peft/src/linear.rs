@@ -283,6 +283,7 @@ impl<B: Backend> Linear<B> {
 mod tests {
     use super::*;
     use burn::backend::Flex;
+    use burn::tensor::Tolerance;
 
     type B = Flex;
 
@@ -323,6 +324,82 @@ mod tests {
         assert!(merged.lora.is_none());
         let y2 = merged.forward(x);
         y.into_data()
-            .assert_approx_eq::<f32>(&y2.into_data(), burn::tensor::Tolerance::absolute(1e-5));
+            .assert_approx_eq::<f32>(&y2.into_data(), Tolerance::absolute(1e-5));
+    }
+
+    fn dora_layer(rng: &mut InitRng) -> Linear<B> {
+        let dev = Default::default();
+        let mut s = spec(LoraInit::Gaussian);
+        s.dora = true;
+        let mut l = Linear::<B>::new(6, 5, true, 0.5, rng, &dev).with_lora(&s, rng);
+        let lora = l.lora.as_mut().expect("attached");
+        lora.lora_b = Param::from_tensor(rng.normal([5, 4], 0.0, 1.0, &dev));
+        let m = lora.magnitude.take().expect("dora").val();
+        lora.magnitude = Some(Param::from_tensor(m.mul_scalar(1.3)));
+        l
+    }
+
+    #[test]
+    fn fresh_dora_adapter_starts_at_the_row_norms_and_is_a_no_op() {
+        let dev = Default::default();
+        let mut rng = InitRng::new(3);
+        let mut s = spec(LoraInit::Default);
+        s.dora = true;
+        let plain = Linear::<B>::new(6, 5, false, 0.5, &mut rng, &dev);
+        let x = rng.normal::<B, 2>([3, 6], 0.0, 1.0, &dev);
+        let before = plain.forward(x.clone());
+        let norms = plain
+            .weight
+            .val()
+            .powf_scalar(2.0)
+            .sum_dim(1)
+            .sqrt()
+            .reshape([5]);
+        let adapted = plain.with_lora(&s, &mut rng);
+        let m = adapted
+            .lora
+            .as_ref()
+            .and_then(|l| l.magnitude.as_ref())
+            .expect("dora");
+        m.val()
+            .into_data()
+            .assert_approx_eq::<f32>(&norms.into_data(), Tolerance::absolute(1e-6));
+        adapted
+            .forward(x)
+            .into_data()
+            .assert_approx_eq::<f32>(&before.into_data(), Tolerance::absolute(1e-5));
+    }
+
+    #[test]
+    fn dora_merge_keeps_outputs_and_unmerge_restores_the_weight() {
+        let dev = Default::default();
+        let mut rng = InitRng::new(4);
+        let l = dora_layer(&mut rng);
+        let w0 = l.weight.val().into_data();
+        let x = rng.normal::<B, 2>([3, 6], 0.0, 1.0, &dev);
+        let y = l.forward(x.clone()).into_data();
+        let merged = l.merge_in_place();
+        assert!(merged.merged);
+        merged
+            .forward(x.clone())
+            .into_data()
+            .assert_approx_eq::<f32>(&y, Tolerance::absolute(1e-5));
+        let restored = merged.unmerge();
+        assert!(!restored.merged);
+        restored
+            .weight
+            .val()
+            .into_data()
+            .assert_approx_eq::<f32>(&w0, Tolerance::absolute(1e-6));
+        restored
+            .forward(x.clone())
+            .into_data()
+            .assert_approx_eq::<f32>(&y, Tolerance::absolute(1e-5));
+        let unloaded = restored.merge();
+        assert!(unloaded.lora.is_none());
+        unloaded
+            .forward(x)
+            .into_data()
+            .assert_approx_eq::<f32>(&y, Tolerance::absolute(1e-5));
     }
 }
