@@ -133,3 +133,15 @@ fn lora_adapter_trained_by_bellows_reloads_to_the_trained_model() {
 fn dora_rslora_all_linear_adapter_trained_by_bellows_reloads() {
     round_trip("use_dora = true\nuse_rslora = true\ntarget_modules = \"all-linear\"");
 }
+
+#[test]
+fn modules_to_save_lm_head_is_saved_as_peft_does_and_reloads() {
+    round_trip("modules_to_save = [\"lm_head\"]");
+    let dir = tempfile::tempdir().expect("tempdir");
+    train(&job(dir.path(), "modules_to_save = [\"lm_head\"]")).expect("train");
+    let files = bellows_models::hf::WeightFiles::open_file(
+        &dir.path().join("adapter/adapter_model.safetensors"),
+    )
+    .expect("adapter file");
+    assert!(files.contains("base_model.model.lm_head.weight"));
+}

@@ -350,9 +350,13 @@ impl LoraPlan {
         Some(spec)
     }
 
-    /// Whether the module at `path` is trained in full next to the adapters (`modules_to_save`).
+    /// Whether the module at `path` (or the module owning the parameter at `path`, such as
+    /// `lm_head.weight`) is trained in full next to the adapters (`modules_to_save`).
     pub fn is_module_to_save(&self, path: &str) -> bool {
-        self.modules_to_save.iter().any(|n| name_matches(path, n))
+        let owner = path.rsplit_once('.').map(|(m, _)| m);
+        self.modules_to_save
+            .iter()
+            .any(|n| name_matches(path, n) || owner.is_some_and(|m| name_matches(m, n)))
     }
 }
 
@@ -443,6 +447,14 @@ mod tests {
                 "peft.target_modules"
             ]
         );
+    }
+
+    #[test]
+    fn modules_to_save_match_modules_and_their_parameters() {
+        let p = lora(|c| c.modules_to_save = vec!["lm_head".into()]);
+        assert!(p.is_module_to_save("lm_head"));
+        assert!(p.is_module_to_save("lm_head.weight"));
+        assert!(!p.is_module_to_save("model.embed_tokens.weight"));
     }
 
     #[test]

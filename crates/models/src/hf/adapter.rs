@@ -34,7 +34,8 @@ pub fn load_pretrained_with_adapter<B: Backend>(
 }
 
 /// Replaces every adapter tensor of `model` with the one in `<dir>/adapter_model.safetensors`
-/// (PEFT keys, see [`peft_key`]). The model must already have adapters of the adapter's layout
+/// (PEFT keys, see [`peft_key`]), and every base parameter the file has a `modules_to_save` copy of
+/// (`base_model.model.<param path>`). The model must already have adapters of the adapter's layout
 /// (build it with the plan of [`bellows_peft::read_adapter_config`]); ids and trainability are kept.
 ///
 /// # Errors
@@ -57,10 +58,19 @@ pub fn load_adapter<B: Backend>(model: CausalLm<B>, dir: &Path) -> Result<Causal
         }
         fn map_float<const D: usize>(&mut self, p: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
             let path = self.stack.join(".");
-            if self.err.is_some() || !is_adapter_path(&path) {
+            if self.err.is_some() {
                 return p;
             }
-            let key = peft_key(&path);
+            let key = if is_adapter_path(&path) {
+                peft_key(&path)
+            } else {
+                // A `modules_to_save` copy replaces the base parameter, when the file has one.
+                let key = format!("base_model.model.{path}");
+                if !self.files.contains(&key) {
+                    return p;
+                }
+                key
+            };
             let shape = p.lazy_shape().dims::<D>().to_vec();
             match self.files.read_f32(&key, &shape) {
                 Ok(h) => {

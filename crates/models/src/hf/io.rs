@@ -244,7 +244,8 @@ pub fn peft_key(path: &str) -> String {
     format!("base_model.model.{module}.{suffix}")
 }
 
-/// Saves the adapters of `model` in PEFT's format: `adapter_config.json` + `adapter_model.safetensors`.
+/// Saves the adapters of `model` in PEFT's format: `adapter_config.json` + `adapter_model.safetensors`,
+/// including the full copies of `cfg.modules_to_save` (key `base_model.model.<param path>`, as PEFT).
 ///
 /// # Errors
 /// The files cannot be written.
@@ -254,9 +255,16 @@ pub fn save_adapter<B: Backend>(
     base: &str,
     dir: &Path,
 ) -> Result<()> {
+    let plan = cfg.plan()?;
+    // `modules_to_save` copies go in as PEFT writes them: `base_model.model.<param path>`.
+    let saved = state_dict(model, false)
+        .into_iter()
+        .filter(|(p, _, _)| plan.is_module_to_save(p))
+        .map(|(p, s, v)| (format!("base_model.model.{p}"), s, v));
     let tensors: Vec<_> = state_dict(model, true)
         .into_iter()
         .map(|(p, s, v)| (peft_key(&p), s, v))
+        .chain(saved)
         .collect();
     write_safetensors(&dir.join("adapter_model.safetensors"), &tensors)?;
     let json = serde_json::to_string_pretty(&bellows_peft::adapter_config_json(cfg, base))
