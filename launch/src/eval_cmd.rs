@@ -13,6 +13,9 @@ pub struct EvalArgs {
     /// A Hugging Face model folder.
     #[arg(long)]
     model: PathBuf,
+    /// A PEFT adapter folder applied on top of the model.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// A Parquet / Arrow IPC / JSONL file with an `input_ids` column (and optional `labels`).
     #[arg(long)]
     data: PathBuf,
@@ -34,7 +37,7 @@ pub fn eval(a: EvalArgs) -> ExitCode {
         max_rows: a.max_rows,
         seq_len: a.seq_len,
     };
-    match evaluate_dir(&a.model, &a.data, &opts) {
+    match evaluate_dir(&a.model, a.adapter.as_deref(), &a.data, &opts) {
         Ok(r) => {
             println!("{}", serde_json::to_string(&r).unwrap_or_default());
             ExitCode::SUCCESS

@@ -15,6 +15,9 @@ pub struct GenerateArgs {
     /// A Hugging Face model folder (with `tokenizer.json` for text prompts).
     #[arg(long)]
     model: PathBuf,
+    /// A PEFT adapter folder applied on top of the model.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// The prompt text (needs `tokenizer.json` in the model folder).
     #[arg(long, conflicts_with = "prompt_ids")]
     prompt: Option<String>,
@@ -43,7 +46,12 @@ fn fail(msg: String) -> ExitCode {
 /// Generates and prints the continuation (text, or ids for `--prompt-ids`).
 pub fn run(a: GenerateArgs) -> ExitCode {
     let device = Default::default();
-    let (arch, model) = match load_pretrained::<Flex>(&a.model, &LoraPlan::none(), &device) {
+    let loaded = match &a.adapter {
+        Some(dir) => bellows_models::load_pretrained_with_adapter::<Flex>(&a.model, dir, &device)
+            .map(|(a, _, m)| (a, m)),
+        None => load_pretrained::<Flex>(&a.model, &LoraPlan::none(), &device),
+    };
+    let (arch, model) = match loaded {
         Ok(m) => m,
         Err(e) => return fail(e.to_string()),
     };

@@ -44,8 +44,8 @@ fn list_column(rows: &[Vec<i64>]) -> ArrayRef {
     Arc::new(b.finish())
 }
 
-#[test]
-fn eval_prints_the_transformers_loss() {
+/// The golden inputs (`input_ids`, `labels`) as a Parquet file in `dir`.
+fn golden_inputs_parquet(dir: &Path) -> PathBuf {
     let inputs = golden("llama_gqa").join("inputs.safetensors");
     let (shape, ids) = read(&inputs, "input_ids");
     let (_, labels) = read(&inputs, "labels");
@@ -63,8 +63,7 @@ fn eval_prints_the_transformers_loss() {
         )
     };
     let schema = Arc::new(Schema::new(vec![list("input_ids"), list("labels")]));
-    let dir = tempfile::tempdir().expect("tempdir");
-    let data = dir.path().join("eval.parquet");
+    let data = dir.join("eval.parquet");
     let mut w = ArrowWriter::try_new(
         std::fs::File::create(&data).expect("create"),
         schema.clone(),
@@ -78,6 +77,13 @@ fn eval_prints_the_transformers_loss() {
     .expect("batch");
     w.write(&batch).expect("write");
     w.close().expect("close");
+    data
+}
+
+#[test]
+fn eval_prints_the_transformers_loss() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = golden_inputs_parquet(dir.path());
 
     let out = Command::new(env!("CARGO_BIN_EXE_bellows"))
         .args(["eval", "--model"])
@@ -189,4 +195,35 @@ fn generate_without_a_tokenizer_says_so() {
         err.contains("tokenizer.json") && err.contains("--prompt-ids"),
         "{err}"
     );
+}
+
+#[test]
+fn eval_with_an_adapter_prints_the_peft_loss() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = golden_inputs_parquet(dir.path());
+    for case in ["lora", "dora"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_bellows"))
+            .args(["eval", "--model"])
+            .arg(golden("llama_gqa"))
+            .arg("--adapter")
+            .arg(golden(case).join("adapter"))
+            .arg("--data")
+            .arg(&data)
+            .args(["--seq-len", "16"])
+            .output()
+            .expect("run");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        let (_, expected) = read(&golden(case).join("expected.safetensors"), "loss");
+        let loss = v["loss"].as_f64().expect("loss");
+        assert!(
+            (loss - expected[0]).abs() <= 1e-5 * expected[0].abs(),
+            "{case}: {loss} vs PEFT {}",
+            expected[0]
+        );
+    }
 }
