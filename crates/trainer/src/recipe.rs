@@ -139,6 +139,10 @@ pub fn evaluate<B: AutodiffBackend>(
 /// Trains on `device` with backend `B` as `cfg` says. The recipe: build → sync → loop
 /// (accumulate micro-batches, token-exact loss, all-reduce, clip, step, log, evaluate) → save.
 ///
+/// While it runs, SIGTERM and SIGINT are caught: the first finishes the current step, writes a
+/// checkpoint and returns the report with `stopped_by` set; a second exits the process at once.
+/// `checkpoint.resume` picks up an earlier run (see the `checkpoint` module).
+///
 /// # Errors
 /// Any failure of model, data, collectives or outputs.
 pub fn train_on<B: AutodiffBackend>(

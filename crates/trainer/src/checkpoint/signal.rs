@@ -17,6 +17,7 @@ use crate::{Error, Result};
 pub struct StopSignal {
     flag: Arc<AtomicBool>,
     which: Arc<AtomicUsize>,
+    released: Arc<AtomicBool>,
     ids: Vec<SigId>,
 }
 
@@ -28,10 +29,15 @@ impl StopSignal {
     pub fn install() -> Result<Self> {
         let flag = Arc::new(AtomicBool::new(false));
         let which = Arc::new(AtomicUsize::new(0));
+        let released = Arc::new(AtomicBool::new(false));
         let mut ids = Vec::new();
         for sig in [SIGTERM, SIGINT] {
             let err =
                 |e: std::io::Error| Error::Internal(format!("cannot watch signal {sig}: {e}"));
+            // Kept for the life of the process: once this watcher is dropped, the signal's default
+            // action (terminate) applies again, as signal-hook does not restore it on unregister.
+            signal_hook::flag::register_conditional_default(sig, Arc::clone(&released))
+                .map_err(err)?;
             // Order matters: the exit check runs before the flag is set, so only a second signal exits.
             ids.push(
                 signal_hook::flag::register_conditional_shutdown(sig, 128 + sig, Arc::clone(&flag))
@@ -43,7 +49,12 @@ impl StopSignal {
                     .map_err(err)?,
             );
         }
-        Ok(StopSignal { flag, which, ids })
+        Ok(StopSignal {
+            flag,
+            which,
+            released,
+            ids,
+        })
     }
 
     /// The name of the signal received, if one was.
@@ -60,6 +71,7 @@ impl StopSignal {
 
 impl Drop for StopSignal {
     fn drop(&mut self) {
+        self.released.store(true, Ordering::SeqCst);
         for id in self.ids.drain(..) {
             signal_hook::low_level::unregister(id);
         }
