@@ -40,6 +40,30 @@ pub enum Error {
         /// Why it cannot be used.
         message: String,
     },
+    /// A checkpoint could not be written.
+    #[error("cannot write checkpoint file {path}: {message}")]
+    CheckpointWrite {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// A checkpoint file is damaged: missing, truncated, altered or not what it should be.
+    #[error("checkpoint file {file}: {message}")]
+    CheckpointCorrupt {
+        /// The file.
+        file: PathBuf,
+        /// What is wrong, e.g. the expected and found hash.
+        message: String,
+    },
+    /// A checkpoint is intact but belongs to another job or topology.
+    #[error("cannot resume from {dir}: {message}")]
+    CheckpointMismatch {
+        /// The checkpoint folder.
+        dir: PathBuf,
+        /// What differs.
+        message: String,
+    },
     /// A broken internal invariant (a bug); the message says which.
     #[error("internal error: {0}")]
     Internal(String),

@@ -14,6 +14,7 @@
 
 mod accelerator;
 mod bench;
+pub mod checkpoint;
 pub mod config;
 mod device;
 mod error;

@@ -13,6 +13,10 @@ use bellows_data::{Batch, LoaderSpec, Prefetcher, Split, TokenLoader};
 use bellows_models::{causal_lm_loss_sum, CausalLm, ForwardInput, ModelArch};
 use bellows_peft::LoraPlan;
 
+use crate::checkpoint::{
+    load_checkpoint, resolve_resume, save_checkpoint, truncate_metrics, write_model_card,
+    CheckpointCtx, StopSignal, TrainProgress,
+};
 use crate::config::RunConfig;
 use crate::metrics::{MetricsSink, StepMetrics};
 use crate::progress::Progress;
@@ -31,8 +35,10 @@ pub struct TrainReport {
     pub eval_loss: Option<f64>,
     /// Loss-counted training tokens (all ranks).
     pub tokens: u64,
-    /// Every step's loss, in order.
+    /// Every step's loss, in order (including steps before a resume).
     pub losses: Vec<f64>,
+    /// The signal that stopped the run early (after a checkpoint), if one did.
+    pub stopped_by: Option<String>,
 }
 
 /// Builds the model the config asks for: a Hugging Face folder or a random init, with adapters
@@ -133,6 +139,10 @@ pub fn evaluate<B: AutodiffBackend>(
 /// Trains on `device` with backend `B` as `cfg` says. The recipe: build → sync → loop
 /// (accumulate micro-batches, token-exact loss, all-reduce, clip, step, log, evaluate) → save.
 ///
+/// While it runs, SIGTERM and SIGINT are caught: the first finishes the current step, writes a
+/// checkpoint and returns the report with `stopped_by` set; a second exits the process at once.
+/// `checkpoint.resume` picks up an earlier run (see the `checkpoint` module).
+///
 /// # Errors
 /// Any failure of model, data, collectives or outputs.
 pub fn train_on<B: AutodiffBackend>(
@@ -141,6 +151,7 @@ pub fn train_on<B: AutodiffBackend>(
     device: &B::Device,
 ) -> Result<TrainReport> {
     B::seed(device, cfg.run.seed);
+    let stop = StopSignal::install()?;
     let plan = cfg.peft.plan()?;
     let (arch, model) = build_model::<B>(cfg, &plan, device)?;
     let mut model = acc.broadcast_params(model)?;
@@ -163,29 +174,62 @@ pub fn train_on<B: AutodiffBackend>(
         seed: cfg.run.seed,
         vocab_size: arch.vocab_size,
     };
-    let mut loader = Prefetcher::new(TokenLoader::new(&cfg.data, spec)?, 4);
+    let ctx = CheckpointCtx {
+        cfg,
+        acc,
+        arch: &arch,
+        plan: &plan,
+    };
+    let (start, mut report, loader) = match resolve_resume(cfg)? {
+        Some(dir) => {
+            let t0 = Instant::now();
+            let r = load_checkpoint(ctx, &dir, model, optim)?;
+            (model, optim) = (r.model, r.optim);
+            let p = r.progress;
+            let loader = TokenLoader::resume(&cfg.data, spec, &p.loader)?;
+            if acc.is_main() {
+                truncate_metrics(out, p.step)?;
+                eprintln!(
+                    "resumed from {} at step {} in {:.3}s",
+                    dir.display(),
+                    p.step,
+                    t0.elapsed().as_secs_f64()
+                );
+            }
+            (p.step, report_from(p.step, p.tokens, p.losses), loader)
+        }
+        None => {
+            if acc.is_main() {
+                // A run from step 0 starts a new log (e.g. after a run killed before its first
+                // checkpoint), so every step appears once.
+                truncate_metrics(out, 0)?;
+            }
+            (
+                0,
+                report_from(0, 0, Vec::new()),
+                TokenLoader::new(&cfg.data, spec)?,
+            )
+        }
+    };
+    let mut loader = Prefetcher::new(loader, 4);
+    let mut last_save = Instant::now();
     let mut sink = if acc.is_main() {
         Some(MetricsSink::open(out, cfg.logging.tensorboard)?)
     } else {
         None
     };
     let total = cfg.run.max_steps;
-    let progress = Progress::new(cfg.logging.progress, total, 0, acc.is_main());
-    let mut report = TrainReport {
-        steps: 0,
-        first_loss: f64::NAN,
-        final_loss: f64::NAN,
-        eval_loss: None,
-        tokens: 0,
-        losses: Vec::new(),
-    };
+    let progress = Progress::new(cfg.logging.progress, total, start, acc.is_main());
     let mut window = (Instant::now(), 0u64);
-    for step in 1..=total {
+    for step in start + 1..=total {
+        // Dropout masks become a function of (seed, step, rank), so a resumed run draws the same ones.
+        B::seed(device, step_seed(cfg.run.seed, step, acc.rank()));
         let lr = schedule::lr_at(o, step, total);
         let mut batches = Vec::with_capacity(o.grad_accum_steps);
         for _ in 0..o.grad_accum_steps {
             batches.push(loader.next_batch()?.ok_or(Error::NoData)?);
         }
+        let last_state = batches.last().map(|b| b.state_after.clone());
         let local_tokens: usize = batches.iter().map(Batch::label_tokens).sum();
         let global_tokens = acc.sum(&[local_tokens as f64])?[0];
         let denom = global_tokens.max(1.0);
@@ -205,7 +249,18 @@ pub fn train_on<B: AutodiffBackend>(
             g
         };
         model = optim.step(lr, model, g);
-        let loss = acc.sum(&[loss_sum])?[0] / denom;
+        // Stop requests and the time-based interval ride on this all-reduce so every rank agrees.
+        let signal = stop.received();
+        let secs_due = acc.is_main()
+            && cfg.checkpoint.every_secs > 0
+            && last_save.elapsed().as_secs() >= cfg.checkpoint.every_secs;
+        let reduced = acc.sum(&[
+            loss_sum,
+            f64::from(u8::from(signal.is_some())),
+            f64::from(u8::from(secs_due)),
+        ])?;
+        let loss = reduced[0] / denom;
+        let (stop_now, secs_due) = (reduced[1] > 0.0, reduced[2] > 0.0);
         report.steps = step;
         report.tokens += global_tokens as u64;
         report.losses.push(loss);
@@ -241,10 +296,37 @@ pub fn train_on<B: AutodiffBackend>(
             }
             window = (Instant::now(), 0);
         }
+        let steps_due = cfg.checkpoint.every_steps > 0 && step % cfg.checkpoint.every_steps == 0;
+        if steps_due || secs_due || stop_now {
+            let p = TrainProgress {
+                step,
+                tokens: report.tokens,
+                losses: report.losses.clone(),
+                loader: last_state.clone().ok_or(Error::NoData)?,
+            };
+            let dir = save_checkpoint(ctx, &model, &optim, &p)?;
+            last_save = Instant::now();
+            if stop_now {
+                let name = signal.unwrap_or("a stop signal on another rank");
+                if acc.is_main() {
+                    eprintln!(
+                        "received {name}: saved {} after step {step}; rerun with checkpoint.resume = \"latest\" to continue",
+                        dir.display()
+                    );
+                }
+                report.stopped_by = Some(name.to_string());
+                break;
+            }
+        }
     }
     progress.finish();
+    if report.stopped_by.is_some() {
+        acc.barrier()?;
+        return Ok(report);
+    }
     if acc.is_main() {
         save_final(&model, &arch, &plan, cfg, out)?;
+        write_model_card(cfg, &report)?;
     }
     acc.barrier()?;
     Ok(report)
@@ -275,4 +357,25 @@ pub fn save_final<B: AutodiffBackend>(
         bellows_models::save_pretrained(&inner, arch, &out.join("model"))?;
     }
     Ok(())
+}
+
+/// The backend seed for optimizer step `step` on rank `rank`: a SplitMix64 mix of the three.
+fn step_seed(seed: u64, step: u64, rank: usize) -> u64 {
+    let mut z = seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (rank as u64).rotate_left(32);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// A report of `steps` completed steps.
+fn report_from(steps: u64, tokens: u64, losses: Vec<f64>) -> TrainReport {
+    TrainReport {
+        steps,
+        first_loss: losses.first().copied().unwrap_or(f64::NAN),
+        final_loss: losses.last().copied().unwrap_or(f64::NAN),
+        eval_loss: None,
+        tokens,
+        losses,
+        stopped_by: None,
+    }
 }

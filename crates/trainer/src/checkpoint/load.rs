@@ -1,0 +1,209 @@
+//! Resuming: find the checkpoint, verify it (format, world size, config hash, every file's size
+//! and SHA-256) before reading anything from it, then restore weights, optimizer and progress.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::backend::AutodiffBackend;
+
+use bellows_models::CausalLm;
+
+use super::manifest::{
+    checkpoint_config_hash, config_diff, hashed_config, sha256_hex, Manifest, FORMAT_VERSION,
+};
+use super::params::{apply_optim, apply_params, AdamWOptim, Selection};
+use super::rotate::{checkpoints_dir, latest_checkpoint};
+use super::save::{loader_file, CheckpointCtx, TrainProgress};
+use super::tensors::read_all;
+use crate::config::{Resume, RunConfig};
+use crate::{Error, Result};
+
+/// The checkpoint `checkpoint.resume` points at: `None` for `"none"`, and for `"latest"` when no
+/// complete checkpoint exists yet (a fresh start).
+///
+/// # Errors
+/// An explicit path has no `manifest.json`, or the checkpoints folder cannot be listed.
+pub fn resolve_resume(cfg: &RunConfig) -> Result<Option<PathBuf>> {
+    match &cfg.checkpoint.resume {
+        Resume::None => Ok(None),
+        Resume::Latest => latest_checkpoint(&checkpoints_dir(&cfg.run.output_dir)),
+        Resume::Path(p) => {
+            if p.join(super::manifest::MANIFEST).is_file() {
+                Ok(Some(p.clone()))
+            } else {
+                Err(Error::CheckpointMismatch {
+                    dir: p.clone(),
+                    message: "checkpoint.resume points at a folder without manifest.json (not a complete checkpoint)".into(),
+                })
+            }
+        }
+    }
+}
+
+/// Reads `<dir>/manifest.json` and checks it against this job and the files on disk.
+///
+/// # Errors
+/// A different format, world size or config (naming the keys that differ), or a missing,
+/// truncated or altered file (naming it).
+pub fn verify_checkpoint(dir: &Path, cfg: &RunConfig, world_size: usize) -> Result<Manifest> {
+    let m = Manifest::read(dir)?;
+    let mismatch = |message: String| Error::CheckpointMismatch {
+        dir: dir.to_path_buf(),
+        message,
+    };
+    if m.format_version != FORMAT_VERSION {
+        return Err(mismatch(format!(
+            "format version {} (written by bellows {}), this bellows reads version {FORMAT_VERSION}",
+            m.format_version, m.bellows_version
+        )));
+    }
+    if m.world_size != world_size {
+        return Err(mismatch(format!(
+            "written by {} ranks, this job has {world_size} (resharding is not supported yet)",
+            m.world_size
+        )));
+    }
+    for (rel, entry) in &m.files {
+        let path = dir.join(rel);
+        let bytes = std::fs::read(&path).map_err(|e| Error::CheckpointCorrupt {
+            file: path.clone(),
+            message: format!("listed in the manifest but unreadable: {e}"),
+        })?;
+        if bytes.len() as u64 != entry.bytes {
+            return Err(Error::CheckpointCorrupt {
+                file: path,
+                message: format!(
+                    "{} bytes, the manifest says {} (truncated or overwritten)",
+                    bytes.len(),
+                    entry.bytes
+                ),
+            });
+        }
+        let found = sha256_hex(&bytes);
+        if found != entry.sha256 {
+            return Err(Error::CheckpointCorrupt {
+                file: path,
+                message: format!(
+                    "content hash mismatch: sha256 {found}, the manifest says {}",
+                    entry.sha256
+                ),
+            });
+        }
+    }
+    for f in &m.loader_files {
+        if !m.files.contains_key(f) {
+            return Err(mismatch(format!(
+                "{f} is not listed in the manifest's files"
+            )));
+        }
+    }
+    let want = checkpoint_config_hash(cfg);
+    if m.config_hash != want {
+        let saved = std::fs::read_to_string(dir.join("config.toml")).unwrap_or_default();
+        let diff = config_diff(&hashed_config(&saved), &hashed_config(&cfg.to_toml()));
+        let what = if diff.is_empty() {
+            "config.toml missing from the checkpoint".to_string()
+        } else {
+            diff.join("; ")
+        };
+        return Err(mismatch(format!(
+            "config hash {} differs from this job's {want}: {what} (keys that may change on resume: {})",
+            m.config_hash,
+            m.config_hash_excludes.join(", ")
+        )));
+    }
+    Ok(m)
+}
+
+/// Restores a verified checkpoint: overwrites the saved weights of `model` (their init does not
+/// matter), rebuilds the AdamW state by parameter path under the model's current ids, and returns
+/// the progress with this rank's loader state.
+///
+/// # Errors
+/// Verification fails (see [`verify_checkpoint`]), or a tensor is missing or mis-shaped.
+pub fn load_checkpoint<B: AutodiffBackend>(
+    ctx: CheckpointCtx<'_>,
+    dir: &Path,
+    model: CausalLm<B>,
+    optim: AdamWOptim<CausalLm<B>, B>,
+) -> Result<Restored<B>> {
+    let m = verify_checkpoint(dir, ctx.cfg, ctx.acc.world_size())?;
+    let sel = if ctx.plan.uses_adapters() {
+        Selection::Trainable
+    } else {
+        Selection::All
+    };
+    if m.weights
+        != if sel == Selection::All {
+            "full"
+        } else {
+            "trainable"
+        }
+    {
+        return Err(Error::CheckpointMismatch {
+            dir: dir.to_path_buf(),
+            message: format!("holds {} weights, this job trains {:?}", m.weights, sel),
+        });
+    }
+    let wpath = dir.join("model.safetensors");
+    let mut weights = read_all(&wpath)?;
+    let (model, mut problems) = apply_params(model, sel, &mut weights);
+    problems.extend(
+        weights
+            .keys()
+            .map(|k| format!("{k}: not a parameter of this model")),
+    );
+    check(&wpath, problems)?;
+    let opath = dir.join("optimizer.safetensors");
+    let mut moments = read_all(&opath)?;
+    let (optim, mut problems) = apply_optim(&model, optim, &mut moments);
+    problems.extend(
+        moments
+            .keys()
+            .map(|k| format!("{k}: not a parameter of this model")),
+    );
+    check(&opath, problems)?;
+    let lpath = dir.join(loader_file(ctx.acc.rank()));
+    let text = std::fs::read(&lpath).map_err(|e| Error::io(&lpath, e))?;
+    let loader = serde_json::from_slice(&text).map_err(|e| Error::CheckpointCorrupt {
+        file: lpath.clone(),
+        message: e.to_string(),
+    })?;
+    if m.losses.len() as u64 != m.step {
+        return Err(Error::CheckpointCorrupt {
+            file: dir.join(super::manifest::MANIFEST),
+            message: format!("{} losses for {} steps", m.losses.len(), m.step),
+        });
+    }
+    let progress = TrainProgress {
+        step: m.step,
+        tokens: m.tokens,
+        losses: m.losses,
+        loader,
+    };
+    Ok(Restored {
+        model,
+        optim,
+        progress,
+    })
+}
+
+/// What [`load_checkpoint`] gives back.
+pub struct Restored<B: AutodiffBackend> {
+    /// The model with the checkpoint's weights.
+    pub model: CausalLm<B>,
+    /// The optimizer with the checkpoint's state, keyed by the model's current ids.
+    pub optim: AdamWOptim<CausalLm<B>, B>,
+    /// Step, tokens, loss history and this rank's loader state.
+    pub progress: TrainProgress,
+}
+
+fn check(file: &Path, mut problems: Vec<String>) -> Result<()> {
+    if problems.is_empty() {
+        return Ok(());
+    }
+    problems.sort();
+    Err(Error::CheckpointCorrupt {
+        file: file.to_path_buf(),
+        message: format!("does not fit the model: {}", problems.join("; ")),
+    })
+}

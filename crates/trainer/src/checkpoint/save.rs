@@ -1,0 +1,194 @@
+//! Writing a checkpoint atomically: a temporary folder, every file fsynced, the manifest last,
+//! the folder fsynced, one rename, the parent fsynced. A crash or a full disk at any moment leaves
+//! either the old set of checkpoints or the old set plus the new one.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::backend::AutodiffBackend;
+
+use bellows_data::LoaderState;
+use bellows_models::{CausalLm, ModelArch};
+use bellows_peft::LoraPlan;
+
+use super::manifest::{
+    checkpoint_config_hash, sha256_hex, FileEntry, Manifest, FORMAT_VERSION, HASH_EXCLUDED,
+    MANIFEST,
+};
+use super::params::{collect_optim, collect_params, AdamWOptim, Selection};
+use super::rotate::{checkpoints_dir, remove_stale_temps, rotate};
+use super::tensors::{dtype_name, serialize};
+use crate::config::RunConfig;
+use crate::{Accelerator, Error, Result};
+
+/// What a checkpoint is taken of, besides the model and optimizer.
+#[derive(Debug, Clone, Copy)]
+pub struct CheckpointCtx<'a> {
+    /// The job.
+    pub cfg: &'a RunConfig,
+    /// Rank identity and collectives.
+    pub acc: &'a Accelerator,
+    /// The model's architecture (for the exported `config.json`).
+    pub arch: &'a ModelArch,
+    /// The adapter plan (decides adapter-only vs full weights).
+    pub plan: &'a LoraPlan,
+}
+
+/// The training progress stored in a checkpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainProgress {
+    /// Optimizer steps completed.
+    pub step: u64,
+    /// Loss-counted training tokens seen (all ranks).
+    pub tokens: u64,
+    /// The loss of every completed step, in order.
+    pub losses: Vec<f64>,
+    /// This rank's data loader state after its last consumed batch.
+    pub loader: LoaderState,
+}
+
+/// The per-rank loader state file name.
+pub(crate) fn loader_file(rank: usize) -> String {
+    format!("loader-rank-{rank}.json")
+}
+
+/// Writes `bytes` to `path` and fsyncs it.
+pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let io = |e| Error::io(path, e);
+    let mut f = std::fs::File::create(path).map_err(io)?;
+    f.write_all(bytes).map_err(io)?;
+    f.sync_all().map_err(io)
+}
+
+/// fsyncs a folder, so the names in it (new files, a rename) are durable.
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(dir, e))
+}
+
+/// Saves a checkpoint of step `progress.step` into `<output_dir>/checkpoints/checkpoint-<step>`
+/// and rotates old ones. Every rank must call it (each writes its loader state); rank 0 writes the
+/// rest. Assumes the output folder is on a file system all ranks share.
+///
+/// # Errors
+/// A file cannot be written or a collective fails.
+pub fn save_checkpoint<B: AutodiffBackend>(
+    ctx: CheckpointCtx<'_>,
+    model: &CausalLm<B>,
+    optim: &AdamWOptim<CausalLm<B>, B>,
+    progress: &TrainProgress,
+) -> Result<PathBuf> {
+    let root = checkpoints_dir(&ctx.cfg.run.output_dir);
+    let name = format!("checkpoint-{}", progress.step);
+    let dest = root.join(&name);
+    let tmp = root.join(format!(".tmp-{name}"));
+    if ctx.acc.is_main() {
+        remove_stale_temps(&root)?;
+        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    ctx.acc.barrier()?;
+    let state = serde_json::to_vec_pretty(&progress.loader)
+        .map_err(|e| Error::Internal(format!("loader state does not serialise: {e}")))?;
+    write_synced(&tmp.join(loader_file(ctx.acc.rank())), &state)?;
+    ctx.acc.barrier()?;
+    if ctx.acc.is_main() {
+        write_main_files(ctx, model, optim, progress, &tmp)?;
+        if dest.exists() {
+            std::fs::remove_dir_all(&dest).map_err(|e| Error::io(&dest, e))?;
+        }
+        std::fs::rename(&tmp, &dest).map_err(|e| Error::io(&dest, e))?;
+        sync_dir(&root)?;
+        rotate(&root, ctx.cfg.checkpoint.keep_last)?;
+    }
+    ctx.acc.barrier()?;
+    Ok(dest)
+}
+
+/// Rank 0's part: weights, optimizer, config, export, manifest (last), all fsynced.
+fn write_main_files<B: AutodiffBackend>(
+    ctx: CheckpointCtx<'_>,
+    model: &CausalLm<B>,
+    optim: &AdamWOptim<CausalLm<B>, B>,
+    progress: &TrainProgress,
+    tmp: &Path,
+) -> Result<()> {
+    let adapters = ctx.plan.uses_adapters();
+    let sel = if adapters {
+        Selection::Trainable
+    } else {
+        Selection::All
+    };
+    let mut dtypes = BTreeMap::new();
+    for (file, tensors) in [
+        ("model.safetensors", collect_params(model, sel)),
+        ("optimizer.safetensors", collect_optim(model, optim)),
+    ] {
+        let path = tmp.join(file);
+        let mut names: Vec<String> = tensors.iter().map(|t| dtype_name(t.1.dtype)).collect();
+        names.sort();
+        names.dedup();
+        dtypes.insert(file.to_string(), names);
+        write_synced(&path, &serialize(&path, &tensors)?)?;
+    }
+    let cfg_path = tmp.join("config.toml");
+    write_synced(&cfg_path, ctx.cfg.to_toml().as_bytes())?;
+    crate::recipe::save_final(model, ctx.arch, ctx.plan, ctx.cfg, tmp)?;
+    sync_dir(&tmp.join(if adapters { "adapter" } else { "model" }))?;
+    let mut files = BTreeMap::new();
+    hash_tree(tmp, tmp, &mut files)?;
+    let manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        bellows_version: env!("CARGO_PKG_VERSION").to_string(),
+        config_hash: checkpoint_config_hash(ctx.cfg),
+        config_hash_excludes: HASH_EXCLUDED.iter().map(|s| s.to_string()).collect(),
+        world_size: ctx.acc.world_size(),
+        step: progress.step,
+        tokens: progress.tokens,
+        losses: progress.losses.clone(),
+        weights: if adapters { "trainable" } else { "full" }.into(),
+        dtypes,
+        loader_files: (0..ctx.acc.world_size()).map(loader_file).collect(),
+        files,
+    };
+    let json = serde_json::to_vec_pretty(&manifest)
+        .map_err(|e| Error::Internal(format!("manifest does not serialise: {e}")))?;
+    write_synced(&tmp.join(MANIFEST), &json)?;
+    sync_dir(tmp)
+}
+
+/// Size and SHA-256 of every file under `dir` (relative to `base`, `/`-separated), except the manifest.
+pub(crate) fn hash_tree(
+    base: &Path,
+    dir: &Path,
+    out: &mut BTreeMap<String, FileEntry>,
+) -> Result<()> {
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    for entry in entries {
+        let path = entry.map_err(|e| Error::io(dir, e))?.path();
+        if path.is_dir() {
+            hash_tree(base, &path, out)?;
+            continue;
+        }
+        let rel = path
+            .strip_prefix(base)
+            .map_err(|_| {
+                Error::Internal(format!("{} is outside {}", path.display(), base.display()))
+            })?
+            .to_string_lossy()
+            .replace('\\', "/");
+        if rel == MANIFEST {
+            continue;
+        }
+        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        out.insert(
+            rel,
+            FileEntry {
+                bytes: bytes.len() as u64,
+                sha256: sha256_hex(&bytes),
+            },
+        );
+    }
+    Ok(())
+}
