@@ -106,11 +106,25 @@ pub fn evaluate_model(
     })
 }
 
-/// Loads the Hugging Face folder `model_dir` and evaluates it on `data`.
+/// Loads the Hugging Face folder `model_dir` (with a PEFT `adapter` folder on top, if given)
+/// and evaluates it on `data`.
 ///
 /// # Errors
-/// Model or data problems, naming the file.
-pub fn evaluate_dir(model_dir: &Path, data: &Path, opts: &EvalOptions) -> Result<EvalReport> {
-    let (arch, model) = load_pretrained::<Flex>(model_dir, &LoraPlan::none(), &Default::default())?;
+/// Model, adapter or data problems, naming the file.
+pub fn evaluate_dir(
+    model_dir: &Path,
+    adapter: Option<&Path>,
+    data: &Path,
+    opts: &EvalOptions,
+) -> Result<EvalReport> {
+    let device = Default::default();
+    let (arch, model) = match adapter {
+        Some(a) => {
+            let (arch, _, m) =
+                bellows_models::load_pretrained_with_adapter::<Flex>(model_dir, a, &device)?;
+            (arch, m)
+        }
+        None => load_pretrained::<Flex>(model_dir, &LoraPlan::none(), &device)?,
+    };
     evaluate_model(&model, arch.vocab_size, data, opts)
 }
