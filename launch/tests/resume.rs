@@ -264,3 +264,50 @@ fn two_ranks_resumed_midway_match_an_uninterrupted_two_rank_run() {
     let w = |d: &Path| std::fs::read(d.join("model/model.safetensors")).expect("weights");
     assert!(w(&split) == w(&whole), "final weights differ");
 }
+
+#[test]
+fn a_second_signal_exits_at_once_without_waiting_for_the_checkpoint() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("run");
+    let j = job(dir.path(), &out, "[checkpoint]\nresume = \"latest\"\n");
+    // Steps of a few hundred milliseconds, so the second signal lands inside a step.
+    let slow = [
+        "run.max_steps=100000",
+        "model.init.hidden_size=256",
+        "model.init.intermediate_size=768",
+        "data.seq_len=64",
+        "data.batch_size=8",
+    ];
+    let mut child = spawn(&j, &slow);
+    wait_for_lines(&mut child, &out, 2);
+    let pid = child.id().to_string();
+    // Two signals back to back: the first asks for a checkpoint at the end of the step, the second
+    // (arriving long before the step ends) must end the process immediately.
+    for _ in 0..2 {
+        assert!(Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill")
+            .success());
+        // Standard signals do not queue: let the first one be handled before sending the second.
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let t0 = Instant::now();
+    while child.try_wait().expect("poll").is_none() {
+        if t0.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            panic!("a second SIGTERM did not end the run");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (code, err) = finish(child);
+    assert_ne!(
+        code,
+        Some(0),
+        "the second signal is not a clean stop: {err}"
+    );
+    assert!(
+        !err.contains("saved"),
+        "no checkpoint after the second signal: {err}"
+    );
+}
