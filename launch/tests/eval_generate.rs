@@ -80,25 +80,35 @@ fn golden_inputs_parquet(dir: &Path) -> PathBuf {
     data
 }
 
-#[test]
-fn eval_prints_the_transformers_loss() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let data = golden_inputs_parquet(dir.path());
-
-    let out = Command::new(env!("CARGO_BIN_EXE_bellows"))
+/// Runs `bellows eval --model <golden llama_gqa> --data <data> <extra...>`.
+fn eval(data: &Path, extra: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_bellows"))
         .args(["eval", "--model"])
         .arg(golden("llama_gqa"))
         .arg("--data")
-        .arg(&data)
-        .args(["--batch-size", "1", "--seq-len", "16"])
+        .arg(data)
+        .args(extra)
         .output()
-        .expect("run");
+        .expect("run")
+}
+
+/// The JSON report of a successful `bellows eval`.
+fn report(out: &std::process::Output) -> serde_json::Value {
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON line");
+    serde_json::from_slice(&out.stdout).expect("one JSON line")
+}
+
+#[test]
+fn eval_prints_the_transformers_loss() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = golden_inputs_parquet(dir.path());
+
+    let out = eval(&data, &["--batch-size", "1", "--seq-len", "16"]);
+    let v = report(&out);
     let (_, expected) = read(&golden("llama_gqa").join("expected.safetensors"), "loss");
     let loss = v["loss"].as_f64().expect("loss");
     assert!(
@@ -113,32 +123,13 @@ fn eval_prints_the_transformers_loss() {
     assert!((v["perplexity"].as_f64().expect("ppl") - loss.exp()).abs() < 1e-9);
 
     // --max-rows 1 evaluates only the first row.
-    let out = Command::new(env!("CARGO_BIN_EXE_bellows"))
-        .args(["eval", "--model"])
-        .arg(golden("llama_gqa"))
-        .arg("--data")
-        .arg(&data)
-        .args(["--max-rows", "1", "--seq-len", "16"])
-        .output()
-        .expect("run");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let out = eval(&data, &["--max-rows", "1", "--seq-len", "16"]);
+    let v = report(&out);
     assert_eq!(v["rows"], 1);
     assert_eq!(v["tokens"], 12);
 
     // A row longer than --seq-len is an error naming the row, not a silent truncation.
-    let out = Command::new(env!("CARGO_BIN_EXE_bellows"))
-        .args(["eval", "--model"])
-        .arg(golden("llama_gqa"))
-        .arg("--data")
-        .arg(&data)
-        .args(["--seq-len", "8"])
-        .output()
-        .expect("run");
+    let out = eval(&data, &["--seq-len", "8"]);
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("eval.parquet"),
