@@ -304,3 +304,74 @@ fn killing_a_worker_stops_the_launch_naming_the_rank() {
         "names a rank:\n{err}"
     );
 }
+
+#[test]
+fn max_restarts_restarts_the_group_from_the_latest_checkpoint_and_finishes_the_same_run() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = job(dir.path());
+    let steps = [
+        "--set",
+        "run.max_steps=40",
+        "--set",
+        "checkpoint.every_steps=1",
+    ];
+    let o = launch(&cfg, &dir.path().join("clean"), 2, &steps);
+    check(&o, "uninterrupted launch");
+
+    let out = dir.path().join("restarted");
+    let child = bellows()
+        .arg("launch")
+        .args([
+            "--nproc-per-node",
+            "2",
+            "--max-restarts",
+            "1",
+            "--stop-grace-secs",
+            "2",
+        ])
+        .arg(&cfg)
+        .args(["--set", &format!("run.output_dir={}", out.display())])
+        .args(steps)
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    // Kill rank 1 once a few checkpoints exist; the launcher must restart the group, which resumes.
+    let start = Instant::now();
+    while !out.join("checkpoints").join("checkpoint-3").is_dir() {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no checkpoint appeared"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", child.id()))
+        .expect("children");
+    let pids: Vec<i32> = children
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    let Some(&victim) = pids.get(1) else {
+        // The run finished before we could interfere; nothing to test on this machine's speed.
+        let o = child.wait_with_output().expect("wait");
+        check(&o, "launch");
+        return;
+    };
+    eprintln!("killing rank 1 (pid {victim})");
+    Command::new("kill")
+        .args(["-9", &victim.to_string()])
+        .status()
+        .expect("kill");
+    let o = child.wait_with_output().expect("launcher exits");
+    check(&o, "launch with --max-restarts 1");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("restart"),
+        "the launcher reports the restart:\n{err}"
+    );
+    assert_same_adapter(
+        &out,
+        &dir.path().join("clean"),
+        "restarted vs uninterrupted",
+    );
+}
