@@ -172,3 +172,67 @@ fn gradient_accumulation_equals_one_big_batch() {
     assert_close("weights 4x2 vs 8x1", &w2, &w1, 1e-6, 1e-5);
     assert_close("weights 2x4 vs 8x1", &w4, &w1, 1e-6, 1e-5);
 }
+
+/// Issue 3: `model.path` starts training from a Hugging Face checkpoint (its first-step loss is the
+/// checkpoint's loss on that batch) and a full fine-tune saves a folder that loads again.
+#[test]
+fn training_from_a_hugging_face_folder_starts_from_its_weights() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("rows.jsonl");
+    let mut text = String::new();
+    for r in 0..8u32 {
+        let ids: Vec<String> = (0..16u32)
+            .map(|t| (3 + (r * 7 + t * 5) % 90).to_string())
+            .collect();
+        text.push_str(&format!("{{\"input_ids\": [{}]}}\n", ids.join(",")));
+    }
+    std::fs::write(&data, text).expect("write data");
+    let base = bellows_tests::golden("llama_gqa");
+    let job = format!(
+        r#"
+[run]
+output_dir = "{out}"
+max_steps = 2
+log_every = 1
+[model]
+path = "{base}"
+[data]
+train = "{data}"
+seq_len = 16
+batch_size = 8
+shuffle = "off"
+[optim]
+lr = 1e-3
+warmup_steps = 0
+[logging]
+progress = "quiet"
+tensorboard = false
+"#,
+        out = tmp.path().join("run").display(),
+        base = base.display(),
+        data = data.display()
+    );
+    let cfg = RunConfig::from_toml_str(&job, Path::new("hf.toml"), &[]).expect("valid job");
+    let report = train(&cfg).expect("train from the HF folder");
+    let opts = bellows_trainer::EvalOptions {
+        batch_size: 8,
+        max_rows: None,
+        seq_len: 16,
+    };
+    let base_loss = bellows_trainer::evaluate_dir(&base, None, &data, &opts).expect("eval base");
+    assert_close(
+        "first-step loss = the checkpoint's loss",
+        &[report.first_loss],
+        &[base_loss.loss],
+        1e-5,
+        1e-5,
+    );
+    let tuned = bellows_trainer::evaluate_dir(&tmp.path().join("run/model"), None, &data, &opts)
+        .expect("eval tuned");
+    assert!(
+        tuned.loss < base_loss.loss,
+        "fine-tuning lowers the training loss: {} -> {}",
+        base_loss.loss,
+        tuned.loss
+    );
+}
