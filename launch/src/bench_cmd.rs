@@ -12,12 +12,13 @@ enum Mode {
     Lora,
     Full,
     Tiny,
+    Forward,
 }
 
 /// Options of `bellows bench`.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Workload: LoRA r16 on the small Llama, full fine-tune of it, or LoRA on a tiny Llama.
+    /// Workload: LoRA r16 on the small Llama, full fine-tune of it, LoRA on a tiny Llama, or inference forward passes of the small Llama.
     #[arg(long, value_enum, default_value = "lora")]
     mode: Mode,
     /// Compute threads (0 = all cores).
@@ -38,6 +39,7 @@ pub fn bench(a: BenchArgs) -> ExitCode {
         Mode::Lora => BenchMode::Lora,
         Mode::Full => BenchMode::Full,
         Mode::Tiny => BenchMode::Tiny,
+        Mode::Forward => BenchMode::Forward,
     };
     let r = run_bench::<CpuBackend>(mode, a.warmup, a.steps.max(1), &Default::default());
     println!("{}", serde_json::to_string(&r).unwrap_or_default());

@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use burn::module::Module;
+use burn::module::{AutodiffModule, Module};
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::{backend::AutodiffBackend, ElementConversion};
 use serde::Serialize;
@@ -23,6 +23,8 @@ pub enum BenchMode {
     Full,
     /// LoRA on a tiny Llama (overhead-bound).
     Tiny,
+    /// Inference forward passes (no autodiff) of the small Llama: the `eval` / prefill path.
+    Forward,
 }
 
 /// One benchmark result (printed as a JSON line).
@@ -152,7 +154,7 @@ pub fn run_bench<B: AutodiffBackend>(
         BenchMode::Tiny => (tiny(), 2, 32),
         _ => (small(), 4, 256),
     };
-    let lora = mode != BenchMode::Full;
+    let lora = matches!(mode, BenchMode::Lora | BenchMode::Tiny);
     let peft = PeftConfig {
         method: if lora { Method::Lora } else { Method::None },
         r: 16,
@@ -192,7 +194,22 @@ pub fn run_bench<B: AutodiffBackend>(
     let tokens = (batch * seq) as f64;
     let mut times = Vec::new();
     let mut losses = Vec::new();
-    for i in 0..warmup + steps {
+    if mode == BenchMode::Forward {
+        let inner = model.valid();
+        for i in 0..warmup + steps {
+            let t = Instant::now();
+            let (sum, count) = batch_loss(&inner, &data, device);
+            losses.push(sum.into_scalar().elem::<f64>() / count as f64);
+            if i >= warmup {
+                times.push(t.elapsed().as_secs_f64());
+            }
+        }
+    }
+    for i in 0..if mode == BenchMode::Forward {
+        0
+    } else {
+        warmup + steps
+    } {
         let t = Instant::now();
         let (sum, count) = batch_loss(&model, &data, device);
         let loss = sum.div_scalar(count as f64);
@@ -206,10 +223,10 @@ pub fn run_bench<B: AutodiffBackend>(
     }
     let total: f64 = times.iter().sum::<f64>().max(1e-12);
     let best = times.iter().copied().fold(f64::INFINITY, f64::min);
-    let flops_per_token = if lora {
-        4 * matmul + 6 * trainable
-    } else {
-        6 * matmul
+    let flops_per_token = match mode {
+        BenchMode::Forward => 2 * matmul,
+        _ if lora => 4 * matmul + 6 * trainable,
+        _ => 6 * matmul,
     } as f64;
     let tps = tokens * times.len() as f64 / total;
     BenchReport {
@@ -217,6 +234,7 @@ pub fn run_bench<B: AutodiffBackend>(
             BenchMode::Lora => "lora",
             BenchMode::Full => "full",
             BenchMode::Tiny => "tiny",
+            BenchMode::Forward => "forward",
         },
         tokens_per_sec: tps,
         tokens_per_sec_best: tokens / best,
