@@ -4,7 +4,7 @@ use std::collections::HashSet;
 use std::path::Path;
 
 use burn::module::{Module, ModuleMapper, Param};
-use burn::tensor::{backend::Backend, Tensor, TensorData};
+use burn::tensor::{backend::Backend, Tensor};
 
 use super::io::{load_pretrained_with, peft_key};
 use super::weights::WeightFiles;
@@ -71,14 +71,10 @@ pub fn load_adapter<B: Backend>(model: CausalLm<B>, dir: &Path) -> Result<Causal
                 }
                 key
             };
-            let shape = p.lazy_shape().dims::<D>().to_vec();
-            match self.files.read_f32(&key, &shape) {
-                Ok(h) => {
+            match super::io::read_param(self.files, &key, &p) {
+                Ok(new) => {
                     self.used.insert(key);
-                    let grad = p.is_require_grad();
-                    let device = p.val().device();
-                    let t = Tensor::<B, D>::from_data(TensorData::new(h.values, h.shape), &device);
-                    Param::initialized(p.id, t).set_require_grad(grad)
+                    new
                 }
                 Err(e) => {
                     self.err = Some(e);

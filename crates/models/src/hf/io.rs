@@ -79,14 +79,8 @@ pub fn load_weights<B: Backend>(model: CausalLm<B>, files: &WeightFiles) -> Resu
             if self.err.is_some() || is_adapter_path(&path) {
                 return p;
             }
-            let shape = p.lazy_shape().dims::<D>().to_vec();
-            match self.files.read_f32(&path, &shape) {
-                Ok(h) => {
-                    let grad = p.is_require_grad();
-                    let device = p.val().device();
-                    let t = Tensor::<B, D>::from_data(TensorData::new(h.values, h.shape), &device);
-                    Param::initialized(p.id, t).set_require_grad(grad)
-                }
+            match read_param(self.files, &path, &p) {
+                Ok(new) => new,
                 Err(e) => {
                     self.err = Some(e);
                     p
@@ -104,6 +98,23 @@ pub fn load_weights<B: Backend>(model: CausalLm<B>, files: &WeightFiles) -> Resu
         Some(e) => Err(e),
         None => Ok(model),
     }
+}
+
+/// A new parameter with `p`'s id, device and trainability holding tensor `key` of `files`
+/// (converted to f32, shape checked against `p`).
+///
+/// # Errors
+/// The tensor is missing, mis-shaped or of an unsupported dtype.
+pub(crate) fn read_param<B: Backend, const D: usize>(
+    files: &WeightFiles,
+    key: &str,
+    p: &Param<Tensor<B, D>>,
+) -> Result<Param<Tensor<B, D>>> {
+    let shape = p.lazy_shape().dims::<D>().to_vec();
+    let h = files.read_f32(key, &shape)?;
+    let device = p.val().device();
+    let t = Tensor::<B, D>::from_data(TensorData::new(h.values, h.shape), &device);
+    Ok(Param::initialized(p.id, t).set_require_grad(p.is_require_grad()))
 }
 
 /// Every float parameter as `(path, shape, f32 values)`, in module order; adapter tensors are
