@@ -89,6 +89,15 @@ progress = "plain"
     cfg
 }
 
+/// The worker processes a launcher spawned (its children, from /proc).
+fn worker_pids(launcher: u32) -> Vec<i32> {
+    std::fs::read_to_string(format!("/proc/{launcher}/task/{launcher}/children"))
+        .expect("children")
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
 fn check(out: &Output, what: &str) {
     assert!(
         out.status.success(),
@@ -281,13 +290,8 @@ fn killing_a_worker_stops_the_launch_naming_the_rank() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", child.id()))
-        .expect("children");
-    let pids: Vec<i32> = children
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .collect();
-    assert_eq!(pids.len(), 2, "two workers: {children}");
+    let pids = worker_pids(child.id());
+    assert_eq!(pids.len(), 2, "two workers: {pids:?}");
     let victim = pids[1];
     let killed_at = Instant::now();
     Command::new("kill")
@@ -345,12 +349,7 @@ fn max_restarts_restarts_the_group_from_the_latest_checkpoint_and_finishes_the_s
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", child.id()))
-        .expect("children");
-    let pids: Vec<i32> = children
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .collect();
+    let pids = worker_pids(child.id());
     let Some(&victim) = pids.get(1) else {
         // The run finished before we could interfere; nothing to test on this machine's speed.
         let o = child.wait_with_output().expect("wait");
