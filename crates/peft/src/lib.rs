@@ -27,4 +27,4 @@ pub use config::{layer_index, LoraInit, LoraPlan, LoraSpec, Method, PeftConfig, 
 pub use error::{Error, Result};
 pub use init::InitRng;
 pub use io::{adapter_config_json, parse_adapter_config, read_adapter_config};
-pub use linear::{Linear, LoraAdapter};
+pub use linear::{in_dtype, Linear, LoraAdapter};

@@ -2,7 +2,7 @@
 
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig};
-use burn::tensor::{backend::Backend, Tensor};
+use burn::tensor::{backend::Backend, DType, Tensor};
 
 use crate::config::{LoraInit, LoraSpec};
 use crate::dora;
@@ -70,9 +70,11 @@ impl<B: Backend> LoraAdapter<B> {
     }
 
     /// `scale · x · Aᵀ · Bᵀ` without dropout.
+    /// Computed in `x`'s dtype (the adapter's f32 weights are cast for a bf16/f16 input).
     pub(crate) fn project(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        x.matmul(self.lora_a.val().transpose())
-            .matmul(self.lora_b.val().transpose())
+        let dt = x.dtype();
+        x.matmul(in_dtype(self.lora_a.val(), dt).transpose())
+            .matmul(in_dtype(self.lora_b.val(), dt).transpose())
             .mul_scalar(self.scale)
     }
 
@@ -168,24 +170,30 @@ impl<B: Backend> Linear<B> {
     /// `y = W·x + b + (m/n − 1)·W·x' + (m/n)·s·B·A·x'` with `x' = dropout(x)` and
     /// `n = ‖W + s·B·A‖` per output row, detached (DoRA paper §4.3). The dense `W + s·B·A` is only
     /// formed for DoRA's norm, outside the autodiff graph.
+    ///
+    /// The product is computed in `x`'s dtype: weights stored in another dtype (f32 masters under
+    /// bf16/f16 mixed precision) are cast on use, so gradients reach them in their own dtype.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let dims = x.dims();
         let d_in = dims[D - 1];
         let n = dims[..D - 1].iter().product::<usize>();
         let x2: Tensor<B, 2> = x.reshape([n, d_in]);
+        let dt = x2.dtype();
         let w = self.weight.val();
-        let mut y = x2.clone().matmul(w.clone().transpose());
+        let wc = in_dtype(w.clone(), dt);
+        let mut y = x2.clone().matmul(wc.clone().transpose());
         match &self.lora {
             Some(lora) if !self.merged => match &lora.magnitude {
                 None => y = y + lora.side(x2),
                 Some(m) => {
+                    // The norm and m/n stay in the master dtype; only the product is cast.
                     let scale: Tensor<B, 2> =
-                        (m.val() / dora::weight_norm(w.clone(), lora)).unsqueeze_dim(0);
+                        in_dtype(m.val() / dora::weight_norm(w, lora), dt).unsqueeze_dim(0);
                     let xd = lora.dropout.forward(x2);
                     let wx = if lora.dropout.prob == 0.0 {
                         y.clone()
                     } else {
-                        xd.clone().matmul(w.transpose())
+                        xd.clone().matmul(wc.transpose())
                     };
                     y = y + wx * scale.clone().sub_scalar(1.0) + lora.project(xd) * scale;
                 }
@@ -193,7 +201,7 @@ impl<B: Backend> Linear<B> {
             _ => {}
         }
         if let Some(b) = &self.bias {
-            y = y + b.val().unsqueeze_dim(0);
+            y = y + in_dtype(b.val(), dt).unsqueeze_dim(0);
         }
         let mut out = dims;
         out[D - 1] = self.d_out();
@@ -401,5 +409,15 @@ mod tests {
             .forward(x)
             .into_data()
             .assert_approx_eq::<f32>(&y, Tolerance::absolute(1e-5));
+    }
+}
+
+/// `t` in dtype `dt`: a differentiable cast when they differ (mixed precision: f32 master weights
+/// used in a bf16/f16 forward), the tensor itself otherwise.
+pub fn in_dtype<B: Backend, const D: usize>(t: Tensor<B, D>, dt: DType) -> Tensor<B, D> {
+    if t.dtype() == dt {
+        t
+    } else {
+        t.cast(dt)
     }
 }
