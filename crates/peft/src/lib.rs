@@ -18,13 +18,15 @@
 
 mod config;
 mod dora;
+mod dtype;
 mod error;
 mod init;
 mod io;
 mod linear;
 
 pub use config::{layer_index, LoraInit, LoraPlan, LoraSpec, Method, PeftConfig, TargetModules};
+pub use dtype::in_dtype;
 pub use error::{Error, Result};
 pub use init::InitRng;
 pub use io::{adapter_config_json, parse_adapter_config, read_adapter_config};
-pub use linear::{in_dtype, Linear, LoraAdapter};
+pub use linear::{Linear, LoraAdapter};

@@ -2,7 +2,9 @@
 
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig};
-use burn::tensor::{backend::Backend, DType, Tensor};
+use burn::tensor::{backend::Backend, Tensor};
+
+use crate::dtype::in_dtype;
 
 use crate::config::{LoraInit, LoraSpec};
 use crate::dora;
@@ -409,15 +411,5 @@ mod tests {
             .forward(x)
             .into_data()
             .assert_approx_eq::<f32>(&y, Tolerance::absolute(1e-5));
-    }
-}
-
-/// `t` in dtype `dt`: a differentiable cast when they differ (mixed precision: f32 master weights
-/// used in a bf16/f16 forward), the tensor itself otherwise.
-pub fn in_dtype<B: Backend, const D: usize>(t: Tensor<B, D>, dt: DType) -> Tensor<B, D> {
-    if t.dtype() == dt {
-        t
-    } else {
-        t.cast(dt)
     }
 }

@@ -123,9 +123,9 @@ mod tests {
 
     #[test]
     fn matches_torch_grad_scaler_trace() {
-        // torch.amp.GradScaler(init_scale=8, growth_factor=2, backoff_factor=0.5,
+        // torch.amp.GradScaler("cpu", init_scale=8, growth_factor=2, backoff_factor=0.5,
         // growth_interval=2) fed inf, ok, ok, ok, inf, ok: scale after each update()
-        // is 4, 4, 8, 8, 4, 4.
+        // is 4, 4, 8, 8, 4, 4 (run with torch 2.15 on 2026-11-30).
         let mut s = LossScaler::new(&LossScaleSection {
             init: 8.0,
             growth_factor: 2.0,
