@@ -200,14 +200,31 @@ pub type Emit<'a> = &'a mut dyn FnMut(serde_json::Value);
 /// # Errors
 /// An unusable device, or files that cannot be read or written.
 pub fn gpu_check(opts: &GpuCheckOptions, emit: Emit<'_>) -> Result<bool> {
-    let mut ok = device_checks(opts, emit)?;
-    ok &= train_curves(opts, emit)?;
-    ok &= nccl_check(opts, emit);
+    let mut ok = guarded("device", emit, |e| device_checks(opts, e))?;
+    ok &= guarded("train_curve", emit, |e| train_curves(opts, e))?;
+    ok &= guarded("nccl", emit, |e| Ok(nccl_check(opts, e)))?;
     if opts.bench_steps > 0 {
-        ok &= bench_check(opts, emit)?;
+        ok &= guarded("bench", emit, |e| bench_check(opts, e))?;
     }
     emit(serde_json::json!({"check": "summary", "ok": ok}));
     Ok(ok)
+}
+
+/// Runs one group of checks; a panic inside it (a backend kernel failing on an unattended host)
+/// becomes a failed finding instead of ending the whole check.
+fn guarded(name: &str, emit: Emit<'_>, f: impl FnOnce(Emit<'_>) -> Result<bool>) -> Result<bool> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut *emit))) {
+        Ok(r) => r,
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            emit(serde_json::json!({"check": name, "ok": false, "panic": msg}));
+            Ok(false)
+        }
+    }
 }
 
 fn device_checks(opts: &GpuCheckOptions, emit: Emit<'_>) -> Result<bool> {
