@@ -276,9 +276,22 @@ fn peaks<B: Backend>(opts: &GpuCheckOptions, device: &B::Device, emit: Emit<'_>)
     bf16_tflops.unwrap_or(f32_tflops)
 }
 
-/// Every golden case on the device and on the CPU: f32 losses within 1e-4 (relative) of each
-/// other and logits within 1e-3 of transformers'; bf16 losses within 2 % of transformers'.
+/// Tolerances of the device's "f32" against the CPU: (logits abs, loss relative). On the CPU
+/// f32 is f32. On CUDA, burn 0.21's matmul (cubek-matmul) runs f32 products on TF32 tensor cores
+/// (10-bit mantissa, as PyTorch with `allow_tf32`): measured on an H200, logits moved by up to
+/// 4.1e-3 and losses by up to 1.04e-4 relative on the golden models.
+fn f32_tolerances(device: &str) -> (f64, f64) {
+    if device == "cpu" {
+        (1e-4, 1e-5)
+    } else {
+        (1e-2, 1e-3)
+    }
+}
+
+/// Every golden case on the device and on the CPU: f32 (TF32 on CUDA) logits and losses within
+/// [`f32_tolerances`] of transformers' and the CPU's; bf16 losses within 2 % of transformers'.
 fn parity<B: Backend>(opts: &GpuCheckOptions, device: &B::Device, emit: Emit<'_>) -> Result<bool> {
+    let (logits_tol, loss_tol) = f32_tolerances(&opts.device);
     let mut all = true;
     for dir in golden_model_cases(&opts.golden)? {
         let dev = parity_case::<B>(&dir, device)?;
@@ -288,8 +301,9 @@ fn parity<B: Backend>(opts: &GpuCheckOptions, device: &B::Device, emit: Emit<'_>
             (Some(d), Some(_)) => rel(d, dev.loss_reference) <= 0.02,
             _ => true,
         };
-        let ok =
-            rel(dev.loss_f32, cpu.loss_f32) <= 1e-4 && dev.logits_max_abs_diff <= 1e-3 && bf16_ok;
+        let ok = rel(dev.loss_f32, cpu.loss_f32) <= loss_tol
+            && dev.logits_max_abs_diff <= logits_tol
+            && bf16_ok;
         all &= ok;
         emit(serde_json::json!({
             "check": "golden_parity", "ok": ok, "case": dev.case,
@@ -297,6 +311,7 @@ fn parity<B: Backend>(opts: &GpuCheckOptions, device: &B::Device, emit: Emit<'_>
             "loss_transformers": dev.loss_reference,
             "loss_device_f32": dev.loss_f32, "loss_cpu_f32": cpu.loss_f32,
             "loss_device_bf16": dev.loss_bf16, "loss_cpu_bf16": cpu.loss_bf16,
+            "tolerance_logits": logits_tol, "tolerance_loss_rel": loss_tol,
         }));
     }
     Ok(all)
