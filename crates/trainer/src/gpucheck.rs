@@ -317,8 +317,8 @@ fn parity<B: Backend>(opts: &GpuCheckOptions, device: &B::Device, emit: Emit<'_>
     Ok(all)
 }
 
-/// Trains `opts.config` for `train_steps` on the CPU (f32) and on the device in f32 and bf16;
-/// the device's f32 curve must stay within 1e-3 (relative) of the CPU's, bf16 within 5 %.
+/// Trains `opts.config` for `train_steps` on the CPU (f32) and on the device in f32, bf16 and fp16;
+/// the device's f32 curve must stay within 1e-3 (relative) of the CPU's, bf16 within 5 %, fp16 2 %.
 fn train_curves(opts: &GpuCheckOptions, emit: Emit<'_>) -> Result<bool> {
     let run = |device: &str, precision: &str| -> Result<(Vec<f64>, f64)> {
         let label = format!("{}-{precision}", device.replace(':', "_"));
@@ -342,7 +342,7 @@ fn train_curves(opts: &GpuCheckOptions, emit: Emit<'_>) -> Result<bool> {
     };
     let (cpu, cpu_secs) = run("cpu", "f32")?;
     let mut all = true;
-    for (precision, tol) in [("f32", 1e-3), ("bf16", 0.05)] {
+    for (precision, tol) in [("f32", 1e-3), ("bf16", 0.05), ("fp16", 0.02)] {
         let (dev, secs) = run(&opts.device, precision)?;
         let worst = cpu
             .iter()
