@@ -13,6 +13,7 @@ deterministic algorithms, so a rerun reproduces the committed files bit for bit.
 import argparse
 import copy
 import json
+import math
 import os
 import platform
 import shutil
@@ -765,6 +766,103 @@ def case_lora_default_init():
     assert diff == 0.0, diff
 
 
+def case_weighted_adapters():
+    """Two named adapters on ../llama_gqa, switched with set_adapter, and PEFT's linear
+    add_weighted_adapter of them (two weightings, one negative)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    name = "weighted_adapters"
+    src = os.path.join(OUT, "llama_gqa")
+    first_dir = os.path.join(OUT, "lora", "adapter")
+    assert os.path.exists(os.path.join(first_dir, "adapter_model.safetensors")), "run the lora case first"
+    d = case_dir(name)
+    ids, labels = make_inputs(100 + 1, BASE["vocab_size"])  # the llama_gqa inputs
+
+    # the second adapter: same rank as ../lora (linear combination needs equal ranks), other alpha, and one
+    # more target (up_proj), so the combined adapter's up_proj comes from the second adapter alone
+    base = load_folder(src)
+    base.name_or_path = "../../llama_gqa"
+    seed = 240
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=4, lora_alpha=16, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+                     target_modules=["q_proj", "v_proj", "up_proj"])
+    second = get_peft_model(base, cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in second.named_parameters():
+            if "lora_A" in n or "lora_B" in n:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    second_dir = os.path.join(d, "adapter_second")
+    second.save_pretrained(second_dir)
+    os.remove(os.path.join(second_dir, "README.md"))
+
+    # both adapters loaded by name into one model; "first" is active after from_pretrained
+    base = load_folder(src)
+    base.name_or_path = "../../llama_gqa"
+    model = PeftModel.from_pretrained(base, first_dir, adapter_name="first")
+    model.load_adapter(second_dir, adapter_name="second")
+    model.eval()
+    out = {}
+
+    def logits_of(adapter):
+        model.set_adapter(adapter)
+        with torch.no_grad():
+            return model(input_ids=ids).logits.float()
+
+    out["logits_first"] = logits_of("first")
+    out["logits_second"] = logits_of("second")
+    combos = {"linear": [0.7, 0.3], "negative": [1.0, -0.5]}
+    checks = {}
+    for combo, weights in combos.items():
+        model.add_weighted_adapter(["first", "second"], weights, combo, combination_type="linear")
+        out[f"logits_{combo}"] = logits_of(combo)
+        cd = os.path.join(d, f"combined_{combo}")
+        model.save_pretrained(d, selected_adapters=[combo])  # writes <d>/<combo>/
+        os.rename(os.path.join(d, combo), cd)
+        os.remove(os.path.join(d, "README.md"))  # PEFT's boilerplate model card, written next to the folder
+        # PEFT's linear rule, checked by hand on q_proj of layer 0 (both adapters have it)
+        t = model.base_model.model.model.layers[0].self_attn.q_proj
+        wa = [math.sqrt(abs(w * t.scaling[a])) * (1 if w * t.scaling[a] >= 0 else -1)
+              for a, w in zip(["first", "second"], weights)]
+        wb = [math.sqrt(abs(w * t.scaling[a])) for a, w in zip(["first", "second"], weights)]
+        a_exp = sum(w * t.lora_A[a].weight for a, w in zip(["first", "second"], wa))
+        b_exp = sum(w * t.lora_B[a].weight for a, w in zip(["first", "second"], wb))
+        assert torch.allclose(t.lora_A[combo].weight, a_exp) and torch.allclose(t.lora_B[combo].weight, b_exp)
+        assert t.scaling[combo] == 1.0, t.scaling[combo]  # the new adapter has r = lora_alpha = 4
+        checks[f"{combo}_max_abs_logit_diff_vs_first"] = max_diff(out[f"logits_{combo}"], out["logits_first"])
+    ref = load_file(os.path.join(OUT, "lora", "expected.safetensors"))["logits"]
+    checks["first_vs_lora_case_logits"] = max_diff(out["logits_first"], ref)
+    assert checks["first_vs_lora_case_logits"] == 0.0, checks
+    save_st(os.path.join(d, "inputs.safetensors"), {"input_ids": ids, "labels": labels})
+    save_st(os.path.join(d, "expected.safetensors"), out)
+    write_json(
+        os.path.join(d, "case.json"),
+        {
+            "case": name,
+            "kind": "peft_multi",
+            "description": "PeftModel.from_pretrained(base, ../lora/adapter, adapter_name='first'), "
+                           "load_adapter(adapter_second, 'second') (r 4, alpha 16, q/v/up_proj, A, B ~ N(0, 0.1)), "
+                           "then add_weighted_adapter(['first', 'second'], w, name, combination_type='linear') for "
+                           "w = [0.7, 0.3] ('linear') and [1.0, -0.5] ('negative'). PEFT's linear rule per module: "
+                           "A = sum_i sign(w_i s_i) sqrt(|w_i s_i|) A_i, B = sum_i sqrt(|w_i s_i|) B_i over the "
+                           "adapters that have the module (s_i = that adapter's scaling), new r = lora_alpha = r "
+                           "(scaling 1), target_modules = the union; other config keys from the first adapter.",
+            "versions": versions(),
+            "seed": {"second_adapter": seed, "base_weights": 100, "inputs": 101},
+            "base_model_dir": "../llama_gqa",
+            "adapters": {"first": "../lora/adapter", "second": "adapter_second"},
+            "combinations": {k: {"weights": v, "adapter": f"combined_{k}"} for k, v in combos.items()},
+            "tolerance": {"logits": TOL_LOGITS, "combined_tensors": {"atol": 1e-6, "rtol": 1e-5}},
+            "checks": checks,
+            "files": {
+                "expected": "expected.safetensors: logits_first, logits_second, logits_linear, logits_negative "
+                            "[2,16,96], each with that adapter active",
+                "combined": "combined_<name>/: the combined adapter as PEFT saves it",
+            },
+        },
+    )
+
+
 def case_full_finetune():
     """Full-model gradients and an AdamW (with weight decay) trajectory on ../llama_gqa."""
     name = "full_finetune"
@@ -854,6 +952,7 @@ CASES = [
     ("rslora", case_rslora),
     ("dora", case_dora),
     ("lora_default_init", case_lora_default_init),
+    ("weighted_adapters", case_weighted_adapters),
     ("full_finetune", case_full_finetune),
     ("nf4_quant", case_nf4_quant),
     ("qlora_model", case_qlora_model),
