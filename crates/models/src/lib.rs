@@ -16,6 +16,7 @@
 //! ```
 #![warn(missing_docs)]
 
+mod adapter_set;
 mod attention;
 mod cache;
 mod config;
@@ -27,8 +28,10 @@ mod mlp;
 mod model;
 mod norm;
 mod params;
+mod peft_model;
 mod rope;
 
+pub use adapter_set::{linear_sites, read_adapter_set, save_adapter_set};
 pub use attention::Attention;
 pub use cache::{KvCache, LayerCache};
 pub use config::{Family, ModelArch, RopeScaling};
@@ -43,6 +46,7 @@ pub use mlp::Mlp;
 pub use model::{attention_mask, CausalLm, Decoder, DecoderLayer, ForwardInput};
 pub use norm::RmsNorm;
 pub use params::{is_adapter_path, ParamInfo, ParamLister, TrainableMapper};
+pub use peft_model::PeftModel;
 pub use rope::{inv_freq, RopeTables};
 
 /// A tiny architecture (vocab 64, hidden 32, 2 layers, GQA 4/2) for tests and examples.
