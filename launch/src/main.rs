@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use bellows_trainer::{train, RunConfig};
 
 mod bench_cmd;
+mod combine_cmd;
 mod env_cmd;
 mod eval_cmd;
 mod generate_cmd;
@@ -51,6 +52,8 @@ enum Command {
     Launch(launch_cmd::LaunchArgs),
     /// Fold a PEFT adapter into its base model and write a plain Hugging Face folder.
     Merge(merge_cmd::MergeArgs),
+    /// Combine PEFT adapters with weights into a new adapter (PEFT's `add_weighted_adapter`, linear).
+    CombineAdapters(combine_cmd::CombineArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -94,6 +97,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Merge(args) => merge_cmd::run(&args),
+        Command::CombineAdapters(args) => combine_cmd::run(&args),
         Command::Train(job) => {
             let cfg = match load(&job) {
                 Ok(c) => c,
