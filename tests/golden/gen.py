@@ -480,6 +480,105 @@ def case_mistral():
     write_json(os.path.join(d, "case.json"), cj)
 
 
+def greedy_no_cache(model, prompt, n):
+    """Plain argmax loop without a KV cache: (sequences, raw next-token logits [n, B, V])."""
+    cur = prompt.clone()
+    logits = []
+    with torch.no_grad():
+        for _ in range(n):
+            lg = model(input_ids=cur).logits[:, -1].float()
+            logits.append(lg)
+            cur = torch.cat([cur, lg.argmax(-1, keepdim=True)], 1)
+    return cur, torch.stack(logits, 0)
+
+
+def sliding_generate(model, d, seed, new_tokens=10):
+    """Greedy KV-cached generate past the window; asserts it equals the no-cache loop; writes generate.safetensors."""
+    gc = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, num_beams=1, eos_token_id=None,
+                          pad_token_id=0, bos_token_id=1)
+    for attempt in range(100):
+        g = torch.Generator().manual_seed(seed + attempt)
+        prompt = torch.randint(3, model.config.vocab_size, (BATCH, 6), generator=g, dtype=torch.int64)
+        cur, ref = greedy_no_cache(model, prompt, new_tokens)
+        top2 = ref.topk(2, dim=-1).values
+        margin = float((top2[..., 0] - top2[..., 1]).min())
+        if int(cur[:, 6:].min()) >= 3 and margin > 1e-3:
+            break
+    else:
+        raise AssertionError("no usable prompt")
+    with torch.no_grad():
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=gc,
+                             return_dict_in_generate=True, output_logits=True)
+    step_logits = torch.stack([l.float() for l in out.logits], 0)
+    assert torch.equal(cur, out.sequences), (cur, out.sequences)
+    cache_vs_nocache = max_diff(step_logits, ref)
+    assert cache_vs_nocache < 1e-5, cache_vs_nocache
+    save_st(os.path.join(d, "generate.safetensors"),
+            {"prompt_ids": prompt, "sequences": out.sequences, "new_tokens": out.sequences[:, 6:],
+             "step_logits": step_logits})
+    return {"min_top1_top2_margin": margin, "prompt_seed_used": seed + attempt,
+            "max_abs_step_logit_diff_kv_cache_vs_no_cache": cache_vs_nocache}
+
+
+def case_mistral_sliding_window():
+    seed = 250
+    name = "mistral_sliding_window"
+    m = build(MistralForCausalLM, MistralConfig, seed, sliding_window=4, rope_theta=10000.0)
+    reloaded, ids, labels, exp = finish_model_case(
+        name,
+        "Tiny Mistral with config.json sliding_window = 4 and sequences of 16: query i attends to keys j with "
+        "i - 4 < j <= i in every layer (transformers' sliding_window_overlay: kv_idx > q_idx - sliding_window, "
+        "and causal). generate.safetensors: greedy KV-cached generate of 10 new tokens from a [2, 6] prompt "
+        "(16 positions, well past the window), equal to a no-cache argmax loop (asserted).",
+        m,
+        seed,
+    )
+    full = copy.deepcopy(reloaded.config)
+    full.sliding_window = None
+    plain = MistralForCausalLM._from_config(full, attn_implementation=ATTN, dtype=torch.float32).eval()
+    plain.load_state_dict(reloaded.state_dict())
+    diff = max_diff(forward(plain, ids, labels, hidden=False)["logits"], exp["logits"])
+    assert diff > 1e-2, diff
+    d = os.path.join(OUT, name)
+    checks = sliding_generate(reloaded, d, seed + 2)
+    checks["max_abs_logit_diff_vs_no_window"] = diff
+    cj = json.load(open(os.path.join(d, "case.json")))
+    cj["checks"] = checks
+    cj["files"]["generate"] = "generate.safetensors (prompt_ids, sequences, new_tokens, step_logits [10, 2, 96])"
+    cj["tolerance"]["new_tokens"] = "exact"
+    cj["tolerance"]["step_logits"] = TOL_LOGITS
+    write_json(os.path.join(d, "case.json"), cj)
+
+
+def case_qwen2_sliding_window():
+    seed = 260
+    name = "qwen2_sliding_window"
+    m = build(Qwen2ForCausalLM, Qwen2Config, seed, rope_theta=10000.0, use_sliding_window=True,
+              sliding_window=4, max_window_layers=1)
+    assert m.config.layer_types == ["full_attention", "sliding_attention"], m.config.layer_types
+    reloaded, ids, labels, exp = finish_model_case(
+        name,
+        "Tiny Qwen2 with use_sliding_window = true, sliding_window = 4, max_window_layers = 1: transformers "
+        "makes layer i a sliding-window layer iff i >= max_window_layers (config layer_types = [full_attention, "
+        "sliding_attention]); layer 0 attends causally to everything, layer 1 only to i - 4 < j <= i.",
+        m,
+        seed,
+    )
+    checks = {}
+    for label, types in [("all_full", ["full_attention"] * 2), ("all_sliding", ["sliding_attention"] * 2)]:
+        cfg = copy.deepcopy(reloaded.config)
+        cfg.layer_types = types
+        other = Qwen2ForCausalLM._from_config(cfg, attn_implementation=ATTN, dtype=torch.float32).eval()
+        other.load_state_dict(reloaded.state_dict())
+        checks[f"max_abs_logit_diff_vs_{label}"] = max_diff(forward(other, ids, labels, hidden=False)["logits"],
+                                                            exp["logits"])
+        assert checks[f"max_abs_logit_diff_vs_{label}"] > 1e-2, checks
+    d = os.path.join(OUT, name)
+    cj = json.load(open(os.path.join(d, "case.json")))
+    cj["checks"] = checks
+    write_json(os.path.join(d, "case.json"), cj)
+
+
 def case_sharded():
     seed = 170
     m = build(LlamaForCausalLM, LlamaConfig, seed)
@@ -945,6 +1044,8 @@ CASES = [
     ("config_styles", case_config_styles),  # writes config_4x and config_5x
     ("bf16_weights", case_bf16_weights),
     ("mistral", case_mistral),
+    ("mistral_sliding_window", case_mistral_sliding_window),
+    ("qwen2_sliding_window", case_qwen2_sliding_window),
     ("sharded", case_sharded),
     ("head_dim_explicit", case_head_dim_explicit),
     ("generate", case_generate),
