@@ -19,7 +19,12 @@ pub struct CombineArgs {
     #[arg(long, required = true)]
     adapter: Vec<PathBuf>,
     /// One weight per adapter, comma-separated (negative subtracts an adapter).
-    #[arg(long, value_delimiter = ',', required = true, allow_hyphen_values = true)]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        required = true,
+        allow_hyphen_values = true
+    )]
     weights: Vec<f64>,
     /// The combination type; only PEFT's `linear` is implemented.
     #[arg(long, default_value = "linear")]

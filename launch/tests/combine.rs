@@ -76,7 +76,10 @@ fn combine_adapters_writes_pefts_weighted_adapter() {
         let run = combine("0.7,0.3", &committed);
         assert!(run.status.success());
     }
-    assert_same_tensors(&committed, &golden("weighted_adapters").join("combined_linear"));
+    assert_same_tensors(
+        &committed,
+        &golden("weighted_adapters").join("combined_linear"),
+    );
 }
 
 #[test]
@@ -85,7 +88,9 @@ fn python_peft_loads_the_combined_adapter_with_pefts_logits() {
     let text =
         std::fs::read_to_string(&path).expect("peft_check.json (run check_bellows_adapter.py)");
     let v: serde_json::Value = serde_json::from_str(&text).expect("json");
-    let diff = v["max_abs_logit_diff"].as_f64().expect("max_abs_logit_diff");
+    let diff = v["max_abs_logit_diff"]
+        .as_f64()
+        .expect("max_abs_logit_diff");
     assert!(diff <= 1e-4, "{text}");
     assert_eq!(v["adapted_modules"].as_u64(), Some(6), "{text}");
 }

@@ -34,7 +34,7 @@ mod rope;
 pub use adapter_set::{linear_sites, read_adapter_set, save_adapter_set};
 pub use attention::Attention;
 pub use cache::{KvCache, LayerCache};
-pub use config::{Family, ModelArch, RopeScaling};
+pub use config::{Family, ModelArch, RopeScaling, SlidingWindow};
 pub use error::{Error, Result};
 pub use generate::{generate, pick_token, probabilities, GenerateOptions};
 pub use hf::{
@@ -69,5 +69,6 @@ pub fn tiny_arch() -> ModelArch {
         initializer_range: 0.02,
         bos_token_id: None,
         eos_token_id: None,
+        sliding_window: None,
     }
 }
