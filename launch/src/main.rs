@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand};
 
 use bellows_trainer::{train, RunConfig};
 
+mod adapter_args;
 mod bench_cmd;
 mod combine_cmd;
 mod env_cmd;

@@ -46,7 +46,7 @@ pub use mlp::Mlp;
 pub use model::{attention_mask, CausalLm, Decoder, DecoderLayer, ForwardInput};
 pub use norm::RmsNorm;
 pub use params::{is_adapter_path, ParamInfo, ParamLister, TrainableMapper};
-pub use peft_model::PeftModel;
+pub use peft_model::{load_pretrained_with_weighted_adapters, PeftModel};
 pub use rope::{inv_freq, RopeTables};
 
 /// A tiny architecture (vocab 64, hidden 32, 2 layers, GQA 4/2) for tests and examples.

@@ -7,13 +7,39 @@
 //! Switching moves tensor handles, it copies no weights.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use bellows_peft::{combine_adapters, AdapterSet, Combination, LinearSite, PeftConfig};
+use bellows_peft::{combine_adapters, AdapterSet, Combination, LinearSite, LoraPlan, PeftConfig};
 use burn::tensor::backend::Backend;
 
 use crate::adapter_set::{linears_mut, read_adapter_set, save_adapter_set};
-use crate::{CausalLm, Error, Result};
+use crate::{load_pretrained, CausalLm, Error, ModelArch, Result};
+
+/// Loads the base folder `base` and the PEFT adapter folders `adapters`, combined with `weights`
+/// into one active adapter (PEFT's `load_adapter` for each, `add_weighted_adapter`, `set_adapter`).
+///
+/// # Errors
+/// As [`load_pretrained`], [`PeftModel::load_adapter`] and [`PeftModel::add_weighted_adapter`].
+pub fn load_pretrained_with_weighted_adapters<B: Backend>(
+    base: &Path,
+    adapters: &[PathBuf],
+    weights: &[f64],
+    combination: Combination,
+    device: &B::Device,
+) -> Result<(ModelArch, CausalLm<B>)> {
+    let (arch, model) = load_pretrained::<B>(base, &LoraPlan::none(), device)?;
+    let mut m = PeftModel::new(model);
+    let names: Vec<String> = (0..adapters.len())
+        .map(|i| format!("adapter_{i}"))
+        .collect();
+    for (dir, name) in adapters.iter().zip(&names) {
+        m.load_adapter(dir, name)?;
+    }
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    m.add_weighted_adapter(&names, weights, "combined", combination)?;
+    m.set_adapter("combined")?;
+    Ok((arch, m.into_model()))
+}
 
 /// A model with named adapters, at most one active. See the module documentation.
 ///
