@@ -3,11 +3,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use burn::backend::Flex;
 use clap::Args;
 
-use bellows_models::{generate, load_pretrained, GenerateOptions};
-use bellows_peft::LoraPlan;
+use crate::adapter_args::AdapterArgs;
+use bellows_models::{generate, GenerateOptions};
 
 /// Options of `bellows generate`.
 #[derive(Debug, Args)]
@@ -15,9 +14,8 @@ pub struct GenerateArgs {
     /// A Hugging Face model folder (with `tokenizer.json` for text prompts).
     #[arg(long)]
     model: PathBuf,
-    /// A PEFT adapter folder applied on top of the model.
-    #[arg(long)]
-    adapter: Option<PathBuf>,
+    #[command(flatten)]
+    adapters: AdapterArgs,
     /// The prompt text (needs `tokenizer.json` in the model folder).
     #[arg(long, conflicts_with = "prompt_ids")]
     prompt: Option<String>,
@@ -46,11 +44,7 @@ fn fail(msg: String) -> ExitCode {
 /// Generates and prints the continuation (text, or ids for `--prompt-ids`).
 pub fn run(a: GenerateArgs) -> ExitCode {
     let device = Default::default();
-    let loaded = match &a.adapter {
-        Some(dir) => bellows_models::load_pretrained_with_adapter::<Flex>(&a.model, dir, &device)
-            .map(|(a, _, m)| (a, m)),
-        None => load_pretrained::<Flex>(&a.model, &LoraPlan::none(), &device),
-    };
+    let loaded = a.adapters.load(&a.model);
     let (arch, model) = match loaded {
         Ok(m) => m,
         Err(e) => return fail(e.to_string()),

@@ -7,7 +7,9 @@ use clap::{Args, Parser, Subcommand};
 
 use bellows_trainer::{train, RunConfig};
 
+mod adapter_args;
 mod bench_cmd;
+mod combine_cmd;
 mod env_cmd;
 mod eval_cmd;
 mod generate_cmd;
@@ -52,6 +54,8 @@ enum Command {
     Launch(launch_cmd::LaunchArgs),
     /// Fold a PEFT adapter into its base model and write a plain Hugging Face folder.
     Merge(merge_cmd::MergeArgs),
+    /// Combine PEFT adapters with weights into a new adapter (PEFT's `add_weighted_adapter`, linear).
+    CombineAdapters(combine_cmd::CombineArgs),
     /// Dry run: per-rank memory and communication per step of DDP, ZeRO-1/2 and FSDP for a job, before anything is allocated.
     Plan(PlanArgs),
     /// Check a GPU host: golden parity on the device, matmul peak, CPU-vs-GPU loss curves, NCCL, a LoRA benchmark.
@@ -135,6 +139,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Merge(args) => merge_cmd::run(&args),
+        Command::CombineAdapters(args) => combine_cmd::run(&args),
         Command::Train(job) => {
             let cfg = match load(&job) {
                 Ok(c) => c,

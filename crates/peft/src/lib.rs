@@ -16,6 +16,7 @@
 //! ```
 #![warn(missing_docs)]
 
+mod combine;
 mod config;
 mod dora;
 mod dtype;
@@ -24,6 +25,7 @@ mod init;
 mod io;
 mod linear;
 
+pub use combine::{combine_adapters, combined_config, AdapterSet, Combination, LinearSite};
 pub use config::{layer_index, LoraInit, LoraPlan, LoraSpec, Method, PeftConfig, TargetModules};
 pub use dtype::in_dtype;
 pub use error::{Error, Result};
