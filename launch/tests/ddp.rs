@@ -374,3 +374,121 @@ fn max_restarts_restarts_the_group_from_the_latest_checkpoint_and_finishes_the_s
         "restarted vs uninterrupted",
     );
 }
+
+/// `zero: rank R of N holds X bytes of optimizer state (unsharded: Y)` lines of a run.
+fn zero_state_bytes(out: &Output) -> Vec<(u64, u64)> {
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.split("holds ").nth(1)?;
+            let held = rest.split_whitespace().next()?.parse().ok()?;
+            let full = rest
+                .split("unsharded: ")
+                .nth(1)?
+                .trim_end_matches(')')
+                .parse()
+                .ok()?;
+            Some((held, full))
+        })
+        .collect()
+}
+
+#[test]
+fn zero1_and_zero2_match_ddp_and_shard_the_optimizer_state() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = job(dir.path());
+    for nproc in [2usize, 3] {
+        let ddp = dir.path().join(format!("ddp{nproc}"));
+        check(&launch(&cfg, &ddp, nproc, &[]), "ddp");
+        for s in ["zero1", "zero2"] {
+            let out = dir.path().join(format!("{s}-{nproc}"));
+            let o = launch(&cfg, &out, nproc, &["--set", &format!("dist.strategy={s}")]);
+            check(&o, s);
+            assert_same_adapter(&out, &ddp, &format!("{s} x {nproc} vs ddp"));
+            // Each rank holds about 1/N of the AdamW moments.
+            let held = zero_state_bytes(&o);
+            assert_eq!(held.len(), nproc, "one line per rank");
+            let total: u64 = held.iter().map(|h| h.0).sum();
+            assert_eq!(total, held[0].1, "shards add up to the whole state");
+            for (h, full) in &held {
+                assert!(
+                    *h <= full / nproc as u64 + full / 8,
+                    "{s}: {h} of {full} on one rank"
+                );
+            }
+        }
+    }
+    // Full fine-tuning (2-D and 1-D parameters) with ZeRO-2 on 3 processes.
+    let full_ddp = dir.path().join("full-ddp");
+    check(
+        &launch(&cfg, &full_ddp, 3, &["--set", "peft.method=none"]),
+        "full ddp",
+    );
+    let full_z2 = dir.path().join("full-z2");
+    let o = launch(
+        &cfg,
+        &full_z2,
+        3,
+        &["--set", "peft.method=none", "--set", "dist.strategy=zero2"],
+    );
+    check(&o, "full zero2");
+    let model = |d: &Path| std::fs::read(d.join("model/model.safetensors")).expect("model");
+    let (a, b) = (model(&full_z2), model(&full_ddp));
+    let (a, b) = (
+        safetensors::SafeTensors::deserialize(&a).expect("st"),
+        safetensors::SafeTensors::deserialize(&b).expect("st"),
+    );
+    for (name, t) in b.tensors() {
+        let u = a.tensor(&name).expect("same tensors");
+        for (i, (p, q)) in u
+            .data()
+            .chunks_exact(4)
+            .zip(t.data().chunks_exact(4))
+            .enumerate()
+        {
+            let (p, q) = (
+                f32::from_le_bytes([p[0], p[1], p[2], p[3]]),
+                f32::from_le_bytes([q[0], q[1], q[2], q[3]]),
+            );
+            assert!(
+                (p - q).abs() <= 1e-6 + 1e-5 * q.abs(),
+                "{name}[{i}] {p} vs {q}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_zero_checkpoint_resumes_to_the_uninterrupted_result() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = job(dir.path());
+    // A constant schedule, so a run told to stop at step 2 trains steps 1-2 as the 4-step run does.
+    let z = [
+        "--set",
+        "dist.strategy=zero1",
+        "--set",
+        "checkpoint.every_steps=2",
+        "--set",
+        "optim.scheduler=\"constant\"",
+    ];
+    let whole = dir.path().join("whole");
+    check(&launch(&cfg, &whole, 2, &z), "zero1 whole");
+    // Stop after step 2 (its checkpoint), then resume to step 4.
+    let part = dir.path().join("part");
+    let mut first = z.to_vec();
+    first.extend(["--set", "run.max_steps=2"]);
+    check(&launch(&cfg, &part, 2, &first), "zero1 to step 2");
+    let mut second = z.to_vec();
+    second.extend(["--set", "checkpoint.resume=\"latest\""]);
+    check(&launch(&cfg, &part, 2, &second), "zero1 resumed");
+    assert_same_adapter(&part, &whole, "resumed zero1 vs uninterrupted");
+    // The checkpoint holds the whole (gathered) optimizer state, in the DDP format.
+    let opt = std::fs::read(whole.join("checkpoints/checkpoint-4/optimizer.safetensors"))
+        .expect("optimizer file");
+    let st = safetensors::SafeTensors::deserialize(&opt).expect("st");
+    assert!(st.names().iter().any(|n| n.ends_with(".exp_avg_sq")));
+}

@@ -22,6 +22,14 @@ pub enum Strategy {
     /// Replicated model, gradients averaged by all-reduce (PyTorch DDP).
     #[default]
     Ddp,
+    /// ZeRO stage 1: optimizer state sharded by rows across ranks.
+    Zero1,
+    /// ZeRO stage 2: optimizer state sharded and gradients reduce-scattered.
+    Zero2,
+    /// ZeRO stage 3 / FSDP: parameters sharded too (not available yet).
+    Fsdp,
+    /// FSDP within a node, replicas across nodes (not available yet).
+    Hybrid,
 }
 
 fn default_timeout_secs() -> u64 {
@@ -53,7 +61,8 @@ pub struct DistConfig {
     /// Gradient bucket size for overlapping all-reduce, in MiB. Default 25, range (0, 4096].
     #[serde(default = "default_bucket_mb")]
     pub bucket_mb: f64,
-    /// Parallelism strategy: `"ddp"` (default; more later).
+    /// Parallelism strategy: `"ddp"` (default), `"zero1"`, `"zero2"`; `"fsdp"` and `"hybrid"`
+    /// are recognised but not available yet.
     #[serde(default)]
     pub strategy: Strategy,
 }
@@ -86,6 +95,15 @@ impl DistConfig {
             out.push((
                 key("bucket_mb"),
                 format!("must be in (0, 4096], got {}", self.bucket_mb),
+            ));
+        }
+        if matches!(self.strategy, Strategy::Fsdp | Strategy::Hybrid) {
+            out.push((
+                key("strategy"),
+                format!(
+                    "{:?} (parameter sharding) is not available in this version; use \"ddp\", \"zero1\" or \"zero2\"",
+                    format!("{:?}", self.strategy).to_lowercase()
+                ),
             ));
         }
         if self.backend == BackendKind::Nccl && !cfg!(feature = "cuda") {

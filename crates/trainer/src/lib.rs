@@ -31,6 +31,7 @@ mod schedule;
 pub mod tensorboard;
 mod update;
 mod validate;
+pub mod zero;
 
 pub use accelerator::Accelerator;
 pub use bench::{peak_rss_mib, run_bench, BenchMode, BenchReport, BenchSpec};

@@ -15,13 +15,14 @@ use bellows_peft::LoraPlan;
 
 use crate::checkpoint::{
     load_checkpoint, resolve_resume, save_checkpoint, truncate_metrics, write_model_card,
-    CheckpointCtx, StopSignal, TrainProgress,
+    CheckpointCtx, OptimRef, StopSignal, TrainProgress,
 };
 use crate::config::{NonFinitePolicy, ParamDtype, Precision, RunConfig};
 use crate::health::SpikeDetector;
 use crate::metrics::{MetricsSink, StepMetrics};
 use crate::precision::{cast_params, compute_dtype, LossScaler};
 use crate::progress::Progress;
+use crate::zero::{AdamWParams, ZeroAdamW};
 use crate::{schedule, update, Accelerator, Error, Result};
 
 /// What a finished run reports.
@@ -202,6 +203,18 @@ pub fn train_on<B: AutodiffBackend>(
         .with_epsilon(o.eps as f32)
         .with_weight_decay(o.weight_decay as f32)
         .init::<B, CausalLm<B>>();
+    let hp = AdamWParams {
+        beta1: o.beta1 as f32,
+        beta2: o.beta2 as f32,
+        eps: o.eps as f32,
+        weight_decay: o.weight_decay as f32,
+    };
+    let (rank, world) = (acc.rank(), acc.world_size());
+    let mut zero = match cfg.dist.strategy {
+        bellows_dist::Strategy::Zero1 => Some(ZeroAdamW::new(hp, false, rank, world)),
+        bellows_dist::Strategy::Zero2 => Some(ZeroAdamW::new(hp, true, rank, world)),
+        _ => None,
+    };
     let spec = LoaderSpec {
         split: Split::Train,
         shard: acc.shard(),
@@ -219,6 +232,12 @@ pub fn train_on<B: AutodiffBackend>(
             let t0 = Instant::now();
             let r = load_checkpoint(ctx, &dir, model, optim)?;
             (model, optim) = (r.model, r.optim);
+            if let Some(z) = zero.as_mut() {
+                // ZeRO keeps only this rank's rows; the consolidated file has them all.
+                let path = dir.join("optimizer.safetensors");
+                z.load_consolidated(&crate::checkpoint::read_tensors(&path)?)?;
+                optim = AdamWConfig::new().init::<B, CausalLm<B>>();
+            }
             let p = r.progress;
             if p.loss_scaler.is_some() {
                 scaler = p.loss_scaler.clone();
@@ -282,9 +301,26 @@ pub fn train_on<B: AutodiffBackend>(
             let g = sum.div_scalar(denom / loss_scale).backward();
             accum.accumulate(&model, GradientsParams::from_grads(g, &model));
         }
-        let g = acc.sync_grads(&model, accum.grads())?;
+        let g = accum.grads();
         let up;
-        (model, up) = update::apply(model, &mut optim, g, lr, o.max_grad_norm, scaler.as_mut());
+        match zero.as_mut() {
+            Some(z) => {
+                // ZeRO-2 reduce-scatters inside the step; ZeRO-1 all-reduces like DDP.
+                let g = if z.stage2 {
+                    g
+                } else {
+                    acc.sync_grads(&model, g)?
+                };
+                let pg = acc.process_group();
+                (model, up) =
+                    update::apply_zero(model, z, &g, pg, lr, o.max_grad_norm, scaler.as_mut())?;
+            }
+            None => {
+                let g = acc.sync_grads(&model, g)?;
+                (model, up) =
+                    update::apply(model, &mut optim, g, lr, o.max_grad_norm, scaler.as_mut());
+            }
+        }
         let norm = up.grad_norm;
         if !up.applied {
             report.skipped_steps += 1;
@@ -366,7 +402,11 @@ pub fn train_on<B: AutodiffBackend>(
                 loss_scaler: scaler.clone(),
                 skipped_steps: report.skipped_steps,
             };
-            let dir = save_checkpoint(ctx, &model, &optim, &p)?;
+            let optim_ref = match &zero {
+                Some(z) => OptimRef::Zero(z),
+                None => OptimRef::Burn(&optim),
+            };
+            let dir = save_checkpoint(ctx, &model, optim_ref, &p)?;
             last_save = Instant::now();
             if nonfinite_stop {
                 progress.finish();
@@ -390,6 +430,13 @@ pub fn train_on<B: AutodiffBackend>(
         }
     }
     progress.finish();
+    if let Some(z) = &zero {
+        let full = 8 * crate::plan::count_params(&arch, &plan).trainable;
+        eprintln!(
+            "zero: rank {rank} of {world} holds {} bytes of optimizer state (unsharded: {full})",
+            z.state_bytes()
+        );
+    }
     if report.stopped_by.is_some() {
         acc.barrier()?;
         return Ok(report);

@@ -6,8 +6,11 @@ use burn::tensor::backend::AutodiffBackend;
 
 use bellows_models::CausalLm;
 
+use bellows_dist::ProcessGroup;
+
 use crate::grads;
 use crate::precision::LossScaler;
+use crate::zero::ZeroAdamW;
 
 /// What [`apply`] did.
 #[derive(Debug, Clone, Copy)]
@@ -34,28 +37,17 @@ where
     B: AutodiffBackend,
     O: Optimizer<CausalLm<B>, B>,
 {
-    let scale = scaler.as_ref().map_or(1.0, |s| s.scale);
-    let norm = grads::norm_sq(&model, &grads).sqrt() / scale;
-    let finite = norm.is_finite();
-    let applied = match scaler {
-        Some(s) => s.update(!finite),
-        None => finite,
-    };
-    if !applied {
+    let raw = grads::norm_sq(&model, &grads).sqrt();
+    let (norm, factor) = decide(raw, max_norm, scaler);
+    let Some(factor) = factor else {
         return (
             model,
             Update {
                 grad_norm: norm,
-                applied,
+                applied: false,
             },
         );
-    }
-    let clip = if max_norm > 0.0 && norm > max_norm {
-        max_norm / (norm + 1e-6)
-    } else {
-        1.0
     };
-    let factor = clip / scale;
     let g = if factor == 1.0 {
         grads
     } else {
@@ -65,7 +57,57 @@ where
         optim.step(lr, model, g),
         Update {
             grad_norm: norm,
-            applied,
+            applied: true,
         },
     )
+}
+
+/// The same update with ZeRO's sharded optimizer (`grads` are this rank's, all-reduced for
+/// stage 1, local for stage 2).
+///
+/// # Errors
+/// A collective fails.
+pub(crate) fn apply_zero<B: AutodiffBackend>(
+    model: CausalLm<B>,
+    zero: &mut ZeroAdamW,
+    grads: &GradientsParams,
+    pg: &ProcessGroup,
+    lr: f64,
+    max_norm: f64,
+    scaler: Option<&mut LossScaler>,
+) -> crate::Result<(CausalLm<B>, Update)> {
+    let mut outcome = Update {
+        grad_norm: f64::NAN,
+        applied: false,
+    };
+    let (model, _) = zero.step(model, grads, pg, lr, |raw| {
+        let (norm, factor) = decide(raw, max_norm, scaler);
+        outcome = Update {
+            grad_norm: norm,
+            applied: factor.is_some(),
+        };
+        factor
+    })?;
+    Ok((model, outcome))
+}
+
+/// From the raw (still loss-scaled) global norm: the true norm, and the factor to multiply the
+/// gradients by (unscale × clip), or `None` to skip the step.
+fn decide(raw: f64, max_norm: f64, scaler: Option<&mut LossScaler>) -> (f64, Option<f64>) {
+    let scale = scaler.as_ref().map_or(1.0, |s| s.scale);
+    let norm = raw / scale;
+    let finite = norm.is_finite();
+    let applied = match scaler {
+        Some(s) => s.update(!finite),
+        None => finite,
+    };
+    if !applied {
+        return (norm, None);
+    }
+    let clip = if max_norm > 0.0 && norm > max_norm {
+        max_norm / (norm + 1e-6)
+    } else {
+        1.0
+    };
+    (norm, Some(clip / scale))
 }

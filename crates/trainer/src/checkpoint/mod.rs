@@ -38,5 +38,6 @@ pub use manifest::{
 };
 pub use params::AdamWOptim;
 pub use rotate::{checkpoints_dir, latest_checkpoint, list_checkpoints};
-pub use save::{save_checkpoint, CheckpointCtx, TrainProgress};
+pub use save::{save_checkpoint, CheckpointCtx, OptimRef, TrainProgress};
 pub use signal::StopSignal;
+pub(crate) use tensors::read_all as read_tensors;

@@ -35,6 +35,14 @@ pub struct CheckpointCtx<'a> {
     pub plan: &'a LoraPlan,
 }
 
+/// The optimizer whose state a checkpoint saves.
+pub enum OptimRef<'a, B: AutodiffBackend> {
+    /// burn's AdamW (DDP or one process).
+    Burn(&'a AdamWOptim<CausalLm<B>, B>),
+    /// ZeRO's sharded AdamW (gathered into the same format).
+    Zero(&'a crate::zero::ZeroAdamW),
+}
+
 /// The training progress stored in a checkpoint.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainProgress {
@@ -81,7 +89,7 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
 pub fn save_checkpoint<B: AutodiffBackend>(
     ctx: CheckpointCtx<'_>,
     model: &CausalLm<B>,
-    optim: &AdamWOptim<CausalLm<B>, B>,
+    optim: OptimRef<'_, B>,
     progress: &TrainProgress,
 ) -> Result<PathBuf> {
     let root = checkpoints_dir(&ctx.cfg.run.output_dir);
@@ -96,9 +104,15 @@ pub fn save_checkpoint<B: AutodiffBackend>(
     let state = serde_json::to_vec_pretty(&progress.loader)
         .map_err(|e| Error::Internal(format!("loader state does not serialise: {e}")))?;
     write_synced(&tmp.join(loader_file(ctx.acc.rank())), &state)?;
+    // ZeRO's shards are gathered on every rank (a collective); the DDP optimizer is read by rank 0.
+    let optim_tensors = match optim {
+        OptimRef::Zero(z) => z.consolidated(ctx.acc.process_group())?,
+        OptimRef::Burn(o) if ctx.acc.is_main() => collect_optim(model, o),
+        OptimRef::Burn(_) => Vec::new(),
+    };
     ctx.acc.barrier()?;
     if ctx.acc.is_main() {
-        write_main_files(ctx, model, optim, progress, &tmp)?;
+        write_main_files(ctx, model, optim_tensors, progress, &tmp)?;
         if dest.exists() {
             std::fs::remove_dir_all(&dest).map_err(|e| Error::io(&dest, e))?;
         }
@@ -114,7 +128,7 @@ pub fn save_checkpoint<B: AutodiffBackend>(
 fn write_main_files<B: AutodiffBackend>(
     ctx: CheckpointCtx<'_>,
     model: &CausalLm<B>,
-    optim: &AdamWOptim<CausalLm<B>, B>,
+    optim_tensors: Vec<(String, burn::tensor::TensorData)>,
     progress: &TrainProgress,
     tmp: &Path,
 ) -> Result<()> {
@@ -127,7 +141,7 @@ fn write_main_files<B: AutodiffBackend>(
     let mut dtypes = BTreeMap::new();
     for (file, tensors) in [
         ("model.safetensors", collect_params(model, sel)),
-        ("optimizer.safetensors", collect_optim(model, optim)),
+        ("optimizer.safetensors", optim_tensors),
     ] {
         let path = tmp.join(file);
         let mut names: Vec<String> = tensors.iter().map(|t| dtype_name(t.1.dtype)).collect();

@@ -1,0 +1,421 @@
+//! ZeRO stages 1 and 2 (Rajbhandari et al. 2020) on the host: each rank keeps AdamW moments only
+//! for its shard of every trainable parameter — rows `chunk_range(rows, world, rank)` of dim 0
+//! (the last shard may be smaller) — updates that shard, and all-gathers the updated rows.
+//! Stage 2 also reduce-scatters the gradients, so a rank sums only the rows it owns.
+//!
+//! The AdamW arithmetic is burn 0.21's (`burn-optim` `adamw.rs`), operation for operation in f32,
+//! so a ZeRO run follows the DDP run's trajectory (tested against it across processes).
+
+use std::collections::HashMap;
+use std::ops::Range;
+
+use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::optim::GradientsParams;
+use burn::tensor::{backend::AutodiffBackend, Tensor, TensorData};
+
+use bellows_dist::{chunk_range, ProcessGroup, ReduceOp};
+
+use crate::Result;
+
+/// AdamW hyper-parameters (the `[optim]` section's).
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWParams {
+    /// β₁.
+    pub beta1: f32,
+    /// β₂.
+    pub beta2: f32,
+    /// ε.
+    pub eps: f32,
+    /// Decoupled weight decay.
+    pub weight_decay: f32,
+}
+
+/// One parameter's shard of optimizer state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShardState {
+    /// Global shape of the parameter.
+    pub shape: Vec<usize>,
+    /// This rank's element range in the flattened parameter (whole rows of dim 0).
+    pub range: Range<usize>,
+    /// First moment of the shard.
+    pub exp_avg: Vec<f32>,
+    /// Second moment of the shard.
+    pub exp_avg_sq: Vec<f32>,
+    /// Steps taken.
+    pub step: i64,
+}
+
+/// The sharded optimizer of one rank.
+#[derive(Debug)]
+pub struct ZeroAdamW {
+    hp: AdamWParams,
+    /// Stage 2: gradients are reduce-scattered (else all-reduced by the caller).
+    pub stage2: bool,
+    rank: usize,
+    world: usize,
+    /// State by parameter path.
+    pub state: HashMap<String, ShardState>,
+}
+
+/// A trainable parameter as the optimizer sees it (host copies).
+struct Item {
+    id: ParamId,
+    path: String,
+    shape: Vec<usize>,
+    grad: Vec<f32>,
+}
+
+/// The rows of dim 0 that `rank` owns, as a flat element range.
+pub fn shard_range(shape: &[usize], world: usize, rank: usize) -> Range<usize> {
+    let rows = shape.first().copied().unwrap_or(1).max(1);
+    let cols: usize = shape.iter().skip(1).product();
+    let r = chunk_range(rows, world, rank);
+    r.start * cols..r.end * cols
+}
+
+/// `buf` (one value per element of a `shape` parameter) laid out as `world` equal slots, slot
+/// `r` holding rank `r`'s rows padded with zeros: what equal-chunk collectives need.
+fn to_slots(buf: &[f32], shape: &[usize], world: usize) -> (Vec<f32>, usize) {
+    let slot = (0..world)
+        .map(|r| shard_range(shape, world, r).len())
+        .max()
+        .unwrap_or(0);
+    let mut out = vec![0f32; slot * world];
+    for r in 0..world {
+        let range = shard_range(shape, world, r);
+        out[r * slot..r * slot + range.len()].copy_from_slice(&buf[range]);
+    }
+    (out, slot)
+}
+
+struct Stack(Vec<String>);
+
+struct Collect<'a> {
+    stack: Stack,
+    grads: &'a GradientsParams,
+    items: Vec<Item>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for Collect<'_> {
+    fn enter_module(&mut self, name: &str, _c: &str) {
+        self.stack.0.push(name.to_string());
+    }
+    fn exit_module(&mut self, _n: &str, _c: &str) {
+        self.stack.0.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+        if let Some(g) = self.grads.get::<B::InnerBackend, D>(p.id) {
+            let shape = g.dims().to_vec();
+            let grad = g
+                .into_data()
+                .convert::<f32>()
+                .to_vec::<f32>()
+                .unwrap_or_default();
+            self.items.push(Item {
+                id: p.id,
+                path: self.stack.0.join("."),
+                shape,
+                grad,
+            });
+        }
+    }
+}
+
+/// Replaces parameters by id with new host values (kept in each parameter's dtype).
+struct Put {
+    values: HashMap<ParamId, Vec<f32>>,
+}
+
+impl<B: AutodiffBackend> ModuleMapper<B> for Put {
+    fn map_float<const D: usize>(&mut self, p: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let Some(values) = self.values.remove(&p.id) else {
+            return p;
+        };
+        let id = p.id;
+        let t = p.val();
+        let (device, dtype, shape) = (t.device(), t.dtype(), t.dims());
+        let t = Tensor::<B, D>::from_data(TensorData::new(values, shape), (&device, dtype));
+        Param::initialized(id, t.require_grad())
+    }
+}
+
+impl ZeroAdamW {
+    /// A fresh optimizer for rank `rank` of `world`.
+    pub fn new(hp: AdamWParams, stage2: bool, rank: usize, world: usize) -> Self {
+        ZeroAdamW {
+            hp,
+            stage2,
+            rank,
+            world,
+            state: HashMap::new(),
+        }
+    }
+
+    /// Bytes of optimizer state this rank holds.
+    pub fn state_bytes(&self) -> usize {
+        self.state
+            .values()
+            .map(|s| 4 * (s.exp_avg.len() + s.exp_avg_sq.len()))
+            .sum()
+    }
+
+    /// Sums the gradients of this rank's rows across ranks (stage 2: reduce-scatter; stage 1:
+    /// the caller already all-reduced them, so this only keeps the rows). Returns per parameter
+    /// (id, path, shape, summed grad rows) and the global Σg² over all ranks' rows.
+    fn my_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
+        &self,
+        model: &M,
+        grads: &GradientsParams,
+        pg: &ProcessGroup,
+    ) -> Result<(Vec<Item>, f64)> {
+        let mut c = Collect {
+            stack: Stack(Vec::new()),
+            grads,
+            items: Vec::new(),
+        };
+        model.visit(&mut c);
+        let mut local_sq = 0f64;
+        for it in &mut c.items {
+            let range = shard_range(&it.shape, self.world, self.rank);
+            it.grad = if self.stage2 && self.world > 1 {
+                let (slots, slot) = to_slots(&it.grad, &it.shape, self.world);
+                let mut mine = vec![0f32; slot];
+                pg.reduce_scatter(&slots, &mut mine, ReduceOp::Sum)?;
+                mine.truncate(range.len());
+                mine
+            } else {
+                it.grad[range].to_vec()
+            };
+            local_sq += it
+                .grad
+                .iter()
+                .map(|&g| f64::from(g) * f64::from(g))
+                .sum::<f64>();
+        }
+        // The norm of the whole gradient: every rank's rows, once each.
+        let mut sq = [local_sq];
+        if self.world > 1 {
+            pg.all_reduce(&mut sq, ReduceOp::Sum)?;
+        }
+        Ok((c.items, sq[0]))
+    }
+
+    /// One step: global gradient norm (returned, before `factor`), then for every trainable
+    /// parameter AdamW on this rank's rows of `grads · factor` and an all-gather of the rows.
+    /// With `apply = None`, only the norm is computed (the caller decides first whether to step,
+    /// e.g. on a non-finite norm); call [`ZeroAdamW::step`] with `Some(factor)` to update.
+    ///
+    /// # Errors
+    /// A collective fails.
+    pub fn step<B: AutodiffBackend, M: AutodiffModule<B>>(
+        &mut self,
+        model: M,
+        grads: &GradientsParams,
+        pg: &ProcessGroup,
+        lr: f64,
+        decide: impl FnOnce(f64) -> Option<f64>,
+    ) -> Result<(M, f64)> {
+        let (items, sq) = self.my_grads(&model, grads, pg)?;
+        let norm = sq.sqrt();
+        let Some(factor) = decide(norm) else {
+            return Ok((model, norm));
+        };
+        let params = host_params(&model, &items);
+        let mut values = HashMap::new();
+        for (it, full) in items.into_iter().zip(params) {
+            let range = shard_range(&it.shape, self.world, self.rank);
+            let st = self
+                .state
+                .entry(it.path.clone())
+                .or_insert_with(|| ShardState {
+                    shape: it.shape.clone(),
+                    range: range.clone(),
+                    exp_avg: vec![0.0; range.len()],
+                    exp_avg_sq: vec![0.0; range.len()],
+                    step: 0,
+                });
+            let mut mine = full[range.clone()].to_vec();
+            adamw_rows(&self.hp, st, &mut mine, &it.grad, factor as f32, lr);
+            let updated = if self.world > 1 {
+                let mut slot_buf = vec![
+                    0f32;
+                    (0..self.world)
+                        .map(|r| shard_range(&it.shape, self.world, r).len())
+                        .max()
+                        .unwrap_or(0)
+                ];
+                slot_buf[..mine.len()].copy_from_slice(&mine);
+                let slot = slot_buf.len();
+                let mut all = vec![0f32; slot * self.world];
+                pg.all_gather(&slot_buf, &mut all)?;
+                let mut out = Vec::with_capacity(full.len());
+                for r in 0..self.world {
+                    let n = shard_range(&it.shape, self.world, r).len();
+                    out.extend_from_slice(&all[r * slot..r * slot + n]);
+                }
+                out
+            } else {
+                mine
+            };
+            values.insert(it.id, updated);
+        }
+        Ok((model.map(&mut Put { values }), norm))
+    }
+}
+
+/// Host copies (f32) of the parameters named by `items`, in their order.
+fn host_params<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    items: &[Item],
+) -> Vec<Vec<f32>> {
+    struct Get {
+        want: HashMap<ParamId, usize>,
+        out: Vec<Vec<f32>>,
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Get {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+            if let Some(&i) = self.want.get(&p.id) {
+                self.out[i] = p
+                    .val()
+                    .into_data()
+                    .convert::<f32>()
+                    .to_vec::<f32>()
+                    .unwrap_or_default();
+            }
+        }
+    }
+    let mut g = Get {
+        want: items.iter().enumerate().map(|(i, it)| (it.id, i)).collect(),
+        out: vec![Vec::new(); items.len()],
+    };
+    model.visit(&mut g);
+    g.out
+}
+
+impl ZeroAdamW {
+    /// The whole optimizer state, gathered from every rank, as checkpoint tensors
+    /// (`<path>.exp_avg`, `<path>.exp_avg_sq`, `<path>.step`: the DDP optimizer's format, so a
+    /// ZeRO checkpoint is also a DDP one). Every rank must call it.
+    ///
+    /// # Errors
+    /// A collective fails.
+    pub fn consolidated(&self, pg: &ProcessGroup) -> Result<Vec<(String, TensorData)>> {
+        let mut paths: Vec<&String> = self.state.keys().collect();
+        paths.sort();
+        let mut out = Vec::new();
+        for path in paths {
+            let st = &self.state[path];
+            let numel: usize = st.shape.iter().product();
+            for (key, part) in [("exp_avg", &st.exp_avg), ("exp_avg_sq", &st.exp_avg_sq)] {
+                let full = if self.world > 1 {
+                    let slot = (0..self.world)
+                        .map(|r| shard_range(&st.shape, self.world, r).len())
+                        .max()
+                        .unwrap_or(0);
+                    let mut mine = vec![0f32; slot];
+                    mine[..part.len()].copy_from_slice(part);
+                    let mut all = vec![0f32; slot * self.world];
+                    pg.all_gather(&mine, &mut all)?;
+                    let mut full = Vec::with_capacity(numel);
+                    for r in 0..self.world {
+                        let n = shard_range(&st.shape, self.world, r).len();
+                        full.extend_from_slice(&all[r * slot..r * slot + n]);
+                    }
+                    full
+                } else {
+                    part.clone()
+                };
+                out.push((
+                    format!("{path}.{key}"),
+                    TensorData::new(full, st.shape.clone()),
+                ));
+            }
+            out.push((format!("{path}.step"), TensorData::new(vec![st.step], [1])));
+        }
+        Ok(out)
+    }
+
+    /// Takes this rank's rows of consolidated state (as [`ZeroAdamW::consolidated`] writes and
+    /// the DDP optimizer saves), whatever world size wrote it.
+    ///
+    /// # Errors
+    /// A tensor is incomplete or not f32 / i64.
+    pub fn load_consolidated(&mut self, tensors: &HashMap<String, TensorData>) -> Result<()> {
+        let bad = |k: &str, m: &str| crate::Error::Internal(format!("optimizer state {k}: {m}"));
+        for (key, m1) in tensors {
+            let Some(path) = key.strip_suffix(".exp_avg") else {
+                continue;
+            };
+            let k2 = format!("{path}.exp_avg_sq");
+            let k3 = format!("{path}.step");
+            let (Some(m2), Some(step)) = (tensors.get(&k2), tensors.get(&k3)) else {
+                return Err(bad(path, "incomplete"));
+            };
+            let shape = m1.shape.to_vec();
+            let range = shard_range(&shape, self.world, self.rank);
+            let f = |d: &TensorData, k: &str| -> Result<Vec<f32>> {
+                let v = d
+                    .clone()
+                    .convert::<f32>()
+                    .to_vec::<f32>()
+                    .map_err(|e| bad(k, &format!("{e:?}")))?;
+                v.get(range.clone())
+                    .map(<[f32]>::to_vec)
+                    .ok_or_else(|| bad(k, "shorter than its shape"))
+            };
+            let step = step
+                .to_vec::<i64>()
+                .ok()
+                .and_then(|v| v.first().copied())
+                .ok_or_else(|| bad(&k3, "not an i64"))?;
+            self.state.insert(
+                path.to_string(),
+                ShardState {
+                    exp_avg: f(m1, key)?,
+                    exp_avg_sq: f(m2, &k2)?,
+                    shape,
+                    range: range.clone(),
+                    step,
+                },
+            );
+        }
+        Ok(())
+    }
+}
+
+/// burn 0.21's AdamW on one shard, in the same f32 operations and order.
+fn adamw_rows(
+    hp: &AdamWParams,
+    st: &mut ShardState,
+    p: &mut [f32],
+    g: &[f32],
+    factor: f32,
+    lr: f64,
+) {
+    let (b1, b2) = (hp.beta1, hp.beta2);
+    let (f1, f2) = (1.0 - b1, 1.0 - b2);
+    let first = st.step == 0;
+    st.step += 1;
+    let t = st.step as i32;
+    let c1 = 1f32 - b1.powi(t);
+    let c2 = 1f32 - b2.powi(t);
+    let decay = lr * f64::from(hp.weight_decay);
+    let keep = (1.0 - decay) as f32;
+    let lr32 = lr as f32;
+    for i in 0..p.len() {
+        let gi = if factor == 1.0 { g[i] } else { g[i] * factor };
+        let (m, v) = if first {
+            (gi * f1, (gi * gi) * f2)
+        } else {
+            (
+                st.exp_avg[i] * b1 + gi * f1,
+                st.exp_avg_sq[i] * b2 + (gi * gi) * f2,
+            )
+        };
+        st.exp_avg[i] = m;
+        st.exp_avg_sq[i] = v;
+        let delta = (m / c1) / ((v / c2).sqrt() + hp.eps);
+        let decayed = if decay == 0.0 { p[i] } else { p[i] * keep };
+        p[i] = decayed - delta * lr32;
+    }
+}
