@@ -152,10 +152,11 @@ fn main() -> ExitCode {
                         .map(|e| format!(", eval loss {e:.4}"))
                         .unwrap_or_default();
                     eprintln!(
-                        "done: {} steps, loss {:.4} -> {:.4}{eval}; outputs in {}",
+                        "done: {} steps, loss {:.4} -> {:.4}{eval}; peak RSS {:.0} MiB; outputs in {}",
                         r.steps,
                         r.first_loss,
                         r.final_loss,
+                        bellows_trainer::peak_rss_mib(),
                         cfg.run.output_dir.display()
                     );
                     ExitCode::SUCCESS

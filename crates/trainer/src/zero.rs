@@ -93,7 +93,10 @@ struct Stack(Vec<String>);
 struct Collect<'a> {
     stack: Stack,
     grads: &'a GradientsParams,
+    pg: &'a ProcessGroup,
+    stage2: bool,
     items: Vec<Item>,
+    err: Option<bellows_dist::Error>,
 }
 
 impl<B: AutodiffBackend> ModuleVisitor<B> for Collect<'_> {
@@ -104,20 +107,39 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Collect<'_> {
         self.stack.0.pop();
     }
     fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
-        if let Some(g) = self.grads.get::<B::InnerBackend, D>(p.id) {
-            let shape = g.dims().to_vec();
-            let grad = g
-                .into_data()
+        let Some(g) = self.grads.get::<B::InnerBackend, D>(p.id) else {
+            return;
+        };
+        let (world, rank) = (self.pg.world_size(), self.pg.rank());
+        let shape = g.dims().to_vec();
+        let range = shard_range(&shape, world, rank);
+        let host = |t: Tensor<B::InnerBackend, D>| {
+            t.into_data()
                 .convert::<f32>()
                 .to_vec::<f32>()
-                .unwrap_or_default();
-            self.items.push(Item {
-                id: p.id,
-                path: self.stack.0.join("."),
-                shape,
-                grad,
-            });
-        }
+                .unwrap_or_default()
+        };
+        // One parameter at a time, so at most one full gradient is on the host.
+        let grad = if self.stage2 && world > 1 {
+            let (slots, slot) = to_slots(&host(g), &shape, world);
+            let mut mine = vec![0f32; slot];
+            if self.err.is_none() {
+                if let Err(e) = self.pg.reduce_scatter(&slots, &mut mine, ReduceOp::Sum) {
+                    self.err = Some(e);
+                }
+            }
+            mine.truncate(range.len());
+            mine
+        } else {
+            let rows = chunk_range(shape[0].max(1), world, rank);
+            host(g.narrow(0, rows.start, rows.len()))
+        };
+        self.items.push(Item {
+            id: p.id,
+            path: self.stack.0.join("."),
+            shape,
+            grad,
+        });
     }
 }
 
@@ -171,27 +193,21 @@ impl ZeroAdamW {
         let mut c = Collect {
             stack: Stack(Vec::new()),
             grads,
+            pg,
+            stage2: self.stage2,
             items: Vec::new(),
+            err: None,
         };
         model.visit(&mut c);
-        let mut local_sq = 0f64;
-        for it in &mut c.items {
-            let range = shard_range(&it.shape, self.world, self.rank);
-            it.grad = if self.stage2 && self.world > 1 {
-                let (slots, slot) = to_slots(&it.grad, &it.shape, self.world);
-                let mut mine = vec![0f32; slot];
-                pg.reduce_scatter(&slots, &mut mine, ReduceOp::Sum)?;
-                mine.truncate(range.len());
-                mine
-            } else {
-                it.grad[range].to_vec()
-            };
-            local_sq += it
-                .grad
-                .iter()
-                .map(|&g| f64::from(g) * f64::from(g))
-                .sum::<f64>();
+        if let Some(e) = c.err {
+            return Err(e.into());
         }
+        let local_sq: f64 = c
+            .items
+            .iter()
+            .flat_map(|it| it.grad.iter())
+            .map(|&g| f64::from(g) * f64::from(g))
+            .sum();
         // The norm of the whole gradient: every rank's rows, once each.
         let mut sq = [local_sq];
         if self.world > 1 {
@@ -220,9 +236,10 @@ impl ZeroAdamW {
         let Some(factor) = decide(norm) else {
             return Ok((model, norm));
         };
-        let params = host_params(&model, &items);
-        let mut values = HashMap::new();
-        for (it, full) in items.into_iter().zip(params) {
+        // One parameter at a time: fetch this rank's rows, update them, gather every rank's
+        // rows and write the parameter back, so no second copy of the model is ever held.
+        let mut model = model;
+        for it in items {
             let range = shard_range(&it.shape, self.world, self.rank);
             let st = self
                 .state
@@ -234,21 +251,18 @@ impl ZeroAdamW {
                     exp_avg_sq: vec![0.0; range.len()],
                     step: 0,
                 });
-            let mut mine = full[range.clone()].to_vec();
+            let mut mine = host_rows(&model, it.id, &it.shape, self.world, self.rank);
             adamw_rows(&self.hp, st, &mut mine, &it.grad, factor as f32, lr);
             let updated = if self.world > 1 {
-                let mut slot_buf = vec![
-                    0f32;
-                    (0..self.world)
-                        .map(|r| shard_range(&it.shape, self.world, r).len())
-                        .max()
-                        .unwrap_or(0)
-                ];
+                let slot = (0..self.world)
+                    .map(|r| shard_range(&it.shape, self.world, r).len())
+                    .max()
+                    .unwrap_or(0);
+                let mut slot_buf = vec![0f32; slot];
                 slot_buf[..mine.len()].copy_from_slice(&mine);
-                let slot = slot_buf.len();
                 let mut all = vec![0f32; slot * self.world];
                 pg.all_gather(&slot_buf, &mut all)?;
-                let mut out = Vec::with_capacity(full.len());
+                let mut out = Vec::with_capacity(it.shape.iter().product());
                 for r in 0..self.world {
                     let n = shard_range(&it.shape, self.world, r).len();
                     out.extend_from_slice(&all[r * slot..r * slot + n]);
@@ -257,26 +271,33 @@ impl ZeroAdamW {
             } else {
                 mine
             };
-            values.insert(it.id, updated);
+            model = model.map(&mut Put {
+                values: HashMap::from([(it.id, updated)]),
+            });
         }
-        Ok((model.map(&mut Put { values }), norm))
+        Ok((model, norm))
     }
 }
 
-/// Host copies (f32) of the parameters named by `items`, in their order.
-fn host_params<B: AutodiffBackend, M: AutodiffModule<B>>(
+/// This rank's rows of parameter `id` (of shape `shape`) as f32, copied from the device.
+fn host_rows<B: AutodiffBackend, M: AutodiffModule<B>>(
     model: &M,
-    items: &[Item],
-) -> Vec<Vec<f32>> {
+    id: ParamId,
+    shape: &[usize],
+    world: usize,
+    rank: usize,
+) -> Vec<f32> {
     struct Get {
-        want: HashMap<ParamId, usize>,
-        out: Vec<Vec<f32>>,
+        id: ParamId,
+        rows: Range<usize>,
+        out: Vec<f32>,
     }
     impl<B: AutodiffBackend> ModuleVisitor<B> for Get {
         fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
-            if let Some(&i) = self.want.get(&p.id) {
-                self.out[i] = p
+            if p.id == self.id {
+                self.out = p
                     .val()
+                    .narrow(0, self.rows.start, self.rows.len())
                     .into_data()
                     .convert::<f32>()
                     .to_vec::<f32>()
@@ -285,8 +306,9 @@ fn host_params<B: AutodiffBackend, M: AutodiffModule<B>>(
         }
     }
     let mut g = Get {
-        want: items.iter().enumerate().map(|(i, it)| (it.id, i)).collect(),
-        out: vec![Vec::new(); items.len()],
+        id,
+        rows: chunk_range(shape.first().copied().unwrap_or(1).max(1), world, rank),
+        out: Vec::new(),
     };
     model.visit(&mut g);
     g.out
