@@ -28,6 +28,7 @@ mod model;
 mod norm;
 mod params;
 mod rope;
+mod source;
 
 pub use attention::Attention;
 pub use cache::{KvCache, LayerCache};
@@ -35,8 +36,9 @@ pub use config::{Family, ModelArch, RopeScaling};
 pub use error::{Error, Result};
 pub use generate::{generate, pick_token, probabilities, GenerateOptions};
 pub use hf::{
-    load_adapter, load_pretrained, load_pretrained_with, load_pretrained_with_adapter, read_arch,
-    save_adapter, save_pretrained,
+    load_adapter, load_pretrained, load_pretrained_quantized, load_pretrained_with,
+    load_pretrained_with_adapter, load_pretrained_with_adapter_quantized, read_arch, save_adapter,
+    save_pretrained,
 };
 pub use loss::{causal_lm_loss_sum, count_label_tokens, LossSum, IGNORE_INDEX};
 pub use mlp::Mlp;
@@ -44,6 +46,7 @@ pub use model::{attention_mask, CausalLm, Decoder, DecoderLayer, ForwardInput};
 pub use norm::RmsNorm;
 pub use params::{is_adapter_path, ParamInfo, ParamLister, TrainableMapper};
 pub use rope::{inv_freq, RopeTables};
+pub use source::{BaseSource, LinearShape, RandomInit};
 
 /// A tiny architecture (vocab 64, hidden 32, 2 layers, GQA 4/2) for tests and examples.
 pub fn tiny_arch() -> ModelArch {
