@@ -6,8 +6,10 @@ use std::process::ExitCode;
 use burn::backend::Flex;
 use clap::Args;
 
-use bellows_models::{generate, load_pretrained, GenerateOptions};
-use bellows_peft::LoraPlan;
+use bellows_models::{generate, load_pretrained_quantized, GenerateOptions};
+use bellows_peft::{InitRng, LoraPlan};
+
+use crate::quantize_arg::QuantizeArg;
 
 /// Options of `bellows generate`.
 #[derive(Debug, Args)]
@@ -36,6 +38,10 @@ pub struct GenerateArgs {
     /// Sampling seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Quantize the model's decoder linears to 4 bits while loading (a bitsandbytes 4-bit
+    /// checkpoint loads quantized without it).
+    #[arg(long, value_enum)]
+    quantize: Option<QuantizeArg>,
 }
 
 fn fail(msg: String) -> ExitCode {
@@ -46,10 +52,16 @@ fn fail(msg: String) -> ExitCode {
 /// Generates and prints the continuation (text, or ids for `--prompt-ids`).
 pub fn run(a: GenerateArgs) -> ExitCode {
     let device = Default::default();
+    let q = a.quantize.map(QuantizeArg::options);
     let loaded = match &a.adapter {
-        Some(dir) => bellows_models::load_pretrained_with_adapter::<Flex>(&a.model, dir, &device)
-            .map(|(a, _, m)| (a, m)),
-        None => load_pretrained::<Flex>(&a.model, &LoraPlan::none(), &device),
+        Some(dir) => {
+            bellows_models::load_pretrained_with_adapter_quantized::<Flex>(&a.model, dir, q, &device)
+                .map(|(a, _, m)| (a, m))
+        }
+        None => {
+            let none = LoraPlan::none();
+            load_pretrained_quantized::<Flex>(&a.model, &none, q, &mut InitRng::new(0), &device)
+        }
     };
     let (arch, model) = match loaded {
         Ok(m) => m,

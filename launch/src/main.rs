@@ -13,6 +13,7 @@ mod eval_cmd;
 mod generate_cmd;
 mod launch_cmd;
 mod merge_cmd;
+mod quantize_arg;
 
 /// Distributed fine-tuning of Llama-family models (full, LoRA) on CPU or CUDA.
 #[derive(Debug, Parser)]

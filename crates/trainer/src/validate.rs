@@ -88,12 +88,6 @@ pub fn validate(cfg: &RunConfig, out: &mut Vec<(String, String)>) {
             .to_lowercase(),
         );
     }
-    if cfg.peft.method == bellows_peft::Method::Qlora {
-        bad(
-            "peft.method",
-            "\"qlora\" is not available in this version; use \"lora\" or \"none\"".into(),
-        );
-    }
     if cfg.checkpoint.keep_last == 0 {
         bad("checkpoint.keep_last", "must be >= 1, got 0".into());
     }
