@@ -10,6 +10,7 @@ use bellows_trainer::{init_threads, run_bench, BenchMode, CpuBackend};
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Mode {
     Lora,
+    Qlora,
     Full,
     Tiny,
     Forward,
@@ -18,7 +19,7 @@ enum Mode {
 /// Options of `bellows bench`.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Workload: LoRA r16 on the small Llama, full fine-tune of it, LoRA on a tiny Llama, or inference forward passes of the small Llama.
+    /// Workload: LoRA r16 on the small Llama, the same on its NF4-quantized base (QLoRA), full fine-tune of it, LoRA on a tiny Llama, or inference forward passes of the small Llama.
     #[arg(long, value_enum, default_value = "lora")]
     mode: Mode,
     /// Compute threads (0 = all cores).
@@ -37,6 +38,7 @@ pub fn bench(a: BenchArgs) -> ExitCode {
     init_threads(a.threads, 1);
     let mode = match a.mode {
         Mode::Lora => BenchMode::Lora,
+        Mode::Qlora => BenchMode::Qlora,
         Mode::Full => BenchMode::Full,
         Mode::Tiny => BenchMode::Tiny,
         Mode::Forward => BenchMode::Forward,
