@@ -54,10 +54,10 @@ pub fn run(a: GenerateArgs) -> ExitCode {
     let device = Default::default();
     let q = a.quantize.map(QuantizeArg::options);
     let loaded = match &a.adapter {
-        Some(dir) => {
-            bellows_models::load_pretrained_with_adapter_quantized::<Flex>(&a.model, dir, q, &device)
-                .map(|(a, _, m)| (a, m))
-        }
+        Some(dir) => bellows_models::load_pretrained_with_adapter_quantized::<Flex>(
+            &a.model, dir, q, &device,
+        )
+        .map(|(a, _, m)| (a, m)),
         None => {
             let none = LoraPlan::none();
             load_pretrained_quantized::<Flex>(&a.model, &none, q, &mut InitRng::new(0), &device)

@@ -245,7 +245,12 @@ fn eval_quantize_nf4_prints_the_bitsandbytes_loss() {
     let close = |what: &str, got: f64, exp: f64, tol: f64| {
         assert!((got - exp).abs() <= tol, "{what}: {got} vs {exp}");
     };
-    close("bnb folder", eval_loss("qlora_model", &data, &[]), bnb[0], 1e-5);
+    close(
+        "bnb folder",
+        eval_loss("qlora_model", &data, &[]),
+        bnb[0],
+        1e-5,
+    );
     close(
         "bnb folder + --quantize",
         eval_loss("qlora_model", &data, &["--quantize", "nf4"]),
@@ -255,12 +260,19 @@ fn eval_quantize_nf4_prints_the_bitsandbytes_loss() {
     // bellows' own quantization differs from bitsandbytes' in one 8-bit scale (parity_qlora.rs).
     let ours = eval_loss("llama_gqa", &data, &["--quantize", "nf4"]);
     close("llama_gqa --quantize nf4", ours, bnb[0], 1e-4);
-    assert!((ours - f32_loss[0]).abs() > 1e-3, "quantization changes the loss");
+    assert!(
+        (ours - f32_loss[0]).abs() > 1e-3,
+        "quantization changes the loss"
+    );
     let adapter = golden("lora").join("adapter");
     let adapter = adapter.to_str().expect("utf-8 path");
     close(
         "bnb folder + lora adapter",
-        eval_loss("qlora_model", &data, &["--adapter", adapter, "--quantize", "nf4"]),
+        eval_loss(
+            "qlora_model",
+            &data,
+            &["--adapter", adapter, "--quantize", "nf4"],
+        ),
         bnb_lora[0],
         1e-5,
     );
@@ -286,7 +298,11 @@ fn generate_quantize_nf4_runs_on_the_4bit_model() {
             .args(extra)
             .output()
             .expect("run");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     };
     let saved = run("qlora_model", &[]);

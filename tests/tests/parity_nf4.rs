@@ -53,13 +53,29 @@ fn code_books_equal_bitsandbytes() {
 fn packed_codes_and_absmax_equal_bitsandbytes_for_widths_multiple_and_not_of_64() {
     for name in WEIGHTS {
         let (q, _) = quantize(name);
-        assert_eq!(q.packed, u8s(&format!("{name}.packed")), "{name}: packed codes");
+        assert_eq!(
+            q.packed,
+            u8s(&format!("{name}.packed")),
+            "{name}: packed codes"
+        );
         let Absmax::Double(d) = &q.absmax else {
             panic!("double quant is the default")
         };
-        assert_eq!(d.codes, u8s(&format!("{name}.absmax_code")), "{name}: 8-bit absmax codes");
-        assert_eq!(d.nested_absmax, f32s(&format!("{name}.nested_absmax")).1, "{name}");
-        assert_eq!(vec![d.offset], f32s(&format!("{name}.offset")).1, "{name}: offset");
+        assert_eq!(
+            d.codes,
+            u8s(&format!("{name}.absmax_code")),
+            "{name}: 8-bit absmax codes"
+        );
+        assert_eq!(
+            d.nested_absmax,
+            f32s(&format!("{name}.nested_absmax")).1,
+            "{name}"
+        );
+        assert_eq!(
+            vec![d.offset],
+            f32s(&format!("{name}.offset")).1,
+            "{name}: offset"
+        );
         assert_eq!(d.block_size, NESTED_BLOCK_SIZE);
         // The scales before double quantization are bnb's `absmax_true` exactly.
         let plain = quantize_nf4(
@@ -86,12 +102,20 @@ fn dequantized_weights_equal_the_reference_exactly() {
         let Absmax::Double(d) = &q.absmax else {
             panic!("double quant is the default")
         };
-        assert_eq!(d.dequantize(), f32s(&format!("{name}.absmax_dequant")).1, "{name}");
+        assert_eq!(
+            d.dequantize(),
+            f32s(&format!("{name}.absmax_dequant")).1,
+            "{name}"
+        );
         let expected = f32s(&format!("{name}.dequant")).1;
         assert_eq!(q.dequantize(), expected, "{name}: host dequant");
         // bnb's own CPU dequant agrees except where its documented bug hits (w40x96: K = 96).
         let bnb = f32s(&format!("{name}.dequant_bnb")).1;
-        assert_eq!(bnb == expected, name != "w40x96", "{name}: bnb CPU bug as documented");
+        assert_eq!(
+            bnb == expected,
+            name != "w40x96",
+            "{name}: bnb CPU bug as documented"
+        );
         // The quantization error is bounded by half the widest NF4 gap times the block absmax.
         let max_err = q
             .dequantize()
@@ -124,7 +148,11 @@ fn device_dequantization_is_bit_exact_with_the_host_reference() {
 fn eight_bit_absmax_codes_are_strictly_nearest_and_differ_from_bnb_only_where_bnb_rounds_off() {
     let (_, absmax) = f32s("dq.absmax_true");
     let d = double_quantize(&absmax, NESTED_BLOCK_SIZE);
-    assert_eq!(vec![d.offset], f32s("dq.offset").1, "offset = mean of absmax");
+    assert_eq!(
+        vec![d.offset],
+        f32s("dq.offset").1,
+        "offset = mean of absmax"
+    );
     assert_eq!(d.nested_absmax, f32s("dq.nested_absmax").1);
     assert_eq!(d.codes, u8s("dq.nearest_code"), "strictly nearest rounding");
     let bnb = u8s("dq.absmax_code");
@@ -143,7 +171,12 @@ fn eight_bit_absmax_codes_are_strictly_nearest_and_differ_from_bnb_only_where_bn
         })
         .collect();
     assert_eq!(differ, listed, "exactly the blocks bnb rounds off");
-    assert!(differ.len() <= 8 && bnb.len() == 2048, "{} of {}", differ.len(), bnb.len());
+    assert!(
+        differ.len() <= 8 && bnb.len() == 2048,
+        "{} of {}",
+        differ.len(),
+        bnb.len()
+    );
     // Each differs by at most two steps of the map, so the dequantized scales stay close.
     for &(_, b, n) in &differ {
         assert!(b.abs_diff(n) <= 2);
@@ -157,7 +190,9 @@ fn gradients_reach_the_input_through_an_nf4_matmul_and_equal_the_dense_ones() {
     let (q, _) = quantize("w33x70");
     let w = Nf4Weight::<AB>::from_data(&q, &dev);
     let dense = Tensor::<AB, 2>::from_data(TensorData::new(q.dequantize(), [33, 70]), &dev);
-    let xs: Vec<f32> = (0..5 * 70).map(|i| ((i * 7 % 13) as f32 - 6.0) / 6.0).collect();
+    let xs: Vec<f32> = (0..5 * 70)
+        .map(|i| ((i * 7 % 13) as f32 - 6.0) / 6.0)
+        .collect();
     let x1 = Tensor::<AB, 2>::from_data(TensorData::new(xs.clone(), [5, 70]), &dev).require_grad();
     let x2 = Tensor::<AB, 2>::from_data(TensorData::new(xs, [5, 70]), &dev).require_grad();
     let y1 = w.matmul_t(x1.clone());

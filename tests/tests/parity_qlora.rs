@@ -108,7 +108,10 @@ fn llama_quantized_by_bellows_equals_the_bitsandbytes_checkpoint_but_for_one_doc
         if let (Some(&first), Some(&last)) = (blocks.first(), blocks.last()) {
             differing.push((i, first, last));
             for k in first * 64..(last + 1) * 64 {
-                assert!((wa[k] - wb[k]).abs() <= 0.01 * wb[k].abs() + 1e-6, "layer {i} elem {k}");
+                assert!(
+                    (wa[k] - wb[k]).abs() <= 0.01 * wb[k].abs() + 1e-6,
+                    "layer {i} elem {k}"
+                );
             }
         }
     }
@@ -127,10 +130,17 @@ fn bitsandbytes_saved_4bit_checkpoint_loads_with_transformers_logits_and_weights
     let deq = golden("qlora_model").join("dequant.safetensors");
     let layer0 = &saved.model.layers[0];
     for (name, l) in [
-        ("model.layers.0.self_attn.q_proj.weight", &layer0.self_attn.q_proj),
+        (
+            "model.layers.0.self_attn.q_proj.weight",
+            &layer0.self_attn.q_proj,
+        ),
         ("model.layers.0.mlp.down_proj.weight", &layer0.mlp.down_proj),
     ] {
-        let exp: Vec<f32> = read_array(&deq, name).values.iter().map(|&v| v as f32).collect();
+        let exp: Vec<f32> = read_array(&deq, name)
+            .values
+            .iter()
+            .map(|&v| v as f32)
+            .collect();
         assert_eq!(flat(l), exp, "{name}: dequantized weight");
     }
 }
@@ -163,8 +173,11 @@ fn load_error_with(name: &str, bytes: Option<&[u8]>) -> String {
     std::fs::copy(src.join("config.json"), dir.path().join("config.json")).expect("copy");
     let raw = std::fs::read(src.join("model.safetensors")).expect("read");
     let st = safetensors::SafeTensors::deserialize(&raw).expect("valid");
-    let mut tensors: Vec<(String, TensorView<'_>)> =
-        st.tensors().into_iter().filter(|(n, _)| n != name).collect();
+    let mut tensors: Vec<(String, TensorView<'_>)> = st
+        .tensors()
+        .into_iter()
+        .filter(|(n, _)| n != name)
+        .collect();
     if let Some(b) = bytes {
         let view = TensorView::new(Dtype::U8, vec![b.len()], b).expect("valid view");
         tensors.push((name.to_string(), view));
@@ -182,12 +195,21 @@ fn broken_4bit_checkpoints_fail_naming_file_and_tensor() {
     let key = "model.layers.1.mlp.up_proj.weight.nested_absmax";
     let msg = load_error_with(key, None);
     assert!(msg.contains("model.safetensors"), "{msg}");
-    assert!(msg.contains("model.layers.1.mlp.up_proj.weight: ") && msg.contains("nested_absmax"), "{msg}");
+    assert!(
+        msg.contains("model.layers.1.mlp.up_proj.weight: ") && msg.contains("nested_absmax"),
+        "{msg}"
+    );
     let key = "model.layers.0.self_attn.k_proj.weight.quant_state.bitsandbytes__nf4";
     let wrong_shape = br#"{"quant_type": "nf4", "blocksize": 64, "shape": [64, 32], "nested_blocksize": 256, "nested_offset": 0.2}"#;
     let msg = load_error_with(key, Some(wrong_shape));
-    assert!(msg.contains(key) && msg.contains("shape [64, 32], expected [32, 64]"), "{msg}");
-    let msg = load_error_with(key, Some(br#"{"quant_type": "fp4", "blocksize": 64, "shape": [32, 64]}"#));
+    assert!(
+        msg.contains(key) && msg.contains("shape [64, 32], expected [32, 64]"),
+        "{msg}"
+    );
+    let msg = load_error_with(
+        key,
+        Some(br#"{"quant_type": "fp4", "blocksize": 64, "shape": [32, 64]}"#),
+    );
     assert!(msg.contains(key) && msg.contains("fp4"), "{msg}");
     let key = "model.layers.0.self_attn.k_proj.weight";
     let msg = load_error_with(key, Some(&[0u8; 7]));

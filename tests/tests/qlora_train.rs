@@ -91,10 +91,19 @@ fn qlora_training_lowers_the_loss_and_exports_a_peft_adapter() {
     let q = Some(bellows_peft::Nf4Options::default());
     let base = evaluate_dir(&golden("llama_gqa"), None, &data, &opts(q)).expect("base");
     let tuned = evaluate_dir(&golden("llama_gqa"), Some(&adapter), &data, &opts(q)).expect("tuned");
-    assert!(tuned.loss < 0.7 * base.loss, "{} -> {}", base.loss, tuned.loss);
+    assert!(
+        tuned.loss < 0.7 * base.loss,
+        "{} -> {}",
+        base.loss,
+        tuned.loss
+    );
     let dense = evaluate_dir(&golden("llama_gqa"), Some(&adapter), &data, &opts(None))
         .expect("adapter on the f32 base");
-    assert!(dense.loss < 0.8 * base.loss, "f32 base + adapter: {}", dense.loss);
+    assert!(
+        dense.loss < 0.8 * base.loss,
+        "f32 base + adapter: {}",
+        dense.loss
+    );
     let dev = Default::default();
     let (_, _, m): (_, _, CausalLm<Flex>) =
         load_pretrained_with_adapter(&golden("llama_gqa"), &adapter, &dev).expect("load");
@@ -122,9 +131,15 @@ fn invalid_quantization_settings_name_their_keys() {
             .to_string()
     };
     let e = err("[peft]\nmethod = \"qlora\"\n[peft.quantization]\nblock_size = 48\n");
-    assert!(e.contains("peft.quantization.block_size") && e.contains("48"), "{e}");
+    assert!(
+        e.contains("peft.quantization.block_size") && e.contains("48"),
+        "{e}"
+    );
     let e = err("[peft]\nmethod = \"lora\"\n[peft.quantization]\nblock_size = 64\n");
-    assert!(e.contains("peft.quantization") && e.contains("qlora"), "{e}");
+    assert!(
+        e.contains("peft.quantization") && e.contains("qlora"),
+        "{e}"
+    );
     let e = err("[peft]\nmethod = \"qlora\"\n[peft.quantization]\ntype = \"fp4\"\n");
     assert!(e.contains("fp4") || e.contains("type"), "{e}");
 }

@@ -49,19 +49,31 @@ fn status_mib(key: &str) -> f64 {
 
 fn write(dir: &Path, dtype: &str) -> Result<(), Error> {
     let arch = arch();
-    let model = CausalLm::<Flex>::new(&arch, &LoraPlan::none(), &mut InitRng::new(1), &Default::default());
+    let model = CausalLm::<Flex>::new(
+        &arch,
+        &LoraPlan::none(),
+        &mut InitRng::new(1),
+        &Default::default(),
+    );
     let tensors = state_dict(&model, false);
     drop(model);
     let (dt, bytes): (Dtype, Vec<Vec<u8>>) = match dtype {
         "f32" => (
             Dtype::F32,
-            tensors.iter().map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect(),
+            tensors
+                .iter()
+                .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+                .collect(),
         ),
         "bf16" => (
             Dtype::BF16,
             tensors
                 .iter()
-                .map(|(_, _, v)| v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect())
+                .map(|(_, _, v)| {
+                    v.iter()
+                        .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+                        .collect()
+                })
                 .collect(),
         ),
         other => return Err(format!("dtype {other:?}: use f32 or bf16").into()),
@@ -73,9 +85,20 @@ fn write(dir: &Path, dtype: &str) -> Result<(), Error> {
         .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
     std::fs::create_dir_all(dir)?;
     safetensors::serialize_to_file(views, None, &dir.join("model.safetensors"))?;
-    let dtype_name = if dt == Dtype::F32 { "float32" } else { "bfloat16" };
-    std::fs::write(dir.join("config.json"), to_config_json(&arch, dtype_name).to_string())?;
-    println!("wrote {} ({} tensors, {dtype})", dir.display(), tensors.len());
+    let dtype_name = if dt == Dtype::F32 {
+        "float32"
+    } else {
+        "bfloat16"
+    };
+    std::fs::write(
+        dir.join("config.json"),
+        to_config_json(&arch, dtype_name).to_string(),
+    )?;
+    println!(
+        "wrote {} ({} tensors, {dtype})",
+        dir.display(),
+        tensors.len()
+    );
     Ok(())
 }
 
@@ -93,7 +116,10 @@ fn load(dir: &Path, mode: &str) -> Result<(), Error> {
         "old" => {
             let arch = read_arch(dir)?;
             let files = WeightFiles::open(dir)?;
-            load_weights(CausalLm::new(&arch, &none, &mut InitRng::new(0), &dev), &files)?
+            load_weights(
+                CausalLm::new(&arch, &none, &mut InitRng::new(0), &dev),
+                &files,
+            )?
         }
         other => return Err(format!("mode {other:?}: use dense, nf4 or old").into()),
     };
@@ -102,7 +128,11 @@ fn load(dir: &Path, mode: &str) -> Result<(), Error> {
     let after = status_mib("VmRSS:");
     let mut lister = ParamLister::default();
     model.visit(&mut lister);
-    let dense: usize = lister.params.iter().map(|p| p.shape.iter().product::<usize>()).sum();
+    let dense: usize = lister
+        .params
+        .iter()
+        .map(|p| p.shape.iter().product::<usize>())
+        .sum();
     let q: Vec<_> = model.linears().filter_map(|l| l.nf4.as_ref()).collect();
     let q_params: usize = q.iter().map(|w| w.d_in * w.d_out).sum();
     let q_bytes: usize = q.iter().map(|w| w.storage_bytes()).sum();
@@ -133,7 +163,12 @@ fn load(dir: &Path, mode: &str) -> Result<(), Error> {
 
 fn main() -> Result<(), Error> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+    match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
         ["write", dir, dtype] => write(Path::new(dir), dtype),
         ["load", dir, mode] => load(Path::new(dir), mode),
         _ => Err("usage: load_memory write <dir> <f32|bf16> | load <dir> <dense|nf4|old>".into()),

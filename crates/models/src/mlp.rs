@@ -5,8 +5,8 @@ use burn::module::Module;
 use burn::tensor::{activation::silu, backend::Backend, Tensor};
 
 use crate::attention::linear;
-use crate::source::{BaseSource, RandomInit};
 use crate::config::ModelArch;
+use crate::source::{BaseSource, RandomInit};
 
 /// `gate_proj`, `up_proj`, `down_proj` (Hugging Face names).
 #[derive(Module, Debug)]

@@ -32,8 +32,12 @@ pub trait BaseSource<B: Backend> {
     ///
     /// # Errors
     /// As [`BaseSource::linear`].
-    fn embedding(&mut self, path: &str, shape: [usize; 2], rng: &mut InitRng)
-        -> Result<Tensor<B, 2>>;
+    fn embedding(
+        &mut self,
+        path: &str,
+        shape: [usize; 2],
+        rng: &mut InitRng,
+    ) -> Result<Tensor<B, 2>>;
 
     /// The gain `[d]` of the norm whose weight is at `path`.
     ///

@@ -80,7 +80,12 @@ fn main() {
         }
         let grads = loss.backward();
         assert!(
-            model.fc1.weight.as_ref().and_then(|w| w.grad(&grads)).is_none(),
+            model
+                .fc1
+                .weight
+                .as_ref()
+                .and_then(|w| w.grad(&grads))
+                .is_none(),
             "the base is frozen"
         );
         let grads = GradientsParams::from_grads(grads, &model);

@@ -6,7 +6,9 @@ mod io;
 mod source;
 mod weights;
 
-pub use adapter::{load_adapter, load_pretrained_with_adapter, load_pretrained_with_adapter_quantized};
+pub use adapter::{
+    load_adapter, load_pretrained_with_adapter, load_pretrained_with_adapter_quantized,
+};
 pub use config::{parse_config, to_config_json};
 pub use io::{
     load_pretrained, load_pretrained_quantized, load_pretrained_with, load_weights, peft_key,

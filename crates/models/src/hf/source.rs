@@ -2,8 +2,8 @@
 //! time, NF4-quantized on the way in when asked, or taken as saved from bitsandbytes 4-bit
 //! checkpoints.
 
-use bellows_peft::nf4::{BnbAbsmax, BnbQuantState, BnbTensors, BNB_STATE_SUFFIX};
 use bellows_peft::nf4::quantize_nf4;
+use bellows_peft::nf4::{BnbAbsmax, BnbQuantState, BnbTensors, BNB_STATE_SUFFIX};
 use bellows_peft::{InitRng, Linear, Nf4Options};
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 use safetensors::Dtype;
@@ -28,10 +28,17 @@ pub struct CheckpointSource<'a, B: Backend> {
 impl<B: Backend> CheckpointSource<'_, B> {
     fn dense<const D: usize>(&self, key: &str, shape: [usize; D]) -> Result<Tensor<B, D>> {
         let h = self.files.read_f32(key, &shape)?;
-        Ok(Tensor::from_data(TensorData::new(h.values, shape), self.device))
+        Ok(Tensor::from_data(
+            TensorData::new(h.values, shape),
+            self.device,
+        ))
     }
 
-    fn bnb_weight(&self, key: &str, (d_in, d_out): (usize, usize)) -> Result<bellows_peft::Nf4Data> {
+    fn bnb_weight(
+        &self,
+        key: &str,
+        (d_in, d_out): (usize, usize),
+    ) -> Result<bellows_peft::Nf4Data> {
         let path = self.files.describe();
         let bad = |tensor: &str, message: String| Error::Weights {
             path: path.clone(),

@@ -38,8 +38,8 @@ impl BnbQuantState {
     /// # Errors
     /// Malformed JSON, a missing key, or a quant type other than `"nf4"`.
     pub fn parse(bytes: &[u8]) -> Result<Self, String> {
-        let s: BnbQuantState =
-            serde_json::from_slice(bytes).map_err(|e| format!("malformed quant state JSON: {e}"))?;
+        let s: BnbQuantState = serde_json::from_slice(bytes)
+            .map_err(|e| format!("malformed quant state JSON: {e}"))?;
         if s.quant_type != "nf4" {
             return Err(format!(
                 "quant_type {:?} is not supported (bellows reads \"nf4\")",
@@ -88,11 +88,12 @@ impl BnbTensors {
     /// # Errors
     /// A part that disagrees with the state (absmax kind, missing nested tensors, wrong lengths).
     pub fn into_nf4(self, state: &BnbQuantState) -> Result<Nf4Data, String> {
-        let quant_map: [f32; 16] = self
-            .quant_map
-            .as_slice()
-            .try_into()
-            .map_err(|_| format!("quant_map has {} entries, expected 16", self.quant_map.len()))?;
+        let quant_map: [f32; 16] = self.quant_map.as_slice().try_into().map_err(|_| {
+            format!(
+                "quant_map has {} entries, expected 16",
+                self.quant_map.len()
+            )
+        })?;
         let absmax = match (self.absmax, state.double_quant()) {
             (BnbAbsmax::Codes(codes), true) => Absmax::Double(DoubleQuant {
                 codes,
@@ -135,9 +136,16 @@ mod tests {
     fn parses_the_state_bitsandbytes_writes_and_rejects_fp4() {
         let json = br#"{"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": [64, 96], "nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": 0.2028, "future": 1}"#;
         let s = BnbQuantState::parse(json).expect("valid");
-        assert_eq!((s.blocksize, s.shape.as_slice(), s.double_quant()), (64, &[64, 96][..], true));
+        assert_eq!(
+            (s.blocksize, s.shape.as_slice(), s.double_quant()),
+            (64, &[64, 96][..], true)
+        );
         let fp4 = br#"{"quant_type": "fp4", "blocksize": 64, "shape": [2, 2]}"#;
-        assert!(BnbQuantState::parse(fp4).unwrap_err().contains("fp4"));
-        assert!(BnbQuantState::parse(b"{").unwrap_err().contains("malformed"));
+        assert!(BnbQuantState::parse(fp4)
+            .expect_err("fp4 is rejected")
+            .contains("fp4"));
+        assert!(BnbQuantState::parse(b"{")
+            .expect_err("truncated JSON is rejected")
+            .contains("malformed"));
     }
 }

@@ -3,6 +3,8 @@
 
 /// The 16 NormalFloat-4 levels (Dettmers et al. 2023, "QLoRA", appendix E), ascending, exactly
 /// the `float32` values of bitsandbytes' NF4 code (`quant_map` in its checkpoints). Level 7 is 0.
+// The decimals are bitsandbytes' own (as it prints them); each rounds to the exact f32 level.
+#[allow(clippy::excessive_precision)]
 pub const NF4_LEVELS: [f32; 16] = [
     -1.0,
     -0.696_192_800_998_687_7,

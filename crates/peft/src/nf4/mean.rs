@@ -41,9 +41,10 @@ fn multi_row_sum(elem: &dyn Fn(usize) -> Vec<f32>, width: usize, size: usize) ->
             i += 1;
         }
         for j in 1..LEVELS {
-            for k in 0..ILP {
-                let lower = std::mem::replace(&mut acc[j - 1][k], vec![0f32; width]);
-                add(&mut acc[j][k], &lower);
+            let (lower, upper) = acc.split_at_mut(j);
+            for (lo, up) in lower[j - 1].iter_mut().zip(upper[0].iter_mut()) {
+                add(up, lo);
+                lo.fill(0.0);
             }
             if i & (level_mask << (j * level_power)) != 0 {
                 break;

@@ -62,11 +62,19 @@ pub fn quantize_nf4(values: &[f32], shape: &[usize], opts: Nf4Options) -> Nf4Dat
         let am = block.iter().fold(0f32, |m, v| m.max(v.abs()));
         if codes.len() < full {
             let inv = 1.0 / am.max(1e-38);
-            codes.extend(block.iter().map(|&v| nf4_code(&bounds, (v * inv).clamp(-1.0, 1.0))));
+            codes.extend(
+                block
+                    .iter()
+                    .map(|&v| nf4_code(&bounds, (v * inv).clamp(-1.0, 1.0))),
+            );
             absmax.push(am);
         } else {
             let am = am.max(1e-38);
-            codes.extend(block.iter().map(|&v| nf4_code(&bounds, (v / am).clamp(-1.0, 1.0))));
+            codes.extend(
+                block
+                    .iter()
+                    .map(|&v| nf4_code(&bounds, (v / am).clamp(-1.0, 1.0))),
+            );
             absmax.push(am);
         }
     }
@@ -126,8 +134,18 @@ mod tests {
     #[test]
     fn codes_pack_high_nibble_first_and_round_trip_exact_levels() {
         // Values that are exact levels times 2 dequantize exactly.
-        let vals: Vec<f32> = [0usize, 15, 7, 3, 9].iter().map(|&c| 2.0 * NF4_LEVELS[c]).collect();
-        let q = quantize_nf4(&vals, &[5], Nf4Options { block_size: 64, double_quant: false });
+        let vals: Vec<f32> = [0usize, 15, 7, 3, 9]
+            .iter()
+            .map(|&c| 2.0 * NF4_LEVELS[c])
+            .collect();
+        let q = quantize_nf4(
+            &vals,
+            &[5],
+            Nf4Options {
+                block_size: 64,
+                double_quant: false,
+            },
+        );
         assert_eq!(q.codes(), vec![0, 15, 7, 3, 9]);
         assert_eq!(q.packed, vec![0x0F, 0x73, 0x97]);
         assert_eq!(q.dequantize(), vals);
@@ -143,7 +161,9 @@ mod tests {
     #[test]
     fn double_quant_storage_is_about_4_127_bits_per_parameter() {
         // 4 + 8/64 + 32/(64·256) = 4.127, plus the 1 KiB map of each tensor (0.008 bits here).
-        let vals: Vec<f32> = (0..1 << 20).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+        let vals: Vec<f32> = (0..1 << 20)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+            .collect();
         let q = quantize_nf4(&vals, &[vals.len()], Nf4Options::default());
         let bits = 8.0 * (q.storage_bytes() as f64) / vals.len() as f64;
         assert!(bits < 4.14 && bits > 4.127, "{bits}");

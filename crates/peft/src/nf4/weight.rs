@@ -1,9 +1,7 @@
 //! [`Nf4Weight`]: an NF4-quantized `[out, in]` weight living on the device, dequantized on the fly.
 
 use burn::module::Module;
-use burn::tensor::{
-    backend::Backend, DType, ElementConversion, Int, IntDType, Tensor, TensorData,
-};
+use burn::tensor::{backend::Backend, DType, ElementConversion, Int, IntDType, Tensor, TensorData};
 
 use super::data::{Absmax, Nf4Data};
 
@@ -54,8 +52,8 @@ impl<B: Backend> Nf4Weight<B> {
     /// # Panics
     /// If `data` is not 2-D or fails [`Nf4Data::validate`] (callers validate first).
     pub fn from_data(data: &Nf4Data, device: &B::Device) -> Self {
-        let [d_out, d_in] = <[usize; 2]>::try_from(data.shape.as_slice())
-            .expect("an NF4 linear weight is 2-D");
+        let [d_out, d_in] =
+            <[usize; 2]>::try_from(data.shape.as_slice()).expect("an NF4 linear weight is 2-D");
         if let Err(e) = data.validate() {
             panic!("NF4 data must be validated before upload: {e}");
         }
@@ -103,7 +101,7 @@ impl<B: Backend> Nf4Weight<B> {
             .unsqueeze_dim::<2>(1)
             .repeat_dim(1, self.nested_block_size)
             .reshape([nb * self.nested_block_size])
-            .slice([0..blocks]);
+            .narrow(0, 0, blocks);
         (map.clone().select(0, codes.clone().cast(IntDType::I32)) * scale).add_scalar(self.offset)
     }
 
@@ -127,13 +125,15 @@ impl<B: Backend> Nf4Weight<B> {
         let blocks = absmax.dims()[0];
         let total = blocks * self.block_size;
         let values = if 2 * m >= total {
-            values.slice([0..total])
+            values.narrow(0, 0, total)
         } else {
             let pad = Tensor::zeros([total - 2 * m], &values.device());
             Tensor::cat(vec![values, pad], 0)
         };
         let w = values.reshape([blocks, self.block_size]) * absmax.unsqueeze_dim(1);
-        w.reshape([total]).slice([0..n]).reshape([self.d_out, self.d_in])
+        w.reshape([total])
+            .narrow(0, 0, n)
+            .reshape([self.d_out, self.d_in])
     }
 
     /// Bytes held on the device: packed codes, scales, code books and the offset.
