@@ -47,7 +47,7 @@ impl<B: Backend> CheckpointSource<'_, B> {
         };
         let state_key = format!("{key}{BNB_STATE_SUFFIX}");
         let state = BnbQuantState::parse(&self.files.read_u8(&state_key)?)
-            .map_err(|m| bad(&state_key, m))?;
+            .map_err(|e| bad(&state_key, e.to_string()))?;
         if state.shape != [d_out, d_in] {
             return Err(bad(
                 &state_key,
@@ -73,7 +73,9 @@ impl<B: Backend> CheckpointSource<'_, B> {
             nested_quant_map: nested("nested_quant_map")?,
             quant_map: self.files.read_f32_any(&part("quant_map"))?.values,
         };
-        tensors.into_nf4(&state).map_err(|m| bad(key, m))
+        tensors
+            .into_nf4(&state)
+            .map_err(|e| bad(key, e.to_string()))
     }
 }
 

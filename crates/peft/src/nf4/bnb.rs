@@ -5,6 +5,12 @@ use serde::Deserialize;
 
 use super::data::{Absmax, DoubleQuant, Nf4Data};
 
+fn nf4_err(message: impl Into<String>) -> crate::Error {
+    crate::Error::Nf4 {
+        message: message.into(),
+    }
+}
+
 /// Suffixes of the tensors bitsandbytes saves next to a packed 4-bit `weight`.
 pub const BNB_STATE_SUFFIX: &str = ".quant_state.bitsandbytes__nf4";
 
@@ -37,17 +43,17 @@ impl BnbQuantState {
     ///
     /// # Errors
     /// Malformed JSON, a missing key, or a quant type other than `"nf4"`.
-    pub fn parse(bytes: &[u8]) -> Result<Self, String> {
+    pub fn parse(bytes: &[u8]) -> crate::Result<Self> {
         let s: BnbQuantState = serde_json::from_slice(bytes)
-            .map_err(|e| format!("malformed quant state JSON: {e}"))?;
+            .map_err(|e| nf4_err(format!("malformed quant state JSON: {e}")))?;
         if s.quant_type != "nf4" {
-            return Err(format!(
+            return Err(nf4_err(format!(
                 "quant_type {:?} is not supported (bellows reads \"nf4\")",
                 s.quant_type
-            ));
+            )));
         }
         if s.blocksize == 0 {
-            return Err("blocksize 0".into());
+            return Err(nf4_err("blocksize 0"));
         }
         Ok(s)
     }
@@ -87,33 +93,35 @@ impl BnbTensors {
     ///
     /// # Errors
     /// A part that disagrees with the state (absmax kind, missing nested tensors, wrong lengths).
-    pub fn into_nf4(self, state: &BnbQuantState) -> Result<Nf4Data, String> {
+    pub fn into_nf4(self, state: &BnbQuantState) -> crate::Result<Nf4Data> {
         let quant_map: [f32; 16] = self.quant_map.as_slice().try_into().map_err(|_| {
-            format!(
+            nf4_err(format!(
                 "quant_map has {} entries, expected 16",
                 self.quant_map.len()
-            )
+            ))
         })?;
         let absmax = match (self.absmax, state.double_quant()) {
             (BnbAbsmax::Codes(codes), true) => Absmax::Double(DoubleQuant {
                 codes,
                 nested_absmax: self
                     .nested_absmax
-                    .ok_or("double-quantized state without nested_absmax")?,
+                    .ok_or_else(|| nf4_err("double-quantized state without nested_absmax"))?,
                 code_map: self
                     .nested_quant_map
-                    .ok_or("double-quantized state without nested_quant_map")?,
+                    .ok_or_else(|| nf4_err("double-quantized state without nested_quant_map"))?,
                 offset: state
                     .nested_offset
-                    .ok_or("double-quantized state without nested_offset")?,
+                    .ok_or_else(|| nf4_err("double-quantized state without nested_offset"))?,
                 block_size: state.nested_blocksize.unwrap_or(256),
             }),
             (BnbAbsmax::Values(v), false) => Absmax::Plain(v),
             (BnbAbsmax::Codes(_), false) => {
-                return Err("absmax is uint8 but the state has no nested_* keys".into())
+                return Err(nf4_err(
+                    "absmax is uint8 but the state has no nested_* keys",
+                ))
             }
             (BnbAbsmax::Values(_), true) => {
-                return Err("state is double-quantized but absmax is not uint8".into())
+                return Err(nf4_err("state is double-quantized but absmax is not uint8"))
             }
         };
         let data = Nf4Data {
@@ -143,9 +151,11 @@ mod tests {
         let fp4 = br#"{"quant_type": "fp4", "blocksize": 64, "shape": [2, 2]}"#;
         assert!(BnbQuantState::parse(fp4)
             .expect_err("fp4 is rejected")
+            .to_string()
             .contains("fp4"));
         assert!(BnbQuantState::parse(b"{")
             .expect_err("truncated JSON is rejected")
+            .to_string()
             .contains("malformed"));
     }
 }

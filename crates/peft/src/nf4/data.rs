@@ -120,8 +120,13 @@ impl Nf4Data {
     /// Checks that the parts fit together: packed length, block counts, code book sizes.
     ///
     /// # Errors
-    /// A description of the first inconsistency.
-    pub fn validate(&self) -> Result<(), String> {
+    /// [`crate::Error::Nf4`] describing the first inconsistency.
+    pub fn validate(&self) -> crate::Result<()> {
+        self.check()
+            .map_err(|message| crate::Error::Nf4 { message })
+    }
+
+    fn check(&self) -> Result<(), String> {
         let n = self.numel();
         if self.block_size == 0 {
             return Err("block size 0".into());
