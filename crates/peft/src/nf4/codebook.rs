@@ -72,19 +72,6 @@ pub fn dynamic_map() -> [f32; 256] {
     DYNAMIC_MAP_BITS.map(f32::from_bits)
 }
 
-/// The index of the entry of the ascending table `map` nearest to `x` (ties go to the lower index).
-/// `x` is NaN-free by construction at every call site.
-pub(crate) fn nearest(map: &[f32], x: f32) -> u8 {
-    // First index whose value is >= x, then compare with its left neighbour.
-    let hi = map.partition_point(|&v| v < x).min(map.len() - 1);
-    let idx = if hi > 0 && (x - map[hi - 1]).abs() <= (map[hi] - x).abs() {
-        hi - 1
-    } else {
-        hi
-    };
-    u8::try_from(idx).expect("code books have at most 256 entries")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -96,15 +83,5 @@ mod tests {
         assert_eq!((m[127], m[255], m[0]), (0.0, 1.0, -m[254]));
         assert!(NF4_LEVELS.windows(2).all(|w| w[0] < w[1]));
         assert_eq!(NF4_LEVELS[7], 0.0);
-    }
-
-    #[test]
-    fn nearest_prefers_the_lower_entry_on_ties_and_clamps_at_the_ends() {
-        let map = [-1.0, 0.0, 1.0];
-        assert_eq!(nearest(&map, 0.5), 1);
-        assert_eq!(nearest(&map, 0.5001), 2);
-        assert_eq!(nearest(&map, -7.0), 0);
-        assert_eq!(nearest(&map, 7.0), 2);
-        assert_eq!(nearest(&map, -0.2), 1);
     }
 }

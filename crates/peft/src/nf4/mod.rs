@@ -30,6 +30,7 @@ mod bnb;
 mod codebook;
 mod config;
 mod data;
+mod lut;
 mod matmul;
 mod mean;
 mod quantize;

@@ -1,8 +1,9 @@
 //! Quantizing `f32` values to NF4, bit-exact with bitsandbytes' `quantize_4bit` (and its double
 //! quantization of the block scales).
 
-use super::codebook::{dynamic_map, nearest, NF4_LEVELS};
+use super::codebook::{dynamic_map, NF4_LEVELS};
 use super::data::{Absmax, DoubleQuant, Nf4Data};
+use super::lut::{dynamic_lut, lookup};
 use super::mean::torch_mean;
 
 /// Codes per nested block of the double quantization (fixed at 256 in bitsandbytes).
@@ -98,30 +99,33 @@ pub fn quantize_nf4(values: &[f32], shape: &[usize], opts: Nf4Options) -> Nf4Dat
 }
 
 /// Double quantization of block scales: `offset = mean(absmax)`; `a = absmax − offset` in blocks of
-/// `block_size`; per block `nested_absmax = max |a|` and each `a / nested_absmax` rounded to the
-/// nearest entry of bitsandbytes' dynamic map.
+/// `block_size`; per block `nested_absmax = max |a|` and each `a · (1 / nested_absmax)` mapped to an
+/// entry of bitsandbytes' dynamic map.
 ///
-/// The offset is summed in the order of PyTorch's CPU `sum` (as bitsandbytes' `absmax.mean()`
-/// on CPU); codes are strictly nearest, where bitsandbytes' CPU search is occasionally one or
-/// two steps off (see `tests/golden/README.md`).
+/// Exactly as bitsandbytes 0.50 does it on CPU: the offset is summed in the order of PyTorch's CPU
+/// `sum` (its `absmax.mean()`), and codes come from bitsandbytes' 65 536-bin lookup table, which
+/// near a midpoint between two entries may pick the farther one (see `lut.rs`). A block of zeros
+/// gets code 0 and nested absmax 0.
 pub fn double_quantize(absmax: &[f32], block_size: usize) -> DoubleQuant {
-    let code_map = dynamic_map();
     let offset = torch_mean(absmax);
+    let lut = dynamic_lut();
     let centred: Vec<f32> = absmax.iter().map(|&v| v - offset).collect();
     let mut codes = Vec::with_capacity(centred.len());
     let mut nested_absmax = Vec::with_capacity(centred.len().div_ceil(block_size));
     for block in centred.chunks(block_size) {
         let nab = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-        codes.extend(block.iter().map(|&a| {
-            let x = if nab > 0.0 { a / nab } else { 0.0 };
-            nearest(&code_map, x)
-        }));
+        if nab == 0.0 {
+            codes.extend(std::iter::repeat_n(0u8, block.len()));
+        } else {
+            let inv = 1.0 / nab;
+            codes.extend(block.iter().map(|&a| lookup(lut, a * inv)));
+        }
         nested_absmax.push(nab);
     }
     DoubleQuant {
         codes,
         nested_absmax,
-        code_map: code_map.to_vec(),
+        code_map: dynamic_map().to_vec(),
         offset,
         block_size,
     }
