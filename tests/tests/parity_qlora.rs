@@ -211,3 +211,64 @@ fn broken_4bit_checkpoints_fail_naming_file_and_tensor() {
     let msg = load_error_with(key, Some(&[0u8; 7]));
     assert!(msg.contains(key) && msg.contains("packed bytes"), "{msg}");
 }
+
+/// Quantize-on-load works for every checkpoint layout the f32 loader reads: q/k/v biases stay
+/// dense next to their 4-bit weight, tied heads stay tied, shards and bf16 files quantize the same.
+#[test]
+fn every_checkpoint_layout_loads_quantized() {
+    let dev = Default::default();
+    for case in [
+        "qwen2_bias",
+        "tied_embeddings",
+        "sharded",
+        "bf16_weights",
+        "mistral",
+    ] {
+        let (arch, model) = load_pretrained_quantized::<B>(
+            &golden(case),
+            &LoraPlan::none(),
+            Some(Nf4Options::default()),
+            &mut InitRng::new(0),
+            &dev,
+        )
+        .unwrap_or_else(|e| panic!("{case}: {e}"));
+        let q = &model.model.layers[0].self_attn.q_proj;
+        assert!(q.is_quantized(), "{case}");
+        assert_eq!(
+            q.bias.is_some(),
+            arch.attention_bias,
+            "{case}: bias kept dense"
+        );
+        assert_eq!(model.lm_head.is_none(), arch.tie_word_embeddings, "{case}");
+        // The 4-bit model stays close to the f32 one (NF4 moves these logits by < 1.5).
+        let inputs = golden(case).join("inputs.safetensors");
+        let ids = read_array(&inputs, "input_ids");
+        let (b, s) = (ids.shape[0], ids.shape[1]);
+        let t = Tensor::<B, 2, Int>::from_data(
+            TensorData::new(ids.values.iter().map(|&v| v as i64).collect(), [b, s]),
+            &dev,
+        );
+        let positions: Vec<u32> = (0..b).flat_map(|_| 0..s as u32).collect();
+        let got = model
+            .forward(
+                t,
+                &ForwardInput {
+                    positions: &positions,
+                    segments: None,
+                },
+            )
+            .into_data()
+            .to_vec::<f32>()
+            .expect("f32");
+        let exp = read_array(&golden(case).join("expected.safetensors"), "logits").values;
+        let worst = got
+            .iter()
+            .zip(&exp)
+            .map(|(g, e)| (f64::from(*g) - e).abs())
+            .fold(0f64, f64::max);
+        assert!(
+            worst > 1e-3 && worst < 1.5,
+            "{case}: max |nf4 - f32| logit = {worst}"
+        );
+    }
+}
