@@ -5,7 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Args, ValueEnum};
 
-use bellows_trainer::{init_threads, run_bench, BenchMode, CpuBackend};
+use bellows_trainer::config::Precision;
+use bellows_trainer::{bench_on, BenchMode, BenchSpec};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Mode {
@@ -14,15 +15,39 @@ enum Mode {
     Full,
     Tiny,
     Forward,
+    #[value(name = "lora-1b")]
+    Lora1b,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Prec {
+    F32,
+    Bf16,
+    Fp16,
 }
 
 /// Options of `bellows bench`.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Workload: LoRA r16 on the small Llama, the same on its NF4-quantized base (QLoRA), full fine-tune of it, LoRA on a tiny Llama, or inference forward passes of the small Llama.
+    /// Workload: LoRA r16 on the small Llama, the same on its NF4-quantized base (QLoRA), full fine-tune of it, LoRA on a tiny Llama, inference forward passes of the small Llama, or LoRA on a 1.1B Llama (GPU).
     #[arg(long, value_enum, default_value = "lora")]
     mode: Mode,
-    /// Compute threads (0 = all cores).
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Compute precision (master weights stay f32).
+    #[arg(long, value_enum, default_value = "f32")]
+    precision: Prec,
+    /// Batch size (default: the mode's).
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Sequence length (default: the mode's).
+    #[arg(long)]
+    seq: Option<usize>,
+    /// The device's measured peak TFLOP/s, to report model FLOP utilisation.
+    #[arg(long)]
+    peak_tflops: Option<f64>,
+    /// Compute threads (0 = all cores; CPU only).
     #[arg(long, default_value_t = 0)]
     threads: usize,
     /// Untimed steps first.
@@ -33,17 +58,36 @@ pub struct BenchArgs {
     steps: usize,
 }
 
-/// Runs the benchmark on the CPU backend and prints the report.
+/// Runs the benchmark and prints the report.
 pub fn bench(a: BenchArgs) -> ExitCode {
-    init_threads(a.threads, 1);
-    let mode = match a.mode {
-        Mode::Lora => BenchMode::Lora,
-        Mode::Qlora => BenchMode::Qlora,
-        Mode::Full => BenchMode::Full,
-        Mode::Tiny => BenchMode::Tiny,
-        Mode::Forward => BenchMode::Forward,
+    let spec = BenchSpec {
+        mode: match a.mode {
+            Mode::Lora => BenchMode::Lora,
+            Mode::Qlora => BenchMode::Qlora,
+            Mode::Full => BenchMode::Full,
+            Mode::Tiny => BenchMode::Tiny,
+            Mode::Forward => BenchMode::Forward,
+            Mode::Lora1b => BenchMode::Lora1b,
+        },
+        warmup: a.warmup,
+        steps: a.steps.max(1),
+        precision: match a.precision {
+            Prec::F32 => Precision::F32,
+            Prec::Bf16 => Precision::Bf16,
+            Prec::Fp16 => Precision::Fp16,
+        },
+        batch: a.batch,
+        seq: a.seq,
+        peak_tflops: a.peak_tflops,
     };
-    let r = run_bench::<CpuBackend>(mode, a.warmup, a.steps.max(1), &Default::default());
-    println!("{}", serde_json::to_string(&r).unwrap_or_default());
-    ExitCode::SUCCESS
+    match bench_on(&spec, &a.device, a.threads) {
+        Ok(r) => {
+            println!("{}", serde_json::to_string(&r).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -11,6 +11,7 @@ mod bench_cmd;
 mod env_cmd;
 mod eval_cmd;
 mod generate_cmd;
+mod gpu_check_cmd;
 mod launch_cmd;
 mod merge_cmd;
 mod quantize_arg;
@@ -52,6 +53,8 @@ enum Command {
     Launch(launch_cmd::LaunchArgs),
     /// Fold a PEFT adapter into its base model and write a plain Hugging Face folder.
     Merge(merge_cmd::MergeArgs),
+    /// Check a GPU host: golden parity on the device, matmul peak, CPU-vs-GPU loss curves, NCCL, a LoRA benchmark.
+    GpuCheck(gpu_check_cmd::GpuCheckArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -88,6 +91,7 @@ fn main() -> ExitCode {
         },
         Command::Launch(a) => launch_cmd::launch(a),
         Command::Bench(a) => bench_cmd::bench(a),
+        Command::GpuCheck(a) => gpu_check_cmd::run(a),
         Command::Eval(a) => eval_cmd::eval(a),
         Command::Generate(a) => generate_cmd::run(a),
         Command::Env => {

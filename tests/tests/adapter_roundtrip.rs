@@ -57,6 +57,7 @@ fn logits(model: &CausalLm<burn::backend::Flex>) -> Vec<f32> {
         &ForwardInput {
             positions: &positions,
             segments: None,
+            compute: None,
         },
     );
     out.into_data().to_vec::<f32>().expect("f32")

@@ -59,6 +59,7 @@ fn forward(model: &CausalLm<B>, ids: &[f64], b: usize, s: usize) -> Tensor<B, 3>
         &ForwardInput {
             positions: &positions,
             segments: None,
+            compute: None,
         },
     )
 }

@@ -65,6 +65,7 @@ fn logits<Bk: Backend>(model: &CausalLm<Bk>, inp: &Inputs) -> Tensor<Bk, 3> {
         &ForwardInput {
             positions: &positions,
             segments: None,
+            compute: None,
         },
     )
 }

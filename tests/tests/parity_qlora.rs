@@ -36,6 +36,7 @@ fn check_logits(what: &str, model: &CausalLm<B>, expected_case: &str, atol: f64)
         &ForwardInput {
             positions: &positions,
             segments: None,
+            compute: None,
         },
     );
     let exp = golden(expected_case).join("expected.safetensors");
@@ -255,6 +256,7 @@ fn every_checkpoint_layout_loads_quantized() {
                 &ForwardInput {
                     positions: &positions,
                     segments: None,
+                    compute: None,
                 },
             )
             .into_data()

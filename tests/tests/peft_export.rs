@@ -51,6 +51,7 @@ fn logits<Bk: Backend>(model: &CausalLm<Bk>, ids: &[i64], b: usize, s: usize) ->
         &ForwardInput {
             positions: &positions,
             segments: None,
+            compute: None,
         },
     )
 }

@@ -116,6 +116,7 @@ fn loss_falls_and_outputs_are_written() {
         &ForwardInput {
             positions: &[0, 1, 2, 3],
             segments: None,
+            compute: None,
         },
     );
     assert_eq!(logits.dims(), [1, 4, 256]);

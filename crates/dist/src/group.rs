@@ -73,6 +73,21 @@ impl ProcessGroup {
         }
     }
 
+    /// A group of one on the NCCL backend, GPU `device`: the same code path as a multi-rank NCCL
+    /// group (host buffers staged through the GPU), for checking a GPU host (`scripts/gpu-check.sh`).
+    ///
+    /// # Errors
+    /// [`Error::BackendUnavailable`] without the `cuda` feature, a GPU or libnccl; NCCL's own errors.
+    pub fn nccl_solo(device: usize, timeout: Duration) -> Result<Self> {
+        resolve_backend(BackendKind::Nccl)?;
+        Ok(ProcessGroup {
+            rank: 0,
+            world: 1,
+            backend: nccl_solo_backend(device, timeout)?,
+            _store: None,
+        })
+    }
+
     /// Joins the job described by `env`: rendezvous through the TCP store at
     /// `master_addr:`[`DistEnv::store_port`] (rank 0 hosts it unless `bellows launch` does), check that
     /// every rank has the same `job_hash`, then connect the backend.
@@ -324,6 +339,19 @@ fn nccl_backend(
     Ok(Backend::Nccl(crate::nccl::NcclComm::init(
         store, prefix, env, timeout,
     )?))
+}
+
+#[cfg(feature = "cuda")]
+fn nccl_solo_backend(device: usize, timeout: Duration) -> Result<Backend> {
+    Ok(Backend::Nccl(crate::nccl::NcclComm::solo(device, timeout)?))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn nccl_solo_backend(_: usize, _: Duration) -> Result<Backend> {
+    Err(Error::BackendUnavailable {
+        backend: "nccl".into(),
+        message: "built without the `cuda` feature".into(),
+    })
 }
 
 #[cfg(not(feature = "cuda"))]

@@ -219,6 +219,23 @@ impl NcclComm {
         })
     }
 
+    /// A communicator of world size 1 on GPU `device` (no store needed).
+    pub(crate) fn solo(device: usize, timeout: Duration) -> Result<Self> {
+        let ctx = std::panic::catch_unwind(|| CudaContext::new(device))
+            .map_err(|_| nccl_err("init", 0, "creating the CUDA context panicked"))?
+            .map_err(|e| nccl_err("init", 0, e))?;
+        let stream = ctx.default_stream();
+        let id = Id::new().map_err(|e| nccl_err("get_unique_id", 0, e))?;
+        let comm = Comm::from_rank(stream.clone(), 0, 1, id)
+            .map_err(|e| nccl_err("comm_init_rank", 0, e))?;
+        Ok(NcclComm {
+            rank: 0,
+            timeout,
+            stream,
+            comm: Mutex::new(Some(SendComm(comm))),
+        })
+    }
+
     /// Runs `f` with the communicator, then waits for the stream with the group timeout; on failure or
     /// timeout the communicator is aborted and the group stays broken.
     fn run<R>(

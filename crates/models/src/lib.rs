@@ -11,7 +11,7 @@
 //! let dev = Default::default();
 //! let m = CausalLm::<Flex>::new(&tiny_arch(), &LoraPlan::none(), &mut bellows_peft::InitRng::new(0), &dev);
 //! let ids = Tensor::<Flex, 2, Int>::from_ints([[1, 2, 3]], &dev);
-//! let logits = m.forward(ids, &ForwardInput { positions: &[0, 1, 2], segments: None });
+//! let logits = m.forward(ids, &ForwardInput { positions: &[0, 1, 2], segments: None, compute: None });
 //! assert_eq!(logits.dims(), [1, 3, 64]);
 //! ```
 #![warn(missing_docs)]

@@ -1,10 +1,10 @@
 //! The Llama-family causal language model, with Hugging Face parameter paths
 //! (`model.embed_tokens.weight`, `model.layers.{i}.self_attn.q_proj.weight`, ..., `lm_head.weight`).
 
-use bellows_peft::{InitRng, Linear, LoraPlan, Nf4Options};
+use bellows_peft::{in_dtype, InitRng, Linear, LoraPlan, Nf4Options};
 use burn::module::{Module, Param};
 use burn::nn::Embedding;
-use burn::tensor::{backend::Backend, Bool, Int, Tensor, TensorData};
+use burn::tensor::{backend::Backend, Bool, DType, Int, Tensor, TensorData};
 
 use crate::attention::Attention;
 use crate::cache::KvCache;
@@ -98,6 +98,10 @@ pub struct ForwardInput<'a> {
     pub positions: &'a [u32],
     /// Segment ids `[batch, seq]` for packed rows; `None` means one sequence per row.
     pub segments: Option<&'a [u32]>,
+    /// Mixed precision: the dtype of the matmuls (`Some(BF16)` / `Some(F16)`), with the residual
+    /// stream, norms, softmax and logits kept in the weights' dtype / f32 (PyTorch autocast's
+    /// split). `None` computes everything in the weights' dtype.
+    pub compute: Option<DType>,
 }
 
 impl<B: Backend> CausalLm<B> {
@@ -192,8 +196,8 @@ impl<B: Backend> CausalLm<B> {
         let [b, s] = input_ids.dims();
         let device = input_ids.device();
         let mask = attention_mask::<B>(input.segments, b, s, &device);
-        let hidden = self.hidden(input_ids, input.positions, Some(&mask), None);
-        self.head(hidden)
+        let hidden = self.hidden(input_ids, input.positions, Some(&mask), None, input.compute);
+        self.head(hidden, input.compute)
     }
 
     /// Logits for the new tokens of a generation step; `cache` holds earlier positions.
@@ -210,8 +214,8 @@ impl<B: Backend> CausalLm<B> {
             .flat_map(|_| (start..start + s).map(|p| p as u32))
             .collect();
         let mask = (s > 1).then(|| prefix_causal_mask::<B>(b, s, start, &device));
-        let hidden = self.hidden(input_ids, &positions, mask.as_ref(), Some(cache));
-        self.head(hidden)
+        let hidden = self.hidden(input_ids, &positions, mask.as_ref(), Some(cache), None);
+        self.head(hidden, None)
     }
 
     fn hidden(
@@ -220,34 +224,42 @@ impl<B: Backend> CausalLm<B> {
         positions: &[u32],
         mask: Option<&Tensor<B, 4, Bool>>,
         mut cache: Option<&mut KvCache<B>>,
+        compute: Option<DType>,
     ) -> Tensor<B, 3> {
         let [b, s] = input_ids.dims();
         let device = input_ids.device();
         let rope = RopeTables::<B>::new(&self.inv_freq, positions, b, s, &device);
         let mut x = self.model.embed_tokens.forward(input_ids);
+        // The residual stream keeps the embedding's dtype; blocks compute in `cd`.
+        let (rd, cd) = (x.dtype(), compute.unwrap_or(x.dtype()));
         for (i, layer) in self.model.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             let h = layer.self_attn.forward(
-                layer.input_layernorm.forward(x.clone()),
+                in_dtype(layer.input_layernorm.forward(x.clone()), cd),
                 &rope,
                 mask,
                 layer_cache,
             );
-            x = x + h;
-            let h = layer
-                .mlp
-                .forward(layer.post_attention_layernorm.forward(x.clone()));
-            x = x + h;
+            x = x + in_dtype(h, rd);
+            let h = layer.mlp.forward(in_dtype(
+                layer.post_attention_layernorm.forward(x.clone()),
+                cd,
+            ));
+            x = x + in_dtype(h, rd);
         }
         self.model.norm.forward(x)
     }
 
-    fn head(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+    fn head(&self, hidden: Tensor<B, 3>, compute: Option<DType>) -> Tensor<B, 3> {
+        let hidden = match compute {
+            Some(cd) => in_dtype(hidden, cd),
+            None => hidden,
+        };
         match &self.lm_head {
             Some(head) => head.forward(hidden),
             None => {
                 let [b, s, d] = hidden.dims();
-                let w = self.model.embed_tokens.weight.val();
+                let w = in_dtype(self.model.embed_tokens.weight.val(), hidden.dtype());
                 let v = w.dims()[0];
                 hidden
                     .reshape([b * s, d])

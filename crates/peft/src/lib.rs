@@ -18,6 +18,7 @@
 
 mod config;
 mod dora;
+mod dtype;
 mod error;
 mod init;
 mod io;
@@ -25,6 +26,7 @@ mod linear;
 pub mod nf4;
 
 pub use config::{layer_index, LoraInit, LoraPlan, LoraSpec, Method, PeftConfig, TargetModules};
+pub use dtype::in_dtype;
 pub use error::{Error, Result};
 pub use init::InitRng;
 pub use io::{adapter_config_json, parse_adapter_config, read_adapter_config};

@@ -5,6 +5,8 @@ use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::{backend::Backend, Tensor};
 
+use crate::dtype::in_dtype;
+
 use crate::config::{LoraInit, LoraSpec};
 use crate::dora;
 use crate::init::InitRng;
@@ -72,9 +74,11 @@ impl<B: Backend> LoraAdapter<B> {
     }
 
     /// `scale · x · Aᵀ · Bᵀ` without dropout.
+    /// Computed in `x`'s dtype (the adapter's f32 weights are cast for a bf16/f16 input).
     pub(crate) fn project(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        x.matmul(self.lora_a.val().transpose())
-            .matmul(self.lora_b.val().transpose())
+        let dt = x.dtype();
+        x.matmul(in_dtype(self.lora_a.val(), dt).transpose())
+            .matmul(in_dtype(self.lora_b.val(), dt).transpose())
             .mul_scalar(self.scale)
     }
 
@@ -185,11 +189,15 @@ impl<B: Backend> Linear<B> {
         }
     }
 
-    /// `x · Wᵀ` for `x: [n, in]` with the base weight only (no bias, no adapter). With an NF4
+    /// `x · Wᵀ` for `x: [n, in]` with the base weight only (no bias, no adapter), computed in `x`'s
+    /// dtype (the weight is cast, as for mixed precision). With an NF4
     /// base the weight is dequantized on the fly and not kept for the backward pass.
     pub fn base_forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         match (&self.weight, &self.nf4) {
-            (Some(w), _) => x.matmul(w.val().transpose()),
+            (Some(w), _) => {
+                let dt = x.dtype();
+                x.matmul(in_dtype(w.val(), dt).transpose())
+            }
             (None, Some(q)) => q.matmul_t(x),
             (None, None) => unreachable!("a Linear has a dense or a quantized weight"),
         }
@@ -256,19 +264,24 @@ impl<B: Backend> Linear<B> {
     /// `y = W·x + b + (m/n − 1)·W·x' + (m/n)·s·B·A·x'` with `x' = dropout(x)` and
     /// `n = ‖W + s·B·A‖` per output row, detached (DoRA paper §4.3). The dense `W + s·B·A` is only
     /// formed for DoRA's norm, outside the autodiff graph.
+    ///
+    /// The product is computed in `x`'s dtype: weights stored in another dtype (f32 masters under
+    /// bf16/f16 mixed precision) are cast on use, so gradients reach them in their own dtype.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let dims = x.dims();
         let d_in = dims[D - 1];
         let n = dims[..D - 1].iter().product::<usize>();
         let x2: Tensor<B, 2> = x.reshape([n, d_in]);
+        let dt = x2.dtype();
         let mut y = self.base_forward(x2.clone());
         match &self.lora {
             Some(lora) if !self.merged => match &lora.magnitude {
                 None => y = y + lora.side(x2),
                 Some(m) => {
+                    // The norm and m/n stay in the master dtype; only the product is cast.
                     let w = self.dense_weight();
                     let scale: Tensor<B, 2> =
-                        (m.val() / dora::weight_norm(w.clone(), lora)).unsqueeze_dim(0);
+                        in_dtype(m.val() / dora::weight_norm(w, lora), dt).unsqueeze_dim(0);
                     let xd = lora.dropout.forward(x2);
                     let wx = if lora.dropout.prob == 0.0 {
                         y.clone()
@@ -281,7 +294,7 @@ impl<B: Backend> Linear<B> {
             _ => {}
         }
         if let Some(b) = &self.bias {
-            y = y + b.val().unsqueeze_dim(0);
+            y = y + in_dtype(b.val(), dt).unsqueeze_dim(0);
         }
         let mut out = dims;
         out[D - 1] = self.d_out();

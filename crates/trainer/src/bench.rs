@@ -12,6 +12,8 @@ use bellows_data::{Batch, LoaderState, Shard, Split};
 use bellows_models::{is_adapter_path, CausalLm, Family, ModelArch, TrainableMapper};
 use bellows_peft::{InitRng, LoraInit, Method, PeftConfig, TargetModules};
 
+use crate::config::Precision;
+use crate::precision::compute_dtype;
 use crate::recipe::batch_loss;
 
 /// Which workload to time.
@@ -27,13 +29,55 @@ pub enum BenchMode {
     Tiny,
     /// Inference forward passes (no autodiff) of the small Llama: the `eval` / prefill path.
     Forward,
+    /// LoRA r16 on a ~1.1B-parameter Llama (TinyLlama-1.1B's shape; GPU check).
+    Lora1b,
+}
+
+impl BenchMode {
+    /// The name in reports and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            BenchMode::Lora => "lora",
+            BenchMode::Qlora => "qlora",
+            BenchMode::Full => "full",
+            BenchMode::Tiny => "tiny",
+            BenchMode::Forward => "forward",
+            BenchMode::Lora1b => "lora-1b",
+        }
+    }
+}
+
+/// What to benchmark and how.
+#[derive(Debug, Clone)]
+pub struct BenchSpec {
+    /// The workload.
+    pub mode: BenchMode,
+    /// Untimed steps first.
+    pub warmup: usize,
+    /// Timed steps.
+    pub steps: usize,
+    /// Compute precision (f32 master weights either way).
+    pub precision: Precision,
+    /// Batch size (default: the mode's).
+    pub batch: Option<usize>,
+    /// Sequence length (default: the mode's).
+    pub seq: Option<usize>,
+    /// The device's measured peak in TFLOP/s, for the MFU (model FLOP utilisation) figure.
+    pub peak_tflops: Option<f64>,
 }
 
 /// One benchmark result (printed as a JSON line).
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
-    /// `"lora"`, `"full"` or `"tiny"`.
+    /// `"lora"`, `"full"`, `"tiny"`, `"forward"` or `"lora-1b"`.
     pub mode: &'static str,
+    /// `"f32"`, `"bf16"` or `"fp16"`.
+    pub precision: String,
+    /// Batch size and sequence length.
+    pub batch_seq: (usize, usize),
+    /// Model FLOP utilisation against `peak_tflops`, when given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mfu: Option<f64>,
     /// Timed tokens per second (all timed steps).
     pub tokens_per_sec: f64,
     /// Tokens per second of the fastest step.
@@ -77,6 +121,21 @@ fn small() -> ModelArch {
         initializer_range: 0.02,
         bos_token_id: None,
         eos_token_id: None,
+    }
+}
+
+/// TinyLlama-1.1B's shape: 22 layers, hidden 2048, 32 heads over 4 kv heads, vocab 32000.
+fn llama_1b() -> ModelArch {
+    ModelArch {
+        vocab_size: 32000,
+        hidden_size: 2048,
+        intermediate_size: 5632,
+        num_hidden_layers: 22,
+        num_attention_heads: 32,
+        num_key_value_heads: 4,
+        head_dim: 64,
+        rms_norm_eps: 1e-5,
+        ..small()
     }
 }
 
@@ -147,18 +206,20 @@ fn random_batch(vocab: usize, batch: usize, seq: usize, seed: u64) -> Batch {
 }
 
 /// Runs `warmup` untimed and `steps` timed training steps (forward, loss, backward, AdamW).
-pub fn run_bench<B: AutodiffBackend>(
-    mode: BenchMode,
-    warmup: usize,
-    steps: usize,
-    device: &B::Device,
-) -> BenchReport {
+pub fn run_bench<B: AutodiffBackend>(spec: &BenchSpec, device: &B::Device) -> BenchReport {
+    let (mode, warmup, steps) = (spec.mode, spec.warmup, spec.steps.max(1));
+    let compute = compute_dtype(spec.precision);
     let load_start = load_avg();
     let (arch, batch, seq) = match mode {
         BenchMode::Tiny => (tiny(), 2, 32),
+        BenchMode::Lora1b => (llama_1b(), 4, 1024),
         _ => (small(), 4, 256),
     };
-    let lora = matches!(mode, BenchMode::Lora | BenchMode::Qlora | BenchMode::Tiny);
+    let (batch, seq) = (spec.batch.unwrap_or(batch), spec.seq.unwrap_or(seq));
+    let lora = matches!(
+        mode,
+        BenchMode::Lora | BenchMode::Qlora | BenchMode::Tiny | BenchMode::Lora1b
+    );
     let peft = PeftConfig {
         method: match mode {
             BenchMode::Qlora => Method::Qlora,
@@ -220,7 +281,7 @@ pub fn run_bench<B: AutodiffBackend>(
         let inner = model.valid();
         for i in 0..warmup + steps {
             let t = Instant::now();
-            let (sum, count) = batch_loss(&inner, &data, device);
+            let (sum, count) = batch_loss(&inner, &data, device, compute);
             losses.push(sum.into_scalar().elem::<f64>() / count as f64);
             if i >= warmup {
                 times.push(t.elapsed().as_secs_f64());
@@ -233,7 +294,7 @@ pub fn run_bench<B: AutodiffBackend>(
         warmup + steps
     } {
         let t = Instant::now();
-        let (sum, count) = batch_loss(&model, &data, device);
+        let (sum, count) = batch_loss(&model, &data, device, compute);
         let loss = sum.div_scalar(count as f64);
         losses.push(loss.clone().into_scalar().elem::<f64>());
         let grads = GradientsParams::from_grads(loss.backward(), &model);
@@ -251,17 +312,15 @@ pub fn run_bench<B: AutodiffBackend>(
         _ => 6 * matmul,
     } as f64;
     let tps = tokens * times.len() as f64 / total;
+    let gflops = flops_per_token * tps / 1e9;
     BenchReport {
-        mode: match mode {
-            BenchMode::Lora => "lora",
-            BenchMode::Qlora => "qlora",
-            BenchMode::Full => "full",
-            BenchMode::Tiny => "tiny",
-            BenchMode::Forward => "forward",
-        },
+        mode: mode.name(),
+        precision: format!("{:?}", spec.precision).to_lowercase(),
+        batch_seq: (batch, seq),
+        mfu: spec.peak_tflops.map(|p| gflops / (p * 1e3)),
         tokens_per_sec: tps,
         tokens_per_sec_best: tokens / best,
-        model_gflops_per_sec: flops_per_token * tps / 1e9,
+        model_gflops_per_sec: gflops,
         step_secs_mean: total / times.len().max(1) as f64,
         peak_rss_mib: peak_rss_mib(),
         base_bits_per_param,

@@ -32,6 +32,16 @@ pub enum Error {
     /// The training data yielded no batch.
     #[error("data.train yielded no batch: the files contain no usable rows")]
     NoData,
+    /// A step's loss or gradients were NaN/Inf under `train.on_nonfinite = "stop"`.
+    #[error("step {step}: non-finite {what}; stopped (train.on_nonfinite = \"stop\") after saving {checkpoint}")]
+    NonFinite {
+        /// The step.
+        step: u64,
+        /// What was non-finite, e.g. `gradient norm NaN`.
+        what: String,
+        /// The checkpoint written before stopping.
+        checkpoint: PathBuf,
+    },
     /// The selected device cannot be used.
     #[error("train.device {device:?}: {message}")]
     Device {

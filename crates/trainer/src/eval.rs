@@ -90,7 +90,7 @@ pub fn evaluate_model(
         } else {
             batch
         };
-        let (s, t) = batch_loss(model, &batch, &device);
+        let (s, t) = batch_loss(model, &batch, &device, None);
         sum += s.into_scalar().elem::<f64>();
         tokens += t as u64;
         rows += batch.batch_size as u64;

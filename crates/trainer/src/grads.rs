@@ -19,6 +19,8 @@ pub fn norm_sq<B: AutodiffBackend, M: AutodiffModule<B>>(
     impl<B: AutodiffBackend> ModuleVisitor<B> for V<'_> {
         fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
             if let Some(g) = self.grads.get::<B::InnerBackend, D>(p.id) {
+                // Low-precision gradients (pure bf16) are squared and summed in f32.
+                let g = bellows_peft::in_dtype(g, burn::tensor::DType::F32);
                 let v = g.powi_scalar(2).sum().into_scalar();
                 self.sum += burn::tensor::ElementConversion::elem::<f64>(v);
             }
@@ -68,11 +70,13 @@ pub fn all_reduce_sum<B: AutodiffBackend, M: AutodiffModule<B>>(
     struct Take {
         grads: GradientsParams,
         items: Vec<(ParamId, Vec<usize>, Vec<f32>)>,
+        dtypes: std::collections::HashMap<ParamId, burn::tensor::DType>,
     }
     impl<B: AutodiffBackend> ModuleVisitor<B> for Take {
         fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
             if let Some(g) = self.grads.remove::<B::InnerBackend, D>(p.id) {
                 let shape = g.dims().to_vec();
+                self.dtypes.insert(p.id, g.dtype());
                 let data = g.into_data().convert::<f32>();
                 let values = data.to_vec::<f32>().unwrap_or_default();
                 self.items.push((p.id, shape, values));
@@ -82,6 +86,7 @@ pub fn all_reduce_sum<B: AutodiffBackend, M: AutodiffModule<B>>(
     let mut take = Take {
         grads,
         items: Vec::new(),
+        dtypes: std::collections::HashMap::new(),
     };
     model.visit(&mut take);
     let limit = (bucket_bytes / 4).max(1);
@@ -109,14 +114,21 @@ pub fn all_reduce_sum<B: AutodiffBackend, M: AutodiffModule<B>>(
     struct Put {
         grads: GradientsParams,
         items: std::collections::HashMap<ParamId, (Vec<usize>, Vec<f32>)>,
+        dtypes: std::collections::HashMap<ParamId, burn::tensor::DType>,
     }
     impl<B: AutodiffBackend> ModuleVisitor<B> for Put {
         fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
             if let Some((shape, values)) = self.items.remove(&p.id) {
                 let device = p.val().device();
+                // Back in the gradient's own dtype (bf16 for pure-bf16 parameters).
+                let dtype = self
+                    .dtypes
+                    .get(&p.id)
+                    .copied()
+                    .unwrap_or(burn::tensor::DType::F32);
                 let t = Tensor::<B::InnerBackend, D>::from_data(
                     TensorData::new(values, shape),
-                    &device,
+                    (&device, dtype),
                 );
                 self.grads.register::<B::InnerBackend, D>(p.id, t);
             }
@@ -130,6 +142,7 @@ pub fn all_reduce_sum<B: AutodiffBackend, M: AutodiffModule<B>>(
     let mut put = Put {
         grads: take.grads,
         items,
+        dtypes: take.dtypes,
     };
     model.visit(&mut put);
     Ok(put.grads)

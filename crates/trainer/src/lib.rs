@@ -19,16 +19,20 @@ pub mod config;
 mod device;
 mod error;
 mod eval;
+pub mod gpucheck;
 pub mod grads;
+mod health;
 mod metrics;
+pub mod precision;
 mod progress;
 mod recipe;
 mod schedule;
 pub mod tensorboard;
+mod update;
 mod validate;
 
 pub use accelerator::Accelerator;
-pub use bench::{peak_rss_mib, run_bench, BenchMode, BenchReport};
+pub use bench::{peak_rss_mib, run_bench, BenchMode, BenchReport, BenchSpec};
 pub use config::{ConfigIssue, ConfigIssues, RunConfig};
 pub use device::{cuda_available, DeviceSpec};
 pub use error::{Error, Result};
@@ -83,6 +87,37 @@ pub fn train(cfg: &RunConfig) -> Result<TrainReport> {
             train_on::<CpuBackend>(cfg, &acc, &Default::default())
         }
         DeviceSpec::Cuda(index) => cuda_train(cfg, &acc, index),
+    }
+}
+
+/// Runs `bellows bench`'s workload on `device` (`"cpu"`, `"cuda"` or `"cuda:N"`).
+///
+/// # Errors
+/// An invalid or unavailable device.
+pub fn bench_on(spec: &BenchSpec, device: &str, threads: usize) -> Result<BenchReport> {
+    let err = |m: String| Error::Device {
+        device: device.to_string(),
+        message: m,
+    };
+    match DeviceSpec::parse(device).map_err(err)? {
+        DeviceSpec::Cpu => {
+            init_threads(threads, 1);
+            Ok(run_bench::<CpuBackend>(spec, &Default::default()))
+        }
+        #[cfg(feature = "cuda")]
+        DeviceSpec::Cuda(index) => {
+            if !cuda_available() {
+                return Err(err("no CUDA driver (libcuda) found on this machine".into()));
+            }
+            let d = burn::backend::cuda::CudaDevice::new(index.unwrap_or(0));
+            Ok(run_bench::<burn::backend::Autodiff<burn::backend::Cuda>>(
+                spec, &d,
+            ))
+        }
+        #[cfg(not(feature = "cuda"))]
+        DeviceSpec::Cuda(_) => Err(err(
+            "this bellows was built without CUDA support; rebuild with `--features cuda`".into(),
+        )),
     }
 }
 

@@ -27,6 +27,11 @@ pub struct StepMetrics {
     /// Held-out loss, on steps where evaluation ran.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eval_loss: Option<f64>,
+    /// fp16's loss scale after the step (absent for other precisions).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<f64>,
+    /// Steps skipped so far (non-finite gradients, fp16 overflow).
+    pub skipped_steps: u64,
 }
 
 /// Writes metrics to `metrics.jsonl` and, optionally, TensorBoard.
@@ -83,6 +88,10 @@ impl MetricsSink {
             if let Some(e) = m.eval_loss {
                 w("eval/loss", e)?;
             }
+            if let Some(sc) = m.loss_scale {
+                w("train/loss_scale", sc)?;
+            }
+            w("train/skipped_steps", m.skipped_steps as f64)?;
             tb.flush().map_err(|e| Error::io(&path, e))?;
         }
         Ok(())

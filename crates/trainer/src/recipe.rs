@@ -4,9 +4,9 @@ use std::path::Path;
 use std::time::Instant;
 
 use burn::module::{AutodiffModule, Module};
-use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams};
 use burn::tensor::{
-    backend::AutodiffBackend, backend::Backend, ElementConversion, Int, Tensor, TensorData,
+    backend::AutodiffBackend, backend::Backend, DType, ElementConversion, Int, Tensor, TensorData,
 };
 
 use bellows_data::{Batch, LoaderSpec, Prefetcher, Split, TokenLoader};
@@ -17,10 +17,12 @@ use crate::checkpoint::{
     load_checkpoint, resolve_resume, save_checkpoint, truncate_metrics, write_model_card,
     CheckpointCtx, StopSignal, TrainProgress,
 };
-use crate::config::RunConfig;
+use crate::config::{NonFinitePolicy, ParamDtype, Precision, RunConfig};
+use crate::health::SpikeDetector;
 use crate::metrics::{MetricsSink, StepMetrics};
+use crate::precision::{cast_params, compute_dtype, LossScaler};
 use crate::progress::Progress;
-use crate::{grads, schedule, Accelerator, Error, Result};
+use crate::{schedule, update, Accelerator, Error, Result};
 
 /// What a finished run reports.
 #[derive(Debug, Clone, PartialEq)]
@@ -39,6 +41,12 @@ pub struct TrainReport {
     pub losses: Vec<f64>,
     /// The signal that stopped the run early (after a checkpoint), if one did.
     pub stopped_by: Option<String>,
+    /// Steps whose update was skipped (non-finite gradients, fp16 overflow).
+    pub skipped_steps: u64,
+    /// Loss spikes the detector logged.
+    pub loss_spikes: u64,
+    /// fp16's loss scale at the end (`None` for other precisions).
+    pub loss_scale: Option<f64>,
 }
 
 /// Builds the model the config asks for: a Hugging Face folder or a random init, with adapters
@@ -91,15 +99,18 @@ pub fn batch_ids<B: Backend>(batch: &Batch, device: &B::Device) -> Tensor<B, 2, 
     )
 }
 
-/// Runs a forward pass on `batch` and returns the summed loss and its token count.
+/// Runs a forward pass on `batch` (matmuls in `compute`, if set) and returns the summed f32
+/// loss and its token count.
 pub fn batch_loss<B: Backend>(
     model: &CausalLm<B>,
     batch: &Batch,
     device: &B::Device,
+    compute: Option<DType>,
 ) -> (Tensor<B, 1>, usize) {
     let input = ForwardInput {
         positions: &batch.position_ids,
         segments: Some(&batch.segment_ids),
+        compute,
     };
     let logits = model.forward(batch_ids(batch, device), &input);
     let l = causal_lm_loss_sum(logits, &batch.labels);
@@ -131,7 +142,7 @@ pub fn evaluate<B: AutodiffBackend>(
     let (mut sum, mut count) = (0f64, 0f64);
     let mut n = 0;
     while let Some(batch) = loader.next_batch()? {
-        let (s, t) = batch_loss(&inner, &batch, device);
+        let (s, t) = batch_loss(&inner, &batch, device, compute_dtype(cfg.train.precision));
         sum += s.into_scalar().elem::<f64>();
         count += t as f64;
         n += 1;
@@ -160,8 +171,31 @@ pub fn train_on<B: AutodiffBackend>(
     B::seed(device, cfg.run.seed);
     let stop = StopSignal::install()?;
     let plan = cfg.peft.plan()?;
+    let compute = compute_dtype(cfg.train.precision);
+    for dt in compute.iter().chain(
+        (cfg.train.param_dtype == ParamDtype::Bf16)
+            .then_some(&DType::BF16)
+            .iter()
+            .copied(),
+    ) {
+        if !B::supports_dtype(device, *dt) {
+            return Err(Error::Device {
+                device: cfg.train.device.clone(),
+                message: format!(
+                    "this backend cannot compute in {dt:?} (train.precision / train.param_dtype)"
+                ),
+            });
+        }
+    }
     let (arch, model) = build_model::<B>(cfg, &plan, device)?;
+    let model = match cfg.train.param_dtype {
+        ParamDtype::F32 => model,
+        ParamDtype::Bf16 => cast_params(model, DType::BF16),
+    };
     let mut model = acc.broadcast_params(model)?;
+    let fp16 = cfg.train.precision == Precision::Fp16;
+    let mut scaler = fp16.then(|| LossScaler::new(&cfg.train.loss_scale));
+    let mut spikes = SpikeDetector::new(cfg.train.spike_factor);
     let out = &cfg.run.output_dir;
     if acc.is_main() {
         std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
@@ -193,6 +227,9 @@ pub fn train_on<B: AutodiffBackend>(
             let r = load_checkpoint(ctx, &dir, model, optim)?;
             (model, optim) = (r.model, r.optim);
             let p = r.progress;
+            if p.loss_scaler.is_some() {
+                scaler = p.loss_scaler.clone();
+            }
             let loader = TokenLoader::resume(&cfg.data, spec, &p.loader)?;
             if acc.is_main() {
                 truncate_metrics(out, p.step)?;
@@ -203,7 +240,9 @@ pub fn train_on<B: AutodiffBackend>(
                     t0.elapsed().as_secs_f64()
                 );
             }
-            (p.step, report_from(p.step, p.tokens, p.losses), loader)
+            let mut report = report_from(p.step, p.tokens, p.losses);
+            report.skipped_steps = p.skipped_steps;
+            (p.step, report, loader)
         }
         None => {
             if acc.is_main() {
@@ -242,20 +281,21 @@ pub fn train_on<B: AutodiffBackend>(
         let denom = global_tokens.max(1.0);
         let mut accum = GradientsAccumulator::<CausalLm<B>>::new();
         let mut loss_sum = 0f64;
+        // fp16: the loss is scaled up before the backward pass; `update::apply` divides it out.
+        let loss_scale = scaler.as_ref().map_or(1.0, |s| s.scale);
         for batch in &batches {
-            let (sum, _) = batch_loss(&model, batch, device);
+            let (sum, _) = batch_loss(&model, batch, device, compute);
             loss_sum += sum.clone().into_scalar().elem::<f64>();
-            let g = sum.div_scalar(denom).backward();
+            let g = sum.div_scalar(denom / loss_scale).backward();
             accum.accumulate(&model, GradientsParams::from_grads(g, &model));
         }
         let g = acc.sync_grads(&model, accum.grads())?;
-        let norm = grads::norm_sq(&model, &g).sqrt();
-        let g = if o.max_grad_norm > 0.0 && norm > o.max_grad_norm {
-            grads::scale(&model, g, o.max_grad_norm / (norm + 1e-6))
-        } else {
-            g
-        };
-        model = optim.step(lr, model, g);
+        let up;
+        (model, up) = update::apply(model, &mut optim, g, lr, o.max_grad_norm, scaler.as_mut());
+        let norm = up.grad_norm;
+        if !up.applied {
+            report.skipped_steps += 1;
+        }
         // Stop requests and the time-based interval ride on this all-reduce so every rank agrees.
         let signal = stop.received();
         let secs_due = acc.is_main()
@@ -268,6 +308,24 @@ pub fn train_on<B: AutodiffBackend>(
         ])?;
         let loss = reduced[0] / denom;
         let (stop_now, secs_due) = (reduced[1] > 0.0, reduced[2] > 0.0);
+        // fp16 overflows are the loss scaler's business; anything else non-finite is a fault.
+        let nonfinite = !fp16 && (!up.applied || !loss.is_finite());
+        let nonfinite_stop = nonfinite && cfg.train.on_nonfinite == NonFinitePolicy::Stop;
+        if acc.is_main() {
+            if nonfinite {
+                eprintln!(
+                    "step {step}: non-finite loss {loss} / gradient norm {norm}; update skipped ({} skipped so far)",
+                    report.skipped_steps
+                );
+            }
+            if let Some(mean) = spikes.observe(loss) {
+                eprintln!("step {step}: loss spike {loss:.4} (running mean {mean:.4})");
+            }
+        } else {
+            spikes.observe(loss);
+        }
+        report.loss_spikes = spikes.spikes;
+        report.loss_scale = scaler.as_ref().map(|s| s.scale);
         report.steps = step;
         report.tokens += global_tokens as u64;
         report.losses.push(loss);
@@ -296,6 +354,8 @@ pub fn train_on<B: AutodiffBackend>(
                 tokens_per_sec: window.1 as f64 / secs,
                 tokens: report.tokens,
                 eval_loss,
+                loss_scale: report.loss_scale,
+                skipped_steps: report.skipped_steps,
             };
             progress.log(&m);
             if let Some(s) = &mut sink {
@@ -304,15 +364,25 @@ pub fn train_on<B: AutodiffBackend>(
             window = (Instant::now(), 0);
         }
         let steps_due = cfg.checkpoint.every_steps > 0 && step % cfg.checkpoint.every_steps == 0;
-        if steps_due || secs_due || stop_now {
+        if steps_due || secs_due || stop_now || nonfinite_stop {
             let p = TrainProgress {
                 step,
                 tokens: report.tokens,
                 losses: report.losses.clone(),
                 loader: last_state.clone().ok_or(Error::NoData)?,
+                loss_scaler: scaler.clone(),
+                skipped_steps: report.skipped_steps,
             };
             let dir = save_checkpoint(ctx, &model, &optim, &p)?;
             last_save = Instant::now();
+            if nonfinite_stop {
+                progress.finish();
+                return Err(Error::NonFinite {
+                    step,
+                    what: format!("loss {loss} / gradient norm {norm}"),
+                    checkpoint: dir,
+                });
+            }
             if stop_now {
                 let name = signal.unwrap_or("a stop signal on another rank");
                 if acc.is_main() {
@@ -384,5 +454,8 @@ fn report_from(steps: u64, tokens: u64, losses: Vec<f64>) -> TrainReport {
         tokens,
         losses,
         stopped_by: None,
+        skipped_steps: 0,
+        loss_spikes: 0,
+        loss_scale: None,
     }
 }

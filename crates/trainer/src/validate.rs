@@ -1,6 +1,6 @@
 //! Range and cross-section checks of a [`RunConfig`].
 
-use crate::config::{Precision, RunConfig, Scheduler};
+use crate::config::{ParamDtype, Precision, RunConfig, Scheduler};
 use crate::device::DeviceSpec;
 
 /// Pushes every problem of `cfg` as `(dotted key, message)`.
@@ -78,14 +78,44 @@ pub fn validate(cfg: &RunConfig, out: &mut Vec<(String, String)>) {
         ),
         Ok(_) => {}
     }
-    if cfg.train.precision != Precision::F32 {
+    if cfg.train.param_dtype == ParamDtype::Bf16 && cfg.train.precision != Precision::Bf16 {
         bad(
-            "train.precision",
+            "train.param_dtype",
             format!(
-                "{:?} training is not available in this version; use \"f32\"",
-                cfg.train.precision
-            )
-            .to_lowercase(),
+                "\"bf16\" (pure-bf16 weights) needs train.precision = \"bf16\", got {:?}",
+                format!("{:?}", cfg.train.precision).to_lowercase()
+            ),
+        );
+    }
+    let ls = &cfg.train.loss_scale;
+    if !(ls.init.is_finite() && ls.init > 0.0) {
+        bad(
+            "train.loss_scale.init",
+            format!("must be > 0, got {}", ls.init),
+        );
+    }
+    if !(ls.growth_factor.is_finite() && ls.growth_factor > 1.0) {
+        bad(
+            "train.loss_scale.growth_factor",
+            format!("must be > 1, got {}", ls.growth_factor),
+        );
+    }
+    if !(ls.backoff_factor > 0.0 && ls.backoff_factor < 1.0) {
+        bad(
+            "train.loss_scale.backoff_factor",
+            format!("must be in (0, 1), got {}", ls.backoff_factor),
+        );
+    }
+    if ls.growth_interval == 0 {
+        bad(
+            "train.loss_scale.growth_interval",
+            "must be >= 1, got 0".into(),
+        );
+    }
+    if !(cfg.train.spike_factor.is_finite() && cfg.train.spike_factor >= 0.0) {
+        bad(
+            "train.spike_factor",
+            format!("must be >= 0 (0 = off), got {}", cfg.train.spike_factor),
         );
     }
     if cfg.checkpoint.keep_last == 0 {

@@ -179,6 +179,8 @@ pub fn load_checkpoint<B: AutodiffBackend>(
         tokens: m.tokens,
         losses: m.losses,
         loader,
+        loss_scaler: m.loss_scaler,
+        skipped_steps: m.skipped_steps,
     };
     Ok(Restored {
         model,

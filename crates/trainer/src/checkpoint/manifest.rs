@@ -68,8 +68,15 @@ pub struct Manifest {
     pub step: u64,
     /// Loss-counted training tokens seen (all ranks).
     pub tokens: u64,
-    /// The loss of every step `1..=step`, in order.
+    /// The loss of every step `1..=step`, in order (`null` for a non-finite one).
+    #[serde(with = "losses_json")]
     pub losses: Vec<f64>,
+    /// fp16's loss scaler state (absent for other precisions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scaler: Option<crate::precision::LossScaler>,
+    /// Steps whose update was skipped (non-finite gradients or fp16 overflow).
+    #[serde(default)]
+    pub skipped_steps: u64,
     /// `"trainable"` (adapters and `modules_to_save` only) or `"full"` (every parameter).
     pub weights: String,
     /// Dtypes in each tensor file (`"model.safetensors": ["f32"]`).
@@ -78,6 +85,21 @@ pub struct Manifest {
     pub loader_files: Vec<String>,
     /// Every other file of the checkpoint (relative path → size and hash).
     pub files: BTreeMap<String, FileEntry>,
+}
+
+/// JSON has no NaN/Inf: a non-finite loss (a skipped step) is written as `null` and read back as NaN.
+mod losses_json {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[f64], s: S) -> Result<S::Ok, S::Error> {
+        let v: Vec<Option<f64>> = v.iter().map(|x| x.is_finite().then_some(*x)).collect();
+        v.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f64>, D::Error> {
+        let v = Vec::<Option<f64>>::deserialize(d)?;
+        Ok(v.into_iter().map(|x| x.unwrap_or(f64::NAN)).collect())
+    }
 }
 
 impl Manifest {

@@ -46,6 +46,10 @@ pub struct TrainProgress {
     pub losses: Vec<f64>,
     /// This rank's data loader state after its last consumed batch.
     pub loader: LoaderState,
+    /// fp16's loss scaler, when training in fp16.
+    pub loss_scaler: Option<crate::precision::LossScaler>,
+    /// Steps whose update was skipped (non-finite gradients or fp16 overflow).
+    pub skipped_steps: u64,
 }
 
 /// The per-rank loader state file name.
@@ -147,6 +151,8 @@ fn write_main_files<B: AutodiffBackend>(
         step: progress.step,
         tokens: progress.tokens,
         losses: progress.losses.clone(),
+        loss_scaler: progress.loss_scaler.clone(),
+        skipped_steps: progress.skipped_steps,
         weights: if adapters { "trainable" } else { "full" }.into(),
         dtypes,
         loader_files: (0..ctx.acc.world_size()).map(loader_file).collect(),

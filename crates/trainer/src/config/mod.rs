@@ -16,8 +16,9 @@ use toml::{Table, Value};
 
 pub use overrides::{apply as apply_override, parse_value};
 pub use sections::{
-    CheckpointSection, InitSection, LoggingSection, ModelSection, OptimConfig, Precision,
-    ProgressStyle, Resume, RunSection, Scheduler, TrainSection,
+    CheckpointSection, InitSection, LoggingSection, LossScaleSection, ModelSection,
+    NonFinitePolicy, OptimConfig, ParamDtype, Precision, ProgressStyle, Resume, RunSection,
+    Scheduler, TrainSection,
 };
 
 /// A whole job file, resolved with defaults.

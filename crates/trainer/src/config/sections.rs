@@ -272,7 +272,77 @@ fn default_device() -> String {
     "cpu".into()
 }
 
-/// `[train]`: device, precision, threads.
+/// Storage dtype of the trained weights and their optimizer state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ParamDtype {
+    /// f32 master weights and AdamW moments (default; the usual mixed precision).
+    #[default]
+    F32,
+    /// "Pure bf16": weights and AdamW moments stored in bf16 (half the memory, coarser updates).
+    /// Needs `precision = "bf16"`.
+    Bf16,
+}
+
+/// What a step with a non-finite loss or gradient does (fp16's loss-scaled overflows are always
+/// skipped: the loss scaler expects them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum NonFinitePolicy {
+    /// Skip the update, count it (`skipped_steps` in the metrics) and go on (default).
+    #[default]
+    Skip,
+    /// Write a checkpoint and stop with an error naming the step.
+    Stop,
+}
+
+fn default_init_scale() -> f64 {
+    65536.0
+}
+fn default_growth_factor() -> f64 {
+    2.0
+}
+fn default_backoff_factor() -> f64 {
+    0.5
+}
+fn default_growth_interval() -> u64 {
+    2000
+}
+
+/// `[train.loss_scale]`: fp16's dynamic loss scaling (PyTorch `GradScaler`'s defaults).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LossScaleSection {
+    /// The first scale (default 65536).
+    #[serde(default = "default_init_scale")]
+    pub init: f64,
+    /// Multiplier after `growth_interval` overflow-free steps (default 2).
+    #[serde(default = "default_growth_factor")]
+    pub growth_factor: f64,
+    /// Multiplier after an overflow (default 0.5).
+    #[serde(default = "default_backoff_factor")]
+    pub backoff_factor: f64,
+    /// Overflow-free steps between growths (default 2000).
+    #[serde(default = "default_growth_interval")]
+    pub growth_interval: u64,
+}
+
+impl Default for LossScaleSection {
+    fn default() -> Self {
+        LossScaleSection {
+            init: default_init_scale(),
+            growth_factor: default_growth_factor(),
+            backoff_factor: default_backoff_factor(),
+            growth_interval: default_growth_interval(),
+        }
+    }
+}
+
+fn default_spike_factor() -> f64 {
+    3.0
+}
+
+/// `[train]`: device, precision, threads, numerical-fault handling.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainSection {
@@ -282,6 +352,19 @@ pub struct TrainSection {
     /// `"f32"` (default), `"bf16"`, `"fp16"`.
     #[serde(default)]
     pub precision: Precision,
+    /// `"f32"` (default) master weights, or `"bf16"` for pure-bf16 training.
+    #[serde(default)]
+    pub param_dtype: ParamDtype,
+    /// fp16's dynamic loss scaler.
+    #[serde(default)]
+    pub loss_scale: LossScaleSection,
+    /// `"skip"` (default) or `"stop"` on a non-finite loss or gradient.
+    #[serde(default)]
+    pub on_nonfinite: NonFinitePolicy,
+    /// Log a loss spike when a step's loss exceeds this multiple of the running mean (0 = off;
+    /// default 3).
+    #[serde(default = "default_spike_factor")]
+    pub spike_factor: f64,
     /// CPU threads for tensor kernels (0 = the cores available to this process, split between local ranks). Default 0.
     #[serde(default)]
     pub threads: usize,
@@ -292,6 +375,10 @@ impl Default for TrainSection {
         TrainSection {
             device: default_device(),
             precision: Precision::F32,
+            param_dtype: ParamDtype::F32,
+            loss_scale: LossScaleSection::default(),
+            on_nonfinite: NonFinitePolicy::Skip,
+            spike_factor: default_spike_factor(),
             threads: 0,
         }
     }
