@@ -143,3 +143,20 @@ fn invalid_quantization_settings_name_their_keys() {
     let e = err("[peft]\nmethod = \"qlora\"\n[peft.quantization]\ntype = \"fp4\"\n");
     assert!(e.contains("fp4") || e.contains("type"), "{e}");
 }
+
+/// QLoRA with bf16 compute (mixed precision): the NF4 weight is dequantized straight into the
+/// matmul dtype; the run trains like the f32 one.
+#[test]
+fn qlora_with_bf16_compute_lowers_the_loss() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("rows.jsonl");
+    rows(&data);
+    let peft = format!("{QLORA}[train]\nprecision = \"bf16\"\n");
+    let report = train(&job(&tmp.path().join("run"), &data, &peft)).expect("bf16 qlora run");
+    assert!(
+        report.final_loss < 0.7 * report.first_loss,
+        "loss {} -> {}",
+        report.first_loss,
+        report.final_loss
+    );
+}
