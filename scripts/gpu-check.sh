@@ -88,14 +88,15 @@ sample() { # $1 = label, rest = command; prints the command's stdout, records pe
 FAIL=0
 : > "$OUT_DIR/gpu-check.jsonl"
 # 1. parity, peak, loss curves, NCCL (no benchmark).
-sample check "$BIN" gpu-check --device cuda --bench-steps 0 --out "$OUT_DIR/runs" \
+export RUST_BACKTRACE=1
+sample check timeout 300 "$BIN" gpu-check --device cuda --bench-steps 0 --out "$(mktemp -d)" \
     | tee -a "$OUT_DIR/gpu-check.jsonl" || FAIL=1
 PEAK=$(grep '"check":"matmul_peak"' "$OUT_DIR/gpu-check.jsonl" | sed -E 's/.*"bf16_tflops":([0-9.eE+-]+).*/\1/')
 PEAK_ARG=""
 [ -n "$PEAK" ] && PEAK_ARG="--peak-tflops $PEAK"
 # 2. LoRA r16 on a 1.1B Llama (TinyLlama shape), batch 4 x 1024 tokens: bf16, then f32.
 for prec in bf16 f32; do
-    sample "bench-$prec" "$BIN" bench --device cuda --mode lora-1b --precision $prec \
+    sample "bench-$prec" timeout 150 "$BIN" bench --device cuda --mode lora-1b --precision $prec \
         --warmup 2 --steps 5 $PEAK_ARG > "$OUT_DIR/bench-$prec.json" || FAIL=1
     cat "$OUT_DIR/bench-$prec.json"
     sed 's/^{/{"check":"bench","ok":true,/' "$OUT_DIR/bench-$prec.json" >> "$OUT_DIR/gpu-check.jsonl"

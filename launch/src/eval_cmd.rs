@@ -5,7 +5,8 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use bellows_trainer::{evaluate_dir, EvalOptions};
+use crate::adapter_args::AdapterArgs;
+use bellows_trainer::{evaluate_dir, evaluate_model, EvalOptions};
 
 use crate::quantize_arg::QuantizeArg;
 
@@ -15,9 +16,8 @@ pub struct EvalArgs {
     /// A Hugging Face model folder.
     #[arg(long)]
     model: PathBuf,
-    /// A PEFT adapter folder applied on top of the model.
-    #[arg(long)]
-    adapter: Option<PathBuf>,
+    #[command(flatten)]
+    adapters: AdapterArgs,
     /// A Parquet / Arrow IPC / JSONL file with an `input_ids` column (and optional `labels`).
     #[arg(long)]
     data: PathBuf,
@@ -44,7 +44,14 @@ pub fn eval(a: EvalArgs) -> ExitCode {
         seq_len: a.seq_len,
         quantize: a.quantize.map(QuantizeArg::options),
     };
-    match evaluate_dir(&a.model, a.adapter.as_deref(), &a.data, &opts) {
+    let report = if !a.adapters.combines() {
+        evaluate_dir(&a.model, a.adapters.single(), &a.data, &opts).map_err(anyhow::Error::from)
+    } else {
+        a.adapters
+            .load(&a.model, opts.quantize)
+            .and_then(|(arch, model)| Ok(evaluate_model(&model, arch.vocab_size, &a.data, &opts)?))
+    };
+    match report {
         Ok(r) => {
             println!("{}", serde_json::to_string(&r).unwrap_or_default());
             ExitCode::SUCCESS

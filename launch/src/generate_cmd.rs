@@ -3,13 +3,11 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use burn::backend::Flex;
 use clap::Args;
 
-use bellows_models::{generate, load_pretrained_quantized, GenerateOptions};
-use bellows_peft::{InitRng, LoraPlan};
-
+use crate::adapter_args::AdapterArgs;
 use crate::quantize_arg::QuantizeArg;
+use bellows_models::{generate, GenerateOptions};
 
 /// Options of `bellows generate`.
 #[derive(Debug, Args)]
@@ -17,9 +15,8 @@ pub struct GenerateArgs {
     /// A Hugging Face model folder (with `tokenizer.json` for text prompts).
     #[arg(long)]
     model: PathBuf,
-    /// A PEFT adapter folder applied on top of the model.
-    #[arg(long)]
-    adapter: Option<PathBuf>,
+    #[command(flatten)]
+    adapters: AdapterArgs,
     /// The prompt text (needs `tokenizer.json` in the model folder).
     #[arg(long, conflicts_with = "prompt_ids")]
     prompt: Option<String>,
@@ -52,17 +49,9 @@ fn fail(msg: String) -> ExitCode {
 /// Generates and prints the continuation (text, or ids for `--prompt-ids`).
 pub fn run(a: GenerateArgs) -> ExitCode {
     let device = Default::default();
-    let q = a.quantize.map(QuantizeArg::options);
-    let loaded = match &a.adapter {
-        Some(dir) => bellows_models::load_pretrained_with_adapter_quantized::<Flex>(
-            &a.model, dir, q, &device,
-        )
-        .map(|(a, _, m)| (a, m)),
-        None => {
-            let none = LoraPlan::none();
-            load_pretrained_quantized::<Flex>(&a.model, &none, q, &mut InitRng::new(0), &device)
-        }
-    };
+    let loaded = a
+        .adapters
+        .load(&a.model, a.quantize.map(QuantizeArg::options));
     let (arch, model) = match loaded {
         Ok(m) => m,
         Err(e) => return fail(e.to_string()),

@@ -7,7 +7,9 @@ use clap::{Args, Parser, Subcommand};
 
 use bellows_trainer::{train, RunConfig};
 
+mod adapter_args;
 mod bench_cmd;
+mod combine_cmd;
 mod env_cmd;
 mod eval_cmd;
 mod generate_cmd;
@@ -53,8 +55,25 @@ enum Command {
     Launch(launch_cmd::LaunchArgs),
     /// Fold a PEFT adapter into its base model and write a plain Hugging Face folder.
     Merge(merge_cmd::MergeArgs),
+    /// Combine PEFT adapters with weights into a new adapter (PEFT's `add_weighted_adapter`, linear).
+    CombineAdapters(combine_cmd::CombineArgs),
+    /// Dry run: per-rank memory and communication per step of DDP, ZeRO-1/2 and FSDP for a job, before anything is allocated.
+    Plan(PlanArgs),
     /// Check a GPU host: golden parity on the device, matmul peak, CPU-vs-GPU loss curves, NCCL, a LoRA benchmark.
     GpuCheck(gpu_check_cmd::GpuCheckArgs),
+}
+
+/// `bellows plan`'s arguments.
+#[derive(Debug, Args)]
+struct PlanArgs {
+    #[command(flatten)]
+    job: JobArgs,
+    /// Processes (ranks) to plan for.
+    #[arg(long, default_value_t = 1)]
+    nproc: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -89,6 +108,28 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
+        Command::Plan(a) => {
+            let cfg = match load(&a.job) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let planned = bellows_trainer::plan::job_arch(&cfg)
+                .and_then(|arch| bellows_trainer::plan::plan(&cfg, &arch, a.nproc));
+            match planned {
+                Ok(p) if a.json => {
+                    println!("{}", serde_json::to_string(&p).unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Ok(p) => {
+                    print!("{}", bellows_trainer::plan::render(&p));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Launch(a) => launch_cmd::launch(a),
         Command::Bench(a) => bench_cmd::bench(a),
         Command::GpuCheck(a) => gpu_check_cmd::run(a),
@@ -99,6 +140,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Merge(args) => merge_cmd::run(&args),
+        Command::CombineAdapters(args) => combine_cmd::run(&args),
         Command::Train(job) => {
             let cfg = match load(&job) {
                 Ok(c) => c,

@@ -160,3 +160,46 @@ fn cuda_device_without_cuda_is_a_clear_error() {
     assert!(String::from_utf8_lossy(&out.stderr)
         .contains("train.device: this bellows was built without CUDA support"));
 }
+
+#[test]
+fn plan_prints_per_rank_memory_of_each_strategy() {
+    let out = bellows()
+        .args([
+            "plan",
+            "configs/quickstart.toml",
+            "--set",
+            "peft.method=lora",
+            "--nproc",
+            "4",
+            "--json",
+        ])
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let p: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let rows = p["strategies"].as_array().expect("rows");
+    let get = |s: &str, k: &str| {
+        rows.iter()
+            .find(|r| r["strategy"] == s)
+            .and_then(|r| r[k].as_u64())
+            .expect("field")
+    };
+    let trainable = p["params"]["trainable"].as_u64().expect("trainable");
+    assert!(trainable > 0 && trainable < p["params"]["total"].as_u64().expect("total"));
+    assert_eq!(get("ddp", "optimizer"), 2 * 4 * trainable);
+    assert_eq!(get("zero1", "optimizer"), get("ddp", "optimizer") / 4);
+    assert_eq!(get("fsdp", "weights"), get("ddp", "weights") / 4);
+    // The table form names every strategy.
+    let out = bellows()
+        .args(["plan", "configs/quickstart.toml", "--nproc", "2"])
+        .output()
+        .expect("run");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for s in ["ddp", "zero1", "zero2", "fsdp", "comm_MiB/step"] {
+        assert!(text.contains(s), "{text}");
+    }
+}

@@ -219,6 +219,70 @@ fn eval_with_an_adapter_prints_the_peft_loss() {
     }
 }
 
+fn weighted(args: &[&str], adapters: &[PathBuf], weights: Option<&str>) -> std::process::Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_bellows"));
+    c.args(args).arg("--model").arg(golden("llama_gqa"));
+    for a in adapters {
+        c.arg("--adapter").arg(a);
+    }
+    if let Some(w) = weights {
+        c.args(["--adapter-weights", w]);
+    }
+    c.output().expect("run")
+}
+
+/// Several `--adapter`s with `--adapter-weights` equal the folder `bellows combine-adapters` wrote
+/// (`tests/golden/bellows_combined`, which equals PEFT's `add_weighted_adapter`; issue #4).
+#[test]
+fn eval_and_generate_combine_several_adapters_with_weights() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = golden_inputs_parquet(dir.path());
+    let data = data.to_str().expect("utf-8 path");
+    let two = [
+        golden("lora").join("adapter"),
+        golden("weighted_adapters").join("adapter_second"),
+    ];
+    let combined = [golden("bellows_combined").join("adapter")];
+    let eval_args = ["eval", "--data", data, "--seq-len", "16"];
+    let loss = |out: std::process::Output| {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        v["loss"].as_f64().expect("loss")
+    };
+    let mixed = loss(weighted(&eval_args, &two, Some("0.7,0.3")));
+    let folder = loss(weighted(&eval_args, &combined, None));
+    let first = loss(weighted(&eval_args, &two[..1], None));
+    assert!((mixed - folder).abs() <= 1e-6, "{mixed} vs {folder}");
+    assert!(
+        (mixed - first).abs() > 1e-3,
+        "the combination changes the loss"
+    );
+
+    let gen_args = [
+        "generate",
+        "--prompt-ids",
+        "5,17,42,9",
+        "--max-new-tokens",
+        "6",
+    ];
+    let a = weighted(&gen_args, &two, Some("0.7,0.3"));
+    let b = weighted(&gen_args, &combined, None);
+    assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
+    assert_eq!(a.stdout, b.stdout);
+
+    let out = weighted(&gen_args, &two, None);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("2 --adapter folders but 0 --adapter-weights"),
+        "{err}"
+    );
+}
+
 /// The loss `bellows eval` prints for `--model <model> --data <data> <extra...>`.
 fn eval_loss(model: &str, data: &Path, extra: &[&str]) -> f64 {
     let out = Command::new(env!("CARGO_BIN_EXE_bellows"))

@@ -1,10 +1,16 @@
-"""Loads the adapter bellows wrote (tests/golden/bellows_written/adapter) with Python PEFT and compares
-PEFT's logits on the llama_gqa inputs with the logits bellows computed (bellows_logits.safetensors).
+"""Loads adapters bellows wrote with Python PEFT and records PEFT's verdict in a peft_check.json.
 
-Writes tests/golden/bellows_written/peft_check.json, which the Rust test
-`tests/tests/peft_export.rs` reads. Run after regenerating the adapter:
+1. tests/golden/bellows_written/adapter (trained by bellows): PEFT's logits on the llama_gqa inputs vs the
+   logits bellows computed (bellows_logits.safetensors). Read by `tests/tests/peft_export.rs`.
+2. tests/golden/bellows_combined/adapter (`bellows combine-adapters` of ../lora/adapter and
+   ../weighted_adapters/adapter_second with weights 0.7,0.3): PEFT's logits with it vs PEFT's own
+   `add_weighted_adapter` result (weighted_adapters/expected.safetensors `logits_linear`, which bellows'
+   in-memory combination also matches, `tests/tests/multi_adapter.rs`). Read by `launch/tests/combine.rs`.
+
+Run after regenerating the adapters:
 
     BELLOWS_WRITE_GOLDEN=1 cargo test -p bellows-tests --test peft_export
+    BELLOWS_WRITE_GOLDEN=1 cargo test -p bellows-launch --test combine
     tests/golden/.venv/bin/python tests/golden/check_bellows_adapter.py
 """
 import json
@@ -18,9 +24,9 @@ from transformers import AutoModelForCausalLM
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def main():
-    torch.set_num_threads(1)
-    case = os.path.join(HERE, "bellows_written")
+def check(case_name, reference):
+    """PEFT loads <case_name>/adapter on llama_gqa; its logits are compared with `reference()`."""
+    case = os.path.join(HERE, case_name)
     base = AutoModelForCausalLM.from_pretrained(os.path.join(HERE, "llama_gqa"), dtype=torch.float32,
                                                 attn_implementation="eager")
     ids = load_file(os.path.join(HERE, "llama_gqa", "inputs.safetensors"))["input_ids"]
@@ -30,7 +36,7 @@ def main():
     model.eval()
     with torch.no_grad():
         logits = model(input_ids=ids).logits.float()
-    ours = load_file(os.path.join(case, "bellows_logits.safetensors"))["logits"]
+    ours = reference()
     adapted = sorted({n.split(".lora_")[0] for n, _ in model.named_parameters() if ".lora_" in n})
     cfg = model.peft_config["default"]
     result = {
@@ -49,6 +55,14 @@ def main():
         f.write("\n")
     print(json.dumps(result, indent=2, sort_keys=True))
     assert result["max_abs_logit_diff"] <= 1e-4, result
+
+
+def main():
+    torch.set_num_threads(1)
+    check("bellows_written",
+          lambda: load_file(os.path.join(HERE, "bellows_written", "bellows_logits.safetensors"))["logits"])
+    check("bellows_combined",
+          lambda: load_file(os.path.join(HERE, "weighted_adapters", "expected.safetensors"))["logits_linear"])
 
 
 if __name__ == "__main__":

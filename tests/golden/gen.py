@@ -13,6 +13,7 @@ deterministic algorithms, so a rerun reproduces the committed files bit for bit.
 import argparse
 import copy
 import json
+import math
 import os
 import platform
 import shutil
@@ -479,6 +480,105 @@ def case_mistral():
     write_json(os.path.join(d, "case.json"), cj)
 
 
+def greedy_no_cache(model, prompt, n):
+    """Plain argmax loop without a KV cache: (sequences, raw next-token logits [n, B, V])."""
+    cur = prompt.clone()
+    logits = []
+    with torch.no_grad():
+        for _ in range(n):
+            lg = model(input_ids=cur).logits[:, -1].float()
+            logits.append(lg)
+            cur = torch.cat([cur, lg.argmax(-1, keepdim=True)], 1)
+    return cur, torch.stack(logits, 0)
+
+
+def sliding_generate(model, d, seed, new_tokens=10):
+    """Greedy KV-cached generate past the window; asserts it equals the no-cache loop; writes generate.safetensors."""
+    gc = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, num_beams=1, eos_token_id=None,
+                          pad_token_id=0, bos_token_id=1)
+    for attempt in range(100):
+        g = torch.Generator().manual_seed(seed + attempt)
+        prompt = torch.randint(3, model.config.vocab_size, (BATCH, 6), generator=g, dtype=torch.int64)
+        cur, ref = greedy_no_cache(model, prompt, new_tokens)
+        top2 = ref.topk(2, dim=-1).values
+        margin = float((top2[..., 0] - top2[..., 1]).min())
+        if int(cur[:, 6:].min()) >= 3 and margin > 1e-3:
+            break
+    else:
+        raise AssertionError("no usable prompt")
+    with torch.no_grad():
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=gc,
+                             return_dict_in_generate=True, output_logits=True)
+    step_logits = torch.stack([l.float() for l in out.logits], 0)
+    assert torch.equal(cur, out.sequences), (cur, out.sequences)
+    cache_vs_nocache = max_diff(step_logits, ref)
+    assert cache_vs_nocache < 1e-5, cache_vs_nocache
+    save_st(os.path.join(d, "generate.safetensors"),
+            {"prompt_ids": prompt, "sequences": out.sequences, "new_tokens": out.sequences[:, 6:],
+             "step_logits": step_logits})
+    return {"min_top1_top2_margin": margin, "prompt_seed_used": seed + attempt,
+            "max_abs_step_logit_diff_kv_cache_vs_no_cache": cache_vs_nocache}
+
+
+def case_mistral_sliding_window():
+    seed = 250
+    name = "mistral_sliding_window"
+    m = build(MistralForCausalLM, MistralConfig, seed, sliding_window=4, rope_theta=10000.0)
+    reloaded, ids, labels, exp = finish_model_case(
+        name,
+        "Tiny Mistral with config.json sliding_window = 4 and sequences of 16: query i attends to keys j with "
+        "i - 4 < j <= i in every layer (transformers' sliding_window_overlay: kv_idx > q_idx - sliding_window, "
+        "and causal). generate.safetensors: greedy KV-cached generate of 10 new tokens from a [2, 6] prompt "
+        "(16 positions, well past the window), equal to a no-cache argmax loop (asserted).",
+        m,
+        seed,
+    )
+    full = copy.deepcopy(reloaded.config)
+    full.sliding_window = None
+    plain = MistralForCausalLM._from_config(full, attn_implementation=ATTN, dtype=torch.float32).eval()
+    plain.load_state_dict(reloaded.state_dict())
+    diff = max_diff(forward(plain, ids, labels, hidden=False)["logits"], exp["logits"])
+    assert diff > 1e-2, diff
+    d = os.path.join(OUT, name)
+    checks = sliding_generate(reloaded, d, seed + 2)
+    checks["max_abs_logit_diff_vs_no_window"] = diff
+    cj = json.load(open(os.path.join(d, "case.json")))
+    cj["checks"] = checks
+    cj["files"]["generate"] = "generate.safetensors (prompt_ids, sequences, new_tokens, step_logits [10, 2, 96])"
+    cj["tolerance"]["new_tokens"] = "exact"
+    cj["tolerance"]["step_logits"] = TOL_LOGITS
+    write_json(os.path.join(d, "case.json"), cj)
+
+
+def case_qwen2_sliding_window():
+    seed = 260
+    name = "qwen2_sliding_window"
+    m = build(Qwen2ForCausalLM, Qwen2Config, seed, rope_theta=10000.0, use_sliding_window=True,
+              sliding_window=4, max_window_layers=1)
+    assert m.config.layer_types == ["full_attention", "sliding_attention"], m.config.layer_types
+    reloaded, ids, labels, exp = finish_model_case(
+        name,
+        "Tiny Qwen2 with use_sliding_window = true, sliding_window = 4, max_window_layers = 1: transformers "
+        "makes layer i a sliding-window layer iff i >= max_window_layers (config layer_types = [full_attention, "
+        "sliding_attention]); layer 0 attends causally to everything, layer 1 only to i - 4 < j <= i.",
+        m,
+        seed,
+    )
+    checks = {}
+    for label, types in [("all_full", ["full_attention"] * 2), ("all_sliding", ["sliding_attention"] * 2)]:
+        cfg = copy.deepcopy(reloaded.config)
+        cfg.layer_types = types
+        other = Qwen2ForCausalLM._from_config(cfg, attn_implementation=ATTN, dtype=torch.float32).eval()
+        other.load_state_dict(reloaded.state_dict())
+        checks[f"max_abs_logit_diff_vs_{label}"] = max_diff(forward(other, ids, labels, hidden=False)["logits"],
+                                                            exp["logits"])
+        assert checks[f"max_abs_logit_diff_vs_{label}"] > 1e-2, checks
+    d = os.path.join(OUT, name)
+    cj = json.load(open(os.path.join(d, "case.json")))
+    cj["checks"] = checks
+    write_json(os.path.join(d, "case.json"), cj)
+
+
 def case_sharded():
     seed = 170
     m = build(LlamaForCausalLM, LlamaConfig, seed)
@@ -765,6 +865,103 @@ def case_lora_default_init():
     assert diff == 0.0, diff
 
 
+def case_weighted_adapters():
+    """Two named adapters on ../llama_gqa, switched with set_adapter, and PEFT's linear
+    add_weighted_adapter of them (two weightings, one negative)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    name = "weighted_adapters"
+    src = os.path.join(OUT, "llama_gqa")
+    first_dir = os.path.join(OUT, "lora", "adapter")
+    assert os.path.exists(os.path.join(first_dir, "adapter_model.safetensors")), "run the lora case first"
+    d = case_dir(name)
+    ids, labels = make_inputs(100 + 1, BASE["vocab_size"])  # the llama_gqa inputs
+
+    # the second adapter: same rank as ../lora (linear combination needs equal ranks), other alpha, and one
+    # more target (up_proj), so the combined adapter's up_proj comes from the second adapter alone
+    base = load_folder(src)
+    base.name_or_path = "../../llama_gqa"
+    seed = 240
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=4, lora_alpha=16, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+                     target_modules=["q_proj", "v_proj", "up_proj"])
+    second = get_peft_model(base, cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in second.named_parameters():
+            if "lora_A" in n or "lora_B" in n:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    second_dir = os.path.join(d, "adapter_second")
+    second.save_pretrained(second_dir)
+    os.remove(os.path.join(second_dir, "README.md"))
+
+    # both adapters loaded by name into one model; "first" is active after from_pretrained
+    base = load_folder(src)
+    base.name_or_path = "../../llama_gqa"
+    model = PeftModel.from_pretrained(base, first_dir, adapter_name="first")
+    model.load_adapter(second_dir, adapter_name="second")
+    model.eval()
+    out = {}
+
+    def logits_of(adapter):
+        model.set_adapter(adapter)
+        with torch.no_grad():
+            return model(input_ids=ids).logits.float()
+
+    out["logits_first"] = logits_of("first")
+    out["logits_second"] = logits_of("second")
+    combos = {"linear": [0.7, 0.3], "negative": [1.0, -0.5]}
+    checks = {}
+    for combo, weights in combos.items():
+        model.add_weighted_adapter(["first", "second"], weights, combo, combination_type="linear")
+        out[f"logits_{combo}"] = logits_of(combo)
+        cd = os.path.join(d, f"combined_{combo}")
+        model.save_pretrained(d, selected_adapters=[combo])  # writes <d>/<combo>/
+        os.rename(os.path.join(d, combo), cd)
+        os.remove(os.path.join(d, "README.md"))  # PEFT's boilerplate model card, written next to the folder
+        # PEFT's linear rule, checked by hand on q_proj of layer 0 (both adapters have it)
+        t = model.base_model.model.model.layers[0].self_attn.q_proj
+        wa = [math.sqrt(abs(w * t.scaling[a])) * (1 if w * t.scaling[a] >= 0 else -1)
+              for a, w in zip(["first", "second"], weights)]
+        wb = [math.sqrt(abs(w * t.scaling[a])) for a, w in zip(["first", "second"], weights)]
+        a_exp = sum(w * t.lora_A[a].weight for a, w in zip(["first", "second"], wa))
+        b_exp = sum(w * t.lora_B[a].weight for a, w in zip(["first", "second"], wb))
+        assert torch.allclose(t.lora_A[combo].weight, a_exp) and torch.allclose(t.lora_B[combo].weight, b_exp)
+        assert t.scaling[combo] == 1.0, t.scaling[combo]  # the new adapter has r = lora_alpha = 4
+        checks[f"{combo}_max_abs_logit_diff_vs_first"] = max_diff(out[f"logits_{combo}"], out["logits_first"])
+    ref = load_file(os.path.join(OUT, "lora", "expected.safetensors"))["logits"]
+    checks["first_vs_lora_case_logits"] = max_diff(out["logits_first"], ref)
+    assert checks["first_vs_lora_case_logits"] == 0.0, checks
+    save_st(os.path.join(d, "inputs.safetensors"), {"input_ids": ids, "labels": labels})
+    save_st(os.path.join(d, "expected.safetensors"), out)
+    write_json(
+        os.path.join(d, "case.json"),
+        {
+            "case": name,
+            "kind": "peft_multi",
+            "description": "PeftModel.from_pretrained(base, ../lora/adapter, adapter_name='first'), "
+                           "load_adapter(adapter_second, 'second') (r 4, alpha 16, q/v/up_proj, A, B ~ N(0, 0.1)), "
+                           "then add_weighted_adapter(['first', 'second'], w, name, combination_type='linear') for "
+                           "w = [0.7, 0.3] ('linear') and [1.0, -0.5] ('negative'). PEFT's linear rule per module: "
+                           "A = sum_i sign(w_i s_i) sqrt(|w_i s_i|) A_i, B = sum_i sqrt(|w_i s_i|) B_i over the "
+                           "adapters that have the module (s_i = that adapter's scaling), new r = lora_alpha = r "
+                           "(scaling 1), target_modules = the union; other config keys from the first adapter.",
+            "versions": versions(),
+            "seed": {"second_adapter": seed, "base_weights": 100, "inputs": 101},
+            "base_model_dir": "../llama_gqa",
+            "adapters": {"first": "../lora/adapter", "second": "adapter_second"},
+            "combinations": {k: {"weights": v, "adapter": f"combined_{k}"} for k, v in combos.items()},
+            "tolerance": {"logits": TOL_LOGITS, "combined_tensors": {"atol": 1e-6, "rtol": 1e-5}},
+            "checks": checks,
+            "files": {
+                "expected": "expected.safetensors: logits_first, logits_second, logits_linear, logits_negative "
+                            "[2,16,96], each with that adapter active",
+                "combined": "combined_<name>/: the combined adapter as PEFT saves it",
+            },
+        },
+    )
+
+
 def case_full_finetune():
     """Full-model gradients and an AdamW (with weight decay) trajectory on ../llama_gqa."""
     name = "full_finetune"
@@ -853,6 +1050,8 @@ CASES = [
     ("config_styles", case_config_styles),  # writes config_4x and config_5x
     ("bf16_weights", case_bf16_weights),
     ("mistral", case_mistral),
+    ("mistral_sliding_window", case_mistral_sliding_window),
+    ("qwen2_sliding_window", case_qwen2_sliding_window),
     ("sharded", case_sharded),
     ("head_dim_explicit", case_head_dim_explicit),
     ("generate", case_generate),
@@ -860,6 +1059,7 @@ CASES = [
     ("rslora", case_rslora),
     ("dora", case_dora),
     ("lora_default_init", case_lora_default_init),
+    ("weighted_adapters", case_weighted_adapters),
     ("full_finetune", case_full_finetune),
     ("nf4_quant", case_nf4_quant),
     ("qlora_model", case_qlora_model),

@@ -5,7 +5,7 @@ use bellows_peft::{InitRng, Linear, LoraPlan};
 
 use crate::source::{BaseSource, LinearShape, RandomInit};
 use burn::module::Module;
-use burn::tensor::{activation::softmax, backend::Backend, Bool, DType, Tensor};
+use burn::tensor::{activation::softmax, backend::Backend, Bool, DType, Tensor, TensorData};
 
 use crate::cache::LayerCache;
 use crate::config::ModelArch;
@@ -28,6 +28,8 @@ pub struct Attention<B: Backend> {
     pub num_kv_heads: usize,
     /// Width of one head.
     pub head_dim: usize,
+    /// The sliding window of this layer, if any: query `i` then attends keys `i − w < j ≤ i`.
+    pub sliding_window: Option<usize>,
 }
 
 /// The linear layer at `path` from `src`, with an adapter where `plan` says.
@@ -86,6 +88,7 @@ impl<B: Backend> Attention<B> {
             num_heads: h,
             num_kv_heads: kv,
             head_dim: hd,
+            sliding_window: arch.window_of(layer),
         })
     }
 
@@ -141,8 +144,16 @@ impl<B: Backend> Attention<B> {
         } else {
             scores.cast(DType::F32)
         };
+        let band = self
+            .sliding_window
+            .and_then(|w| window_mask::<B>(s, t, w, &scores.device()));
+        let mask = match (mask, band) {
+            (Some(m), Some(w)) => Some(m.clone().bool_or(w.expand([b, 1, s, t]))),
+            (Some(m), None) => Some(m.clone()),
+            (None, band) => band,
+        };
         let scores = match mask {
-            Some(m) => scores.mask_fill(m.clone().expand([b, h, s, t]), f32::NEG_INFINITY),
+            Some(m) => scores.mask_fill(m.expand([b, h, s, t]), f32::NEG_INFINITY),
             None => scores,
         };
         let probs = softmax(scores, 3);
@@ -153,5 +164,45 @@ impl<B: Backend> Attention<B> {
         };
         let out = probs.matmul(v).swap_dims(1, 2).reshape([b, s, h * hd]);
         self.o_proj.forward(out)
+    }
+}
+
+/// `[1, 1, s, t]`, true where the `s` newest of `t` positions may not see a key because it lies
+/// `window` or more positions back (query at `t − s + i`, key `j`: `t − s + i − j >= window`);
+/// `None` when no pair is that far apart.
+fn window_mask<B: Backend>(
+    s: usize,
+    t: usize,
+    window: usize,
+    device: &B::Device,
+) -> Option<Tensor<B, 4, Bool>> {
+    if t <= window {
+        return None;
+    }
+    let past = t - s;
+    let m: Vec<bool> = (0..s)
+        .flat_map(|i| (0..t).map(move |j| past + i >= j + window))
+        .collect();
+    Some(Tensor::from_data(TensorData::new(m, [1, 1, s, t]), device))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+
+    #[test]
+    fn window_mask_follows_transformers_off_by_one() {
+        // Window 2 over 4 positions: query 3 sees keys 2 and 3 only (3 - 2 < j).
+        let m = window_mask::<Flex>(4, 4, 2, &Default::default()).expect("some pairs too far");
+        let v = m.into_data().to_vec::<bool>().expect("bool");
+        let row = |i: usize| v[i * 4..i * 4 + 4].to_vec();
+        assert_eq!(row(0), [false; 4]);
+        assert_eq!(row(3), [true, true, false, false]);
+        // One cached step: the new query is position 5 of 6.
+        let m = window_mask::<Flex>(1, 6, 4, &Default::default()).expect("far keys");
+        let v = m.into_data().to_vec::<bool>().expect("bool");
+        assert_eq!(v, [true, true, false, false, false, false]);
+        assert!(window_mask::<Flex>(3, 4, 4, &Default::default()).is_none());
     }
 }

@@ -57,6 +57,18 @@ pub enum RopeScaling {
     },
 }
 
+/// Sliding-window attention (Mistral; Qwen2 with `use_sliding_window`): in a windowed layer,
+/// query position `i` attends key position `j` only when `i − size < j ≤ i` (transformers'
+/// `sliding_window_overlay`: `kv_idx > q_idx − sliding_window`, on top of the causal mask).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlidingWindow {
+    /// The window `sliding_window`, >= 1: a query sees itself and the `size − 1` positions before it.
+    pub size: usize,
+    /// Per decoder layer, whether it uses the window (Mistral: every layer; Qwen2: `layer_types`,
+    /// or the layers `i >= max_window_layers`).
+    pub layers: Vec<bool>,
+}
+
 /// A Llama-family decoder's architecture, resolved (every value present, typed).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelArch {
@@ -94,9 +106,22 @@ pub struct ModelArch {
     pub bos_token_id: Option<u32>,
     /// End-of-sequence token id, if known.
     pub eos_token_id: Option<u32>,
+    /// Sliding-window attention, if any (`None`: every layer attends to all earlier positions).
+    #[serde(default)]
+    pub sliding_window: Option<SlidingWindow>,
 }
 
 impl ModelArch {
+    /// The attention window of decoder layer `layer`, if it is a sliding-window layer.
+    pub fn window_of(&self, layer: usize) -> Option<usize> {
+        let w = self.sliding_window.as_ref()?;
+        w.layers
+            .get(layer)
+            .copied()
+            .unwrap_or(false)
+            .then_some(w.size)
+    }
+
     /// Checks internal consistency; every problem as `(key, message)` relative to `at`.
     pub fn validate(&self, at: &str, out: &mut Vec<(String, String)>) {
         let mut bad = |k: &str, m: String| out.push((format!("{at}.{k}"), m));
@@ -138,6 +163,21 @@ impl ModelArch {
                 "rms_norm_eps",
                 format!("must be > 0, got {}", self.rms_norm_eps),
             );
+        }
+        if let Some(w) = &self.sliding_window {
+            if w.size == 0 {
+                bad("sliding_window", "must be >= 1, got 0".into());
+            }
+            if w.layers.len() != self.num_hidden_layers {
+                bad(
+                    "layer_types",
+                    format!(
+                        "{} entries for {} layers",
+                        w.layers.len(),
+                        self.num_hidden_layers
+                    ),
+                );
+            }
         }
         if self.rope_theta.is_nan() || self.rope_theta <= 0.0 {
             bad(

@@ -34,6 +34,14 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
+    /// A named adapter is unknown, already taken, or does not fit the model.
+    #[error("adapter {name:?}: {message}")]
+    Adapter {
+        /// The adapter name.
+        name: String,
+        /// What is wrong.
+        message: String,
+    },
     /// An adapter config could not be read or resolved.
     #[error(transparent)]
     Peft(#[from] bellows_peft::Error),

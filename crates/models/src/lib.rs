@@ -16,6 +16,7 @@
 //! ```
 #![warn(missing_docs)]
 
+mod adapter_set;
 mod attention;
 mod cache;
 mod config;
@@ -27,12 +28,14 @@ mod mlp;
 mod model;
 mod norm;
 mod params;
+mod peft_model;
 mod rope;
 mod source;
 
+pub use adapter_set::{linear_sites, read_adapter_set, save_adapter_set};
 pub use attention::Attention;
 pub use cache::{KvCache, LayerCache};
-pub use config::{Family, ModelArch, RopeScaling};
+pub use config::{Family, ModelArch, RopeScaling, SlidingWindow};
 pub use error::{Error, Result};
 pub use generate::{generate, pick_token, probabilities, GenerateOptions};
 pub use hf::{
@@ -45,6 +48,10 @@ pub use mlp::Mlp;
 pub use model::{attention_mask, CausalLm, Decoder, DecoderLayer, ForwardInput};
 pub use norm::RmsNorm;
 pub use params::{is_adapter_path, ParamInfo, ParamLister, TrainableMapper};
+pub use peft_model::{
+    load_pretrained_with_weighted_adapters, load_pretrained_with_weighted_adapters_quantized,
+    PeftModel,
+};
 pub use rope::{inv_freq, RopeTables};
 pub use source::{BaseSource, LinearShape, RandomInit};
 
@@ -68,5 +75,6 @@ pub fn tiny_arch() -> ModelArch {
         initializer_range: 0.02,
         bos_token_id: None,
         eos_token_id: None,
+        sliding_window: None,
     }
 }

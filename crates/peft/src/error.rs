@@ -60,6 +60,12 @@ pub enum Error {
         /// The parser's message.
         message: String,
     },
+    /// Adapters that cannot be combined (`add_weighted_adapter`).
+    #[error("cannot combine adapters: {message}")]
+    Combine {
+        /// Why, naming the adapter property or module.
+        message: String,
+    },
 }
 
 /// `Result` with this crate's [`Error`].

@@ -16,6 +16,7 @@
 //! ```
 #![warn(missing_docs)]
 
+mod combine;
 mod config;
 mod dora;
 mod dtype;
@@ -25,6 +26,7 @@ mod io;
 mod linear;
 pub mod nf4;
 
+pub use combine::{combine_adapters, combined_config, AdapterSet, Combination, LinearSite};
 pub use config::{layer_index, LoraInit, LoraPlan, LoraSpec, Method, PeftConfig, TargetModules};
 pub use dtype::in_dtype;
 pub use error::{Error, Result};

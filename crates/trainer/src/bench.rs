@@ -121,6 +121,7 @@ fn small() -> ModelArch {
         initializer_range: 0.02,
         bos_token_id: None,
         eos_token_id: None,
+        sliding_window: None,
     }
 }
 

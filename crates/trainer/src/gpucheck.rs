@@ -200,14 +200,31 @@ pub type Emit<'a> = &'a mut dyn FnMut(serde_json::Value);
 /// # Errors
 /// An unusable device, or files that cannot be read or written.
 pub fn gpu_check(opts: &GpuCheckOptions, emit: Emit<'_>) -> Result<bool> {
-    let mut ok = device_checks(opts, emit)?;
-    ok &= train_curves(opts, emit)?;
-    ok &= nccl_check(opts, emit);
+    let mut ok = guarded("device", emit, |e| device_checks(opts, e))?;
+    ok &= guarded("train_curve", emit, |e| train_curves(opts, e))?;
+    ok &= guarded("nccl", emit, |e| Ok(nccl_check(opts, e)))?;
     if opts.bench_steps > 0 {
-        ok &= bench_check(opts, emit)?;
+        ok &= guarded("bench", emit, |e| bench_check(opts, e))?;
     }
     emit(serde_json::json!({"check": "summary", "ok": ok}));
     Ok(ok)
+}
+
+/// Runs one group of checks; a panic inside it (a backend kernel failing on an unattended host)
+/// becomes a failed finding instead of ending the whole check.
+fn guarded(name: &str, emit: Emit<'_>, f: impl FnOnce(Emit<'_>) -> Result<bool>) -> Result<bool> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut *emit))) {
+        Ok(r) => r,
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            emit(serde_json::json!({"check": name, "ok": false, "panic": msg}));
+            Ok(false)
+        }
+    }
 }
 
 fn device_checks(opts: &GpuCheckOptions, emit: Emit<'_>) -> Result<bool> {
@@ -259,9 +276,22 @@ fn peaks<B: Backend>(opts: &GpuCheckOptions, device: &B::Device, emit: Emit<'_>)
     bf16_tflops.unwrap_or(f32_tflops)
 }
 
-/// Every golden case on the device and on the CPU: f32 losses within 1e-4 (relative) of each
-/// other and logits within 1e-3 of transformers'; bf16 losses within 2 % of transformers'.
+/// Tolerances of the device's "f32" against the CPU: (logits abs, loss relative). On the CPU
+/// f32 is f32. On CUDA, burn 0.21's matmul (cubek-matmul) runs f32 products on TF32 tensor cores
+/// (10-bit mantissa, as PyTorch with `allow_tf32`): measured on an H200, logits moved by up to
+/// 4.1e-3 and losses by up to 1.04e-4 relative on the golden models.
+fn f32_tolerances(device: &str) -> (f64, f64) {
+    if device == "cpu" {
+        (1e-4, 1e-5)
+    } else {
+        (1e-2, 1e-3)
+    }
+}
+
+/// Every golden case on the device and on the CPU: f32 (TF32 on CUDA) logits and losses within
+/// [`f32_tolerances`] of transformers' and the CPU's; bf16 losses within 2 % of transformers'.
 fn parity<B: Backend>(opts: &GpuCheckOptions, device: &B::Device, emit: Emit<'_>) -> Result<bool> {
+    let (logits_tol, loss_tol) = f32_tolerances(&opts.device);
     let mut all = true;
     for dir in golden_model_cases(&opts.golden)? {
         let dev = parity_case::<B>(&dir, device)?;
@@ -271,8 +301,9 @@ fn parity<B: Backend>(opts: &GpuCheckOptions, device: &B::Device, emit: Emit<'_>
             (Some(d), Some(_)) => rel(d, dev.loss_reference) <= 0.02,
             _ => true,
         };
-        let ok =
-            rel(dev.loss_f32, cpu.loss_f32) <= 1e-4 && dev.logits_max_abs_diff <= 1e-3 && bf16_ok;
+        let ok = rel(dev.loss_f32, cpu.loss_f32) <= loss_tol
+            && dev.logits_max_abs_diff <= logits_tol
+            && bf16_ok;
         all &= ok;
         emit(serde_json::json!({
             "check": "golden_parity", "ok": ok, "case": dev.case,
@@ -280,13 +311,14 @@ fn parity<B: Backend>(opts: &GpuCheckOptions, device: &B::Device, emit: Emit<'_>
             "loss_transformers": dev.loss_reference,
             "loss_device_f32": dev.loss_f32, "loss_cpu_f32": cpu.loss_f32,
             "loss_device_bf16": dev.loss_bf16, "loss_cpu_bf16": cpu.loss_bf16,
+            "tolerance_logits": logits_tol, "tolerance_loss_rel": loss_tol,
         }));
     }
     Ok(all)
 }
 
-/// Trains `opts.config` for `train_steps` on the CPU (f32) and on the device in f32 and bf16;
-/// the device's f32 curve must stay within 1e-3 (relative) of the CPU's, bf16 within 5 %.
+/// Trains `opts.config` for `train_steps` on the CPU (f32) and on the device in f32, bf16 and fp16;
+/// the device's f32 curve must stay within 1e-3 (relative) of the CPU's, bf16 within 5 %, fp16 2 %.
 fn train_curves(opts: &GpuCheckOptions, emit: Emit<'_>) -> Result<bool> {
     let run = |device: &str, precision: &str| -> Result<(Vec<f64>, f64)> {
         let label = format!("{}-{precision}", device.replace(':', "_"));
@@ -310,7 +342,7 @@ fn train_curves(opts: &GpuCheckOptions, emit: Emit<'_>) -> Result<bool> {
     };
     let (cpu, cpu_secs) = run("cpu", "f32")?;
     let mut all = true;
-    for (precision, tol) in [("f32", 1e-3), ("bf16", 0.05)] {
+    for (precision, tol) in [("f32", 1e-3), ("bf16", 0.05), ("fp16", 0.02)] {
         let (dev, secs) = run(&opts.device, precision)?;
         let worst = cpu
             .iter()

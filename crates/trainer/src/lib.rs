@@ -23,6 +23,7 @@ pub mod gpucheck;
 pub mod grads;
 mod health;
 mod metrics;
+pub mod plan;
 pub mod precision;
 mod progress;
 mod recipe;

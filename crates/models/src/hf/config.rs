@@ -4,7 +4,7 @@ use std::path::Path;
 
 use serde_json::{json, Map, Value};
 
-use crate::config::{Family, ModelArch, RopeScaling};
+use crate::config::{Family, ModelArch, RopeScaling, SlidingWindow};
 use crate::{Error, Result};
 
 fn cfg_err(path: &Path, key: &str, message: impl Into<String>) -> Error {
@@ -168,6 +168,11 @@ pub fn parse_config(path: &Path, text: &str) -> Result<ModelArch> {
         initializer_range: r.f64_or(obj, "initializer_range", Some(0.02))?,
         bos_token_id: r.token("bos_token_id"),
         eos_token_id: r.token("eos_token_id"),
+        sliding_window: None,
+    };
+    let arch = ModelArch {
+        sliding_window: sliding_window(&r, family, arch.num_hidden_layers)?,
+        ..arch
     };
     let mut issues = Vec::new();
     arch.validate("", &mut issues);
@@ -175,6 +180,44 @@ pub fn parse_config(path: &Path, text: &str) -> Result<ModelArch> {
         return Err(cfg_err(path, k.trim_start_matches('.'), m));
     }
     Ok(arch)
+}
+
+/// The sliding window as transformers 5.x decides it: Mistral windows every layer with
+/// `sliding_window` (absent means transformers' default 4096, `null` means none); Qwen2 only with
+/// `use_sliding_window: true`, in the layers `layer_types` marks `"sliding_attention"`, or else in
+/// layers `i >= max_window_layers` (default 28); Llama never.
+fn sliding_window(r: &Reader<'_>, family: Family, layers: usize) -> Result<Option<SlidingWindow>> {
+    let size = |default| match r.obj.get("sliding_window") {
+        Some(Value::Null) => Ok(None),
+        _ => r.usize_or("sliding_window", Some(default)).map(Some),
+    };
+    let windowed = match family {
+        Family::Llama => return Ok(None),
+        Family::Mistral => vec![true; layers],
+        Family::Qwen2 if !r.bool_or("use_sliding_window", false)? => return Ok(None),
+        Family::Qwen2 => match r.obj.get("layer_types") {
+            Some(Value::Array(types)) => types
+                .iter()
+                .map(|t| match t.as_str() {
+                    Some("sliding_attention") => Ok(true),
+                    Some("full_attention") => Ok(false),
+                    _ => Err(cfg_err(
+                        r.path,
+                        "layer_types",
+                        format!("expected \"full_attention\" or \"sliding_attention\", got {t}"),
+                    )),
+                })
+                .collect::<Result<_>>()?,
+            _ => {
+                let first = r.usize_or("max_window_layers", Some(28))?;
+                (0..layers).map(|i| i >= first).collect()
+            }
+        },
+    };
+    Ok(size(4096)?.map(|size| SlidingWindow {
+        size,
+        layers: windowed,
+    }))
 }
 
 /// A transformers-compatible `config.json` for `arch` (4.x key style, which 5.x also reads).
@@ -223,5 +266,30 @@ pub fn to_config_json(arch: &ModelArch, dtype: &str) -> Value {
         }),
     };
     m.insert("rope_scaling".into(), scaling);
+    let window = arch.sliding_window.as_ref();
+    match arch.family {
+        Family::Llama => {}
+        Family::Mistral => {
+            m.insert("sliding_window".into(), json!(window.map(|w| w.size)));
+        }
+        Family::Qwen2 => {
+            let n = arch.num_hidden_layers;
+            let windowed = |i: usize| arch.window_of(i).is_some();
+            let types: Vec<&str> = (0..n)
+                .map(|i| {
+                    if windowed(i) {
+                        "sliding_attention"
+                    } else {
+                        "full_attention"
+                    }
+                })
+                .collect();
+            m.insert("use_sliding_window".into(), json!(window.is_some()));
+            m.insert("sliding_window".into(), json!(window.map(|w| w.size)));
+            let first = (0..n).find(|&i| windowed(i)).unwrap_or(n);
+            m.insert("max_window_layers".into(), json!(first));
+            m.insert("layer_types".into(), json!(types));
+        }
+    }
     v
 }

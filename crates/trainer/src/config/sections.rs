@@ -154,6 +154,7 @@ impl InitSection {
             initializer_range: self.initializer_range,
             bos_token_id: None,
             eos_token_id: None,
+            sliding_window: None,
         }
     }
 }
