@@ -3,10 +3,10 @@
 use std::path::{Path, PathBuf};
 
 use bellows_models::{
-    load_pretrained, load_pretrained_with_adapter, load_pretrained_with_weighted_adapters,
-    CausalLm, ModelArch,
+    load_pretrained_quantized, load_pretrained_with_adapter_quantized,
+    load_pretrained_with_weighted_adapters_quantized, CausalLm, ModelArch,
 };
-use bellows_peft::{Combination, LoraPlan};
+use bellows_peft::{Combination, InitRng, LoraPlan, Nf4Options};
 use burn::backend::Flex;
 use clap::Args;
 
@@ -37,30 +37,41 @@ impl AdapterArgs {
         self.adapter.len() > 1 || !self.adapter_weights.is_empty()
     }
 
-    /// Loads `model` with the adapters: none, one as is, or several combined with their weights.
+    /// Loads `model` with the adapters: none, one as is, or several combined with their weights;
+    /// the base's decoder linears NF4-quantized as they are read when `quantize` is set.
     ///
     /// # Errors
     /// Weights without adapters or of another count, several adapters without weights, or any
     /// loading problem.
-    pub fn load(&self, model: &Path) -> anyhow::Result<(ModelArch, CausalLm<Flex>)> {
+    pub fn load(
+        &self,
+        model: &Path,
+        quantize: Option<Nf4Options>,
+    ) -> anyhow::Result<(ModelArch, CausalLm<Flex>)> {
         let device = Default::default();
         let (n, w) = (self.adapter.len(), self.adapter_weights.len());
         if n == 0 && w == 0 {
-            return Ok(load_pretrained::<Flex>(model, &LoraPlan::none(), &device)?);
+            let none = LoraPlan::none();
+            let rng = &mut InitRng::new(0);
+            return Ok(load_pretrained_quantized::<Flex>(
+                model, &none, quantize, rng, &device,
+            )?);
         }
         if let Some(one) = self.single() {
-            let (arch, _, m) = load_pretrained_with_adapter::<Flex>(model, one, &device)?;
+            let (arch, _, m) =
+                load_pretrained_with_adapter_quantized::<Flex>(model, one, quantize, &device)?;
             return Ok((arch, m));
         }
         anyhow::ensure!(
             n == w,
             "{n} --adapter folders but {w} --adapter-weights (give one weight per adapter)"
         );
-        Ok(load_pretrained_with_weighted_adapters::<Flex>(
+        Ok(load_pretrained_with_weighted_adapters_quantized::<Flex>(
             model,
             &self.adapter,
             &self.adapter_weights,
             Combination::Linear,
+            quantize,
             &device,
         )?)
     }

@@ -11,6 +11,7 @@ use bellows_trainer::{bench_on, BenchMode, BenchSpec};
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Mode {
     Lora,
+    Qlora,
     Full,
     Tiny,
     Forward,
@@ -28,7 +29,7 @@ enum Prec {
 /// Options of `bellows bench`.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Workload: LoRA r16 on the small Llama, full fine-tune of it, LoRA on a tiny Llama, inference forward passes of the small Llama, or LoRA on a 1.1B Llama (GPU).
+    /// Workload: LoRA r16 on the small Llama, the same on its NF4-quantized base (QLoRA), full fine-tune of it, LoRA on a tiny Llama, inference forward passes of the small Llama, or LoRA on a 1.1B Llama (GPU).
     #[arg(long, value_enum, default_value = "lora")]
     mode: Mode,
     /// `cpu`, `cuda` or `cuda:N`.
@@ -62,6 +63,7 @@ pub fn bench(a: BenchArgs) -> ExitCode {
     let spec = BenchSpec {
         mode: match a.mode {
             Mode::Lora => BenchMode::Lora,
+            Mode::Qlora => BenchMode::Qlora,
             Mode::Full => BenchMode::Full,
             Mode::Tiny => BenchMode::Tiny,
             Mode::Forward => BenchMode::Forward,

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::Args;
 
 use crate::adapter_args::AdapterArgs;
+use crate::quantize_arg::QuantizeArg;
 use bellows_models::{generate, GenerateOptions};
 
 /// Options of `bellows generate`.
@@ -34,6 +35,10 @@ pub struct GenerateArgs {
     /// Sampling seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Quantize the model's decoder linears to 4 bits while loading (a bitsandbytes 4-bit
+    /// checkpoint loads quantized without it).
+    #[arg(long, value_enum)]
+    quantize: Option<QuantizeArg>,
 }
 
 fn fail(msg: String) -> ExitCode {
@@ -44,7 +49,9 @@ fn fail(msg: String) -> ExitCode {
 /// Generates and prints the continuation (text, or ids for `--prompt-ids`).
 pub fn run(a: GenerateArgs) -> ExitCode {
     let device = Default::default();
-    let loaded = a.adapters.load(&a.model);
+    let loaded = a
+        .adapters
+        .load(&a.model, a.quantize.map(QuantizeArg::options));
     let (arch, model) = match loaded {
         Ok(m) => m,
         Err(e) => return fail(e.to_string()),

@@ -16,6 +16,7 @@ mod generate_cmd;
 mod gpu_check_cmd;
 mod launch_cmd;
 mod merge_cmd;
+mod quantize_arg;
 
 /// Distributed fine-tuning of Llama-family models (full, LoRA) on CPU or CUDA.
 #[derive(Debug, Parser)]

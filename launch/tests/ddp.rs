@@ -492,3 +492,24 @@ fn a_zero_checkpoint_resumes_to_the_uninterrupted_result() {
     let st = safetensors::SafeTensors::deserialize(&opt).expect("st");
     assert!(st.names().iter().any(|n| n.ends_with(".exp_avg_sq")));
 }
+
+/// Issue 5: QLoRA data parallelism — every rank quantizes the same base, adapters sync as LoRA's.
+#[test]
+fn qlora_two_processes_match_one_process_with_the_combined_batch() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = job(dir.path());
+    let qlora = ["--set", "peft.method=\"qlora\""];
+    let one = dir.path().join("one8");
+    let o = bellows()
+        .arg("train")
+        .arg(&cfg)
+        .args(["--set", "data.batch_size=8", "--set"])
+        .arg(format!("run.output_dir={}", one.display()))
+        .args(qlora)
+        .output()
+        .expect("run");
+    check(&o, "single-process qlora train");
+    let o = launch(&cfg, &dir.path().join("two"), 2, &qlora);
+    check(&o, "qlora launch 2");
+    assert_same_adapter(&dir.path().join("two"), &one, "qlora 2 procs x 4 vs 1 x 8");
+}

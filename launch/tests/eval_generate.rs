@@ -282,3 +282,95 @@ fn eval_and_generate_combine_several_adapters_with_weights() {
         "{err}"
     );
 }
+
+/// The loss `bellows eval` prints for `--model <model> --data <data> <extra...>`.
+fn eval_loss(model: &str, data: &Path, extra: &[&str]) -> f64 {
+    let out = Command::new(env!("CARGO_BIN_EXE_bellows"))
+        .args(["eval", "--model"])
+        .arg(golden(model))
+        .arg("--data")
+        .arg(data)
+        .args(["--seq-len", "16"])
+        .args(extra)
+        .output()
+        .expect("run");
+    report(&out)["loss"].as_f64().expect("loss")
+}
+
+/// Issue 5: `--quantize nf4` evaluates the 4-bit model transformers + bitsandbytes evaluate;
+/// a bitsandbytes 4-bit folder loads quantized by itself; adapters go on top.
+#[test]
+fn eval_quantize_nf4_prints_the_bitsandbytes_loss() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = golden_inputs_parquet(dir.path());
+    let (_, bnb) = read(&golden("qlora_model").join("expected.safetensors"), "loss");
+    let (_, bnb_lora) = read(&golden("qlora_lora").join("expected.safetensors"), "loss");
+    let (_, f32_loss) = read(&golden("llama_gqa").join("expected.safetensors"), "loss");
+    let close = |what: &str, got: f64, exp: f64, tol: f64| {
+        assert!((got - exp).abs() <= tol, "{what}: {got} vs {exp}");
+    };
+    close(
+        "bnb folder",
+        eval_loss("qlora_model", &data, &[]),
+        bnb[0],
+        1e-5,
+    );
+    close(
+        "bnb folder + --quantize",
+        eval_loss("qlora_model", &data, &["--quantize", "nf4"]),
+        bnb[0],
+        1e-5,
+    );
+    let ours = eval_loss("llama_gqa", &data, &["--quantize", "nf4"]);
+    close("llama_gqa --quantize nf4", ours, bnb[0], 1e-5);
+    assert!(
+        (ours - f32_loss[0]).abs() > 1e-3,
+        "quantization changes the loss"
+    );
+    let adapter = golden("lora").join("adapter");
+    let adapter = adapter.to_str().expect("utf-8 path");
+    close(
+        "bnb folder + lora adapter",
+        eval_loss(
+            "qlora_model",
+            &data,
+            &["--adapter", adapter, "--quantize", "nf4"],
+        ),
+        bnb_lora[0],
+        1e-5,
+    );
+    let bad = Command::new(env!("CARGO_BIN_EXE_bellows"))
+        .args(["eval", "--model"])
+        .arg(golden("llama_gqa"))
+        .arg("--data")
+        .arg(&data)
+        .args(["--quantize", "int3"])
+        .output()
+        .expect("run");
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("nf4"));
+}
+
+#[test]
+fn generate_quantize_nf4_runs_on_the_4bit_model() {
+    let run = |model: &str, extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_bellows"))
+            .args(["generate", "--model"])
+            .arg(golden(model))
+            .args(["--prompt-ids", "5,17,33,9", "--max-new-tokens", "6"])
+            .args(extra)
+            .output()
+            .expect("run");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let saved = run("qlora_model", &[]);
+    assert_eq!(saved.split(',').count(), 6, "{saved}");
+    assert_eq!(run("qlora_model", &["--quantize", "nf4"]), saved);
+    let ours = run("llama_gqa", &["--quantize", "nf4"]);
+    assert_eq!(ours.split(',').count(), 6, "{ours}");
+}

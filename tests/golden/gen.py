@@ -1036,6 +1036,12 @@ def case_qlora_model():
                          load_folder)
 
 
+def case_qlora_lora():
+    import nf4
+
+    nf4.case_qlora_lora(OUT, case_dir("qlora_lora"), versions(), save_st, write_json, forward, load_folder)
+
+
 CASES = [
     ("llama_gqa", case_llama_gqa),
     ("llama3_rope", case_llama3_rope),
@@ -1057,6 +1063,7 @@ CASES = [
     ("full_finetune", case_full_finetune),
     ("nf4_quant", case_nf4_quant),
     ("qlora_model", case_qlora_model),
+    ("qlora_lora", case_qlora_lora),
 ]
 ALIASES = {"config_4x": "config_styles", "config_5x": "config_styles"}
 

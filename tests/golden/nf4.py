@@ -352,3 +352,63 @@ def case_qlora_model(out_root, d, versions, save_st, write_json, make_inputs, fo
                       "expected": "expected.safetensors", "dequant": "dequant.safetensors"},
         },
     )
+
+
+def case_qlora_lora(out_root, d, versions, save_st, write_json, forward, load_folder):
+    """The `lora` adapter (q_proj + v_proj, r 4, B non-zero) on the 4-bit `qlora_model`."""
+    import bitsandbytes.nn as bnbnn
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    qdir = os.path.join(out_root, "qlora_model")
+    adir = os.path.join(out_root, "lora", "adapter")
+    src = os.path.join(out_root, "llama_gqa")
+    for p in (qdir, adir, src):
+        assert os.path.exists(p), f"run the case of {p} first"
+    inp = load_file(os.path.join(src, "inputs.safetensors"))
+    ids, labels = inp["input_ids"], inp["labels"]
+    # reference: f32 model with the numpy dequant of the saved 4-bit codes, adapter on top
+    deq = dequant_saved_checkpoint(load_file(os.path.join(qdir, "model.safetensors")))
+    ref = load_folder(src)
+    msd = ref.state_dict()
+    for name, w in deq.items():
+        msd[name] = w
+    ref.load_state_dict(msd)
+    ref = PeftModel.from_pretrained(ref, adir).eval()
+    ref_out = forward(ref, ids, labels, hidden=False)
+    # bitsandbytes + PEFT on the saved 4-bit folder, with bnb's CPU dequant bug patched out
+    qm = PeftModel.from_pretrained(load_folder(qdir, device_map="cpu"), adir).eval()
+    patched = 0
+    with torch.no_grad():
+        for name, mod in qm.named_modules():
+            if isinstance(mod, bnbnn.Linear4bit) and mod.in_features % 64 != 0:
+                key = name.replace("base_model.model.", "", 1).replace(".base_layer", "") + ".weight"
+                mod.forward = (lambda w: (lambda x: torch.nn.functional.linear(x, w)))(deq[key])
+                patched += 1
+    bnb_out = forward(qm, ids, labels, hidden=False)
+    bnb_diff = float((bnb_out["logits"] - ref_out["logits"]).abs().max())
+    base_out = forward(load_folder(qdir, device_map="cpu"), ids, labels, hidden=False)
+    save_st(os.path.join(d, "expected.safetensors"), {"logits": ref_out["logits"], "loss": ref_out["loss"]})
+    write_json(
+        os.path.join(d, "case.json"),
+        {
+            "case": "qlora_lora",
+            "kind": "qlora",
+            "description": "The PEFT adapter of ../lora/adapter (q_proj + v_proj, r 4, alpha 8, B non-zero) on "
+            "the 4-bit ../qlora_model. expected.safetensors: logits/loss of the reference (a plain f32 Llama "
+            "whose linears are the numpy dequantization of ../qlora_model's saved codes, with the adapter loaded "
+            "by PeftModel.from_pretrained). Inputs: ../llama_gqa/inputs.safetensors.",
+            "versions": versions,
+            "base_model_dir": "../qlora_model",
+            "adapter_dir": "../lora/adapter",
+            "inputs": "../llama_gqa/inputs.safetensors",
+            "tolerance": {"logits": {"atol": 1e-4, "rtol": 1e-4}, "loss": {"atol": 1e-5, "rtol": 1e-5}},
+            "checks": {
+                "max_abs_logit_diff_bnb_peft_forward_vs_reference": bnb_diff,
+                "bnb_linears_patched_for_in_not_multiple_of_64": patched,
+                "max_abs_logit_change_from_adapter": float((ref_out["logits"] - base_out["logits"]).abs().max()),
+            },
+            "files": {"expected": "expected.safetensors"},
+        },
+    )
+    assert bnb_diff < 1e-4, bnb_diff

@@ -143,3 +143,51 @@ fn greedy_generation_with_kv_cache_matches_transformers() {
         );
     }
 }
+
+/// Issue 3 (copy-free loading): base weights come straight from the files — loading draws nothing
+/// from the init stream (no random init that is then overwritten); only adapters do.
+#[test]
+fn loading_draws_no_random_base_weights() {
+    let dev = Default::default();
+    let fresh = |seed| bellows_peft::InitRng::new(seed);
+    let next = |rng: &mut bellows_peft::InitRng| -> Vec<f32> {
+        rng.normal::<B, 1>([8], 0.0, 1.0, &dev)
+            .into_data()
+            .to_vec::<f32>()
+            .expect("f32")
+    };
+    let mut rng = fresh(9);
+    bellows_models::load_pretrained_with::<B>(
+        &golden("llama_gqa"),
+        &LoraPlan::none(),
+        &mut rng,
+        &dev,
+    )
+    .expect("load");
+    assert_eq!(
+        next(&mut rng),
+        next(&mut fresh(9)),
+        "the stream is untouched"
+    );
+    // With adapters, exactly the adapters' draws are taken: the same as attaching them by hand.
+    let cfg = bellows_peft::PeftConfig {
+        method: bellows_peft::Method::Lora,
+        ..bellows_peft::PeftConfig::default()
+    };
+    let plan = cfg.plan().expect("plan");
+    let mut rng = fresh(9);
+    let (_, m) =
+        bellows_models::load_pretrained_with::<B>(&golden("llama_gqa"), &plan, &mut rng, &dev)
+            .expect("load");
+    let a = m.model.layers[0]
+        .self_attn
+        .q_proj
+        .lora
+        .as_ref()
+        .expect("adapter");
+    let spec = plan
+        .spec_for("model.layers.0.self_attn.q_proj", false)
+        .expect("q_proj");
+    let by_hand = bellows_peft::LoraAdapter::<B>::new(&spec, 64, 64, &mut fresh(9), &dev);
+    assert_eq!(a.lora_a.val().into_data(), by_hand.lora_a.val().into_data());
+}

@@ -219,6 +219,7 @@ tensorboard = false
         batch_size: 8,
         max_rows: None,
         seq_len: 16,
+        quantize: None,
     };
     let base_loss = bellows_trainer::evaluate_dir(&base, None, &data, &opts).expect("eval base");
     assert_close(

@@ -2,6 +2,8 @@
 //! query head `j` reads key/value head `j / (heads / kv_heads)`.
 
 use bellows_peft::{InitRng, Linear, LoraPlan};
+
+use crate::source::{BaseSource, LinearShape, RandomInit};
 use burn::module::Module;
 use burn::tensor::{activation::softmax, backend::Backend, Bool, DType, Tensor, TensorData};
 
@@ -30,19 +32,20 @@ pub struct Attention<B: Backend> {
     pub sliding_window: Option<usize>,
 }
 
+/// The linear layer at `path` from `src`, with an adapter where `plan` says.
 pub(crate) fn linear<B: Backend>(
-    arch: &ModelArch,
+    src: &mut dyn BaseSource<B>,
     plan: &LoraPlan,
     path: String,
-    (d_in, d_out, bias): (usize, usize, bool),
+    shape: LinearShape,
     rng: &mut InitRng,
-    device: &B::Device,
-) -> Linear<B> {
-    let l = Linear::new(d_in, d_out, bias, arch.initializer_range, rng, device);
-    match plan.spec_for(&path, false) {
+) -> crate::Result<Linear<B>> {
+    let quantizable = !plan.is_module_to_save(&format!("{path}.weight"));
+    let l = src.linear(&path, shape, quantizable, rng)?;
+    Ok(match plan.spec_for(&path, false) {
         Some(spec) => l.with_lora(&spec, rng),
         None => l,
-    }
+    })
 }
 
 impl<B: Backend> Attention<B> {
@@ -54,20 +57,39 @@ impl<B: Backend> Attention<B> {
         rng: &mut InitRng,
         device: &B::Device,
     ) -> Self {
+        let mut src = RandomInit {
+            std: arch.initializer_range,
+            quantize: None,
+            device,
+        };
+        Self::build(arch, plan, layer, &mut src, rng).expect("the random init cannot fail")
+    }
+
+    /// The block for layer `layer` with base weights from `src`; adapters where `plan` says.
+    ///
+    /// # Errors
+    /// `src` cannot provide a weight.
+    pub fn build(
+        arch: &ModelArch,
+        plan: &LoraPlan,
+        layer: usize,
+        src: &mut dyn BaseSource<B>,
+        rng: &mut InitRng,
+    ) -> crate::Result<Self> {
         let (d, hd) = (arch.hidden_size, arch.head_dim);
         let (h, kv) = (arch.num_attention_heads, arch.num_key_value_heads);
         let p = |n: &str| format!("model.layers.{layer}.self_attn.{n}");
         let b = arch.attention_bias;
-        Attention {
-            q_proj: linear(arch, plan, p("q_proj"), (d, h * hd, b), rng, device),
-            k_proj: linear(arch, plan, p("k_proj"), (d, kv * hd, b), rng, device),
-            v_proj: linear(arch, plan, p("v_proj"), (d, kv * hd, b), rng, device),
-            o_proj: linear(arch, plan, p("o_proj"), (h * hd, d, false), rng, device),
+        Ok(Attention {
+            q_proj: linear(src, plan, p("q_proj"), (d, h * hd, b), rng)?,
+            k_proj: linear(src, plan, p("k_proj"), (d, kv * hd, b), rng)?,
+            v_proj: linear(src, plan, p("v_proj"), (d, kv * hd, b), rng)?,
+            o_proj: linear(src, plan, p("o_proj"), (h * hd, d, false), rng)?,
             num_heads: h,
             num_kv_heads: kv,
             head_dim: hd,
             sliding_window: arch.window_of(layer),
-        }
+        })
     }
 
     /// Attends `x: [batch, seq, hidden]`. `mask` is `[batch, 1, seq, keys]`, true where attention

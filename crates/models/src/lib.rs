@@ -30,6 +30,7 @@ mod norm;
 mod params;
 mod peft_model;
 mod rope;
+mod source;
 
 pub use adapter_set::{linear_sites, read_adapter_set, save_adapter_set};
 pub use attention::Attention;
@@ -38,16 +39,21 @@ pub use config::{Family, ModelArch, RopeScaling, SlidingWindow};
 pub use error::{Error, Result};
 pub use generate::{generate, pick_token, probabilities, GenerateOptions};
 pub use hf::{
-    load_adapter, load_pretrained, load_pretrained_with, load_pretrained_with_adapter, read_arch,
-    save_adapter, save_pretrained,
+    load_adapter, load_pretrained, load_pretrained_quantized, load_pretrained_with,
+    load_pretrained_with_adapter, load_pretrained_with_adapter_quantized, read_arch, save_adapter,
+    save_pretrained,
 };
 pub use loss::{causal_lm_loss_sum, count_label_tokens, LossSum, IGNORE_INDEX};
 pub use mlp::Mlp;
 pub use model::{attention_mask, CausalLm, Decoder, DecoderLayer, ForwardInput};
 pub use norm::RmsNorm;
 pub use params::{is_adapter_path, ParamInfo, ParamLister, TrainableMapper};
-pub use peft_model::{load_pretrained_with_weighted_adapters, PeftModel};
+pub use peft_model::{
+    load_pretrained_with_weighted_adapters, load_pretrained_with_weighted_adapters_quantized,
+    PeftModel,
+};
 pub use rope::{inv_freq, RopeTables};
+pub use source::{BaseSource, LinearShape, RandomInit};
 
 /// A tiny architecture (vocab 64, hidden 32, 2 layers, GQA 4/2) for tests and examples.
 pub fn tiny_arch() -> ModelArch {

@@ -6,6 +6,7 @@ use burn::tensor::{activation::silu, backend::Backend, Tensor};
 
 use crate::attention::linear;
 use crate::config::ModelArch;
+use crate::source::{BaseSource, RandomInit};
 
 /// `gate_proj`, `up_proj`, `down_proj` (Hugging Face names).
 #[derive(Module, Debug)]
@@ -27,13 +28,32 @@ impl<B: Backend> Mlp<B> {
         rng: &mut InitRng,
         device: &B::Device,
     ) -> Self {
+        let mut src = RandomInit {
+            std: arch.initializer_range,
+            quantize: None,
+            device,
+        };
+        Self::build(arch, plan, layer, &mut src, rng).expect("the random init cannot fail")
+    }
+
+    /// The block for layer `layer` with base weights from `src`; adapters where `plan` says.
+    ///
+    /// # Errors
+    /// `src` cannot provide a weight.
+    pub fn build(
+        arch: &ModelArch,
+        plan: &LoraPlan,
+        layer: usize,
+        src: &mut dyn BaseSource<B>,
+        rng: &mut InitRng,
+    ) -> crate::Result<Self> {
         let (d, i) = (arch.hidden_size, arch.intermediate_size);
         let p = |n: &str| format!("model.layers.{layer}.mlp.{n}");
-        Mlp {
-            gate_proj: linear(arch, plan, p("gate_proj"), (d, i, false), rng, device),
-            up_proj: linear(arch, plan, p("up_proj"), (d, i, false), rng, device),
-            down_proj: linear(arch, plan, p("down_proj"), (i, d, false), rng, device),
-        }
+        Ok(Mlp {
+            gate_proj: linear(src, plan, p("gate_proj"), (d, i, false), rng)?,
+            up_proj: linear(src, plan, p("up_proj"), (d, i, false), rng)?,
+            down_proj: linear(src, plan, p("down_proj"), (i, d, false), rng)?,
+        })
     }
 
     /// Applies the block to `x: [batch, seq, hidden]`.

@@ -1,7 +1,7 @@
 //! The Llama-family causal language model, with Hugging Face parameter paths
 //! (`model.embed_tokens.weight`, `model.layers.{i}.self_attn.q_proj.weight`, ..., `lm_head.weight`).
 
-use bellows_peft::{in_dtype, InitRng, Linear, LoraPlan};
+use bellows_peft::{in_dtype, InitRng, Linear, LoraPlan, Nf4Options};
 use burn::module::{Module, Param};
 use burn::nn::Embedding;
 use burn::tensor::{backend::Backend, Bool, DType, Int, Tensor, TensorData};
@@ -12,6 +12,7 @@ use crate::config::ModelArch;
 use crate::mlp::Mlp;
 use crate::norm::RmsNorm;
 use crate::rope::{inv_freq, RopeTables};
+use crate::source::{BaseSource, RandomInit};
 
 /// One pre-norm decoder layer: `x + attn(norm(x))`, then `x + mlp(norm(x))`.
 #[derive(Module, Debug)]
@@ -27,6 +28,20 @@ pub struct DecoderLayer<B: Backend> {
 }
 
 impl<B: Backend> DecoderLayer<B> {
+    /// The seven linear layers: q, k, v, o, gate, up, down.
+    pub fn linears(&self) -> [&Linear<B>; 7] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.o_proj,
+            &m.gate_proj,
+            &m.up_proj,
+            &m.down_proj,
+        ]
+    }
+
     /// Applies `f` to each of the seven linear layers.
     pub fn map_linears(self, f: impl Fn(Linear<B>) -> Linear<B>) -> Self {
         let DecoderLayer {
@@ -94,39 +109,86 @@ impl<B: Backend> CausalLm<B> {
     /// with LoRA adapters where `plan` says. All values come from `rng`, so the same seed gives
     /// the same model on every rank and backend.
     pub fn new(arch: &ModelArch, plan: &LoraPlan, rng: &mut InitRng, device: &B::Device) -> Self {
-        let std = arch.initializer_range;
-        let embed_tokens = Embedding {
-            weight: Param::from_tensor(rng.normal(
-                [arch.vocab_size, arch.hidden_size],
-                0.0,
-                std,
-                device,
-            )),
+        let mut src = RandomInit {
+            std: arch.initializer_range,
+            quantize: None,
+            device,
         };
-        let layers = (0..arch.num_hidden_layers)
-            .map(|i| DecoderLayer {
-                self_attn: Attention::new(arch, plan, i, rng, device),
-                mlp: Mlp::new(arch, plan, i, rng, device),
-                input_layernorm: RmsNorm::new(arch.hidden_size, arch.rms_norm_eps, device),
-                post_attention_layernorm: RmsNorm::new(arch.hidden_size, arch.rms_norm_eps, device),
+        Self::build(arch, plan, &mut src, rng).expect("the random init cannot fail")
+    }
+
+    /// [`CausalLm::new`] with every decoder linear NF4-quantized as soon as it is drawn (QLoRA on a
+    /// random base); embeddings, norms, `lm_head` and `modules_to_save` stay dense. The rng stream
+    /// is the same as [`CausalLm::new`]'s.
+    pub fn new_quantized(
+        arch: &ModelArch,
+        plan: &LoraPlan,
+        quantize: Nf4Options,
+        rng: &mut InitRng,
+        device: &B::Device,
+    ) -> Self {
+        let mut src = RandomInit {
+            std: arch.initializer_range,
+            quantize: Some(quantize),
+            device,
+        };
+        Self::build(arch, plan, &mut src, rng).expect("the random init cannot fail")
+    }
+
+    /// A model whose base parameters come from `src`, each created once and in module order
+    /// (embedding, then per layer q, k, v, o, gate, up, down, then `lm_head`); adapters where
+    /// `plan` says, initialised from `rng` right after their layer.
+    ///
+    /// # Errors
+    /// `src` cannot provide a parameter (missing, mis-shaped or unreadable tensor).
+    pub fn build(
+        arch: &ModelArch,
+        plan: &LoraPlan,
+        src: &mut dyn BaseSource<B>,
+        rng: &mut InitRng,
+    ) -> crate::Result<Self> {
+        let embed_tokens = Embedding {
+            weight: Param::from_tensor(src.embedding(
+                "model.embed_tokens.weight",
+                [arch.vocab_size, arch.hidden_size],
+                rng,
+            )?),
+        };
+        let norm = |src: &mut dyn BaseSource<B>, path: String| -> crate::Result<RmsNorm<B>> {
+            Ok(RmsNorm {
+                weight: Param::from_tensor(src.norm(&path, arch.hidden_size)?),
+                eps: arch.rms_norm_eps,
             })
-            .collect();
-        let lm_head = (!arch.tie_word_embeddings).then(|| {
-            let head = Linear::new(arch.hidden_size, arch.vocab_size, false, std, rng, device);
-            match plan.spec_for("lm_head", true) {
+        };
+        let mut layers = Vec::with_capacity(arch.num_hidden_layers);
+        for i in 0..arch.num_hidden_layers {
+            let p = |n: &str| format!("model.layers.{i}.{n}.weight");
+            layers.push(DecoderLayer {
+                self_attn: Attention::build(arch, plan, i, src, rng)?,
+                mlp: Mlp::build(arch, plan, i, src, rng)?,
+                input_layernorm: norm(src, p("input_layernorm"))?,
+                post_attention_layernorm: norm(src, p("post_attention_layernorm"))?,
+            });
+        }
+        let lm_head = if arch.tie_word_embeddings {
+            None
+        } else {
+            let shape = (arch.hidden_size, arch.vocab_size, false);
+            let head = src.linear("lm_head", shape, false, rng)?;
+            Some(match plan.spec_for("lm_head", true) {
                 Some(spec) => head.with_lora(&spec, rng),
                 None => head,
-            }
-        });
-        CausalLm {
+            })
+        };
+        Ok(CausalLm {
             model: Decoder {
                 embed_tokens,
                 layers,
-                norm: RmsNorm::new(arch.hidden_size, arch.rms_norm_eps, device),
+                norm: norm(src, "model.norm.weight".into())?,
             },
             lm_head,
             inv_freq: inv_freq(arch),
-        }
+        })
     }
 
     /// Logits `[batch, seq, vocab]` for `input_ids: [batch, seq]`.
@@ -205,6 +267,20 @@ impl<B: Backend> CausalLm<B> {
                     .reshape([b, s, v])
             }
         }
+    }
+
+    /// Every linear layer: the seven per decoder layer, then `lm_head`.
+    pub fn linears(&self) -> impl Iterator<Item = &Linear<B>> {
+        self.model
+            .layers
+            .iter()
+            .flat_map(DecoderLayer::linears)
+            .chain(self.lm_head.as_ref())
+    }
+
+    /// Whether any linear layer has an NF4-quantized base (QLoRA).
+    pub fn is_quantized(&self) -> bool {
+        self.linears().any(Linear::is_quantized)
     }
 
     /// Applies `f` to every linear layer (the seven per decoder layer, then `lm_head`).

@@ -9,17 +9,20 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use bellows_peft::{combine_adapters, AdapterSet, Combination, LinearSite, LoraPlan, PeftConfig};
+use bellows_peft::{
+    combine_adapters, AdapterSet, Combination, InitRng, LinearSite, LoraPlan, Nf4Options,
+    PeftConfig,
+};
 use burn::tensor::backend::Backend;
 
 use crate::adapter_set::{linears_mut, read_adapter_set, save_adapter_set};
-use crate::{load_pretrained, CausalLm, Error, ModelArch, Result};
+use crate::{load_pretrained_quantized, CausalLm, Error, ModelArch, Result};
 
 /// Loads the base folder `base` and the PEFT adapter folders `adapters`, combined with `weights`
 /// into one active adapter (PEFT's `load_adapter` for each, `add_weighted_adapter`, `set_adapter`).
 ///
 /// # Errors
-/// As [`load_pretrained`], [`PeftModel::load_adapter`] and [`PeftModel::add_weighted_adapter`].
+/// As [`crate::load_pretrained`], [`PeftModel::load_adapter`] and [`PeftModel::add_weighted_adapter`].
 pub fn load_pretrained_with_weighted_adapters<B: Backend>(
     base: &Path,
     adapters: &[PathBuf],
@@ -27,7 +30,32 @@ pub fn load_pretrained_with_weighted_adapters<B: Backend>(
     combination: Combination,
     device: &B::Device,
 ) -> Result<(ModelArch, CausalLm<B>)> {
-    let (arch, model) = load_pretrained::<B>(base, &LoraPlan::none(), device)?;
+    load_pretrained_with_weighted_adapters_quantized(
+        base,
+        adapters,
+        weights,
+        combination,
+        None,
+        device,
+    )
+}
+
+/// [`load_pretrained_with_weighted_adapters`] on a base whose decoder linears are NF4-quantized as
+/// they are read, when `quantize` is set.
+///
+/// # Errors
+/// As [`load_pretrained_with_weighted_adapters`].
+pub fn load_pretrained_with_weighted_adapters_quantized<B: Backend>(
+    base: &Path,
+    adapters: &[PathBuf],
+    weights: &[f64],
+    combination: Combination,
+    quantize: Option<Nf4Options>,
+    device: &B::Device,
+) -> Result<(ModelArch, CausalLm<B>)> {
+    let none = LoraPlan::none();
+    let (arch, model) =
+        load_pretrained_quantized::<B>(base, &none, quantize, &mut InitRng::new(0), device)?;
     let mut m = PeftModel::new(model);
     let names: Vec<String> = (0..adapters.len())
         .map(|i| format!("adapter_{i}"))

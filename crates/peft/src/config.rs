@@ -8,6 +8,8 @@ use std::collections::BTreeMap;
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 
+use crate::nf4::QuantConfig;
+
 /// How the model is fine-tuned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -98,6 +100,10 @@ pub struct PeftConfig {
     /// Modules trained in full next to the adapters (e.g. `"lm_head"`). Default empty.
     #[serde(default)]
     pub modules_to_save: Vec<String>,
+    /// `[peft.quantization]`: how `method = "qlora"` quantizes the base; only allowed with that
+    /// method. Default (when absent): NF4, block size 64, double quantization.
+    #[serde(default)]
+    pub quantization: Option<QuantConfig>,
 }
 
 impl Default for PeftConfig {
@@ -116,11 +122,18 @@ impl Default for PeftConfig {
             use_dora: false,
             init: LoraInit::Default,
             modules_to_save: Vec::new(),
+            quantization: None,
         }
     }
 }
 
 impl PeftConfig {
+    /// The quantization of the base: `Some` exactly for `method = "qlora"` (the configured
+    /// `[peft.quantization]` or its defaults).
+    pub fn quant_config(&self) -> Option<QuantConfig> {
+        (self.method == Method::Qlora).then(|| self.quantization.clone().unwrap_or_default())
+    }
+
     /// Pushes every problem as `(dotted key, message)`; `at` is the section prefix (`"peft"`).
     pub fn validate(&self, at: &str, out: &mut Vec<(String, String)>) {
         let key = |k: &str| format!("{at}.{k}");
@@ -173,11 +186,13 @@ impl PeftConfig {
                 ));
             }
         }
-        if self.use_dora && self.method == Method::Qlora {
-            out.push((
-                key("use_dora"),
-                "DoRA on a quantized base is not supported".into(),
-            ));
+        match (&self.quantization, self.method) {
+            (Some(q), Method::Qlora) => q.validate(&key("quantization"), out),
+            (Some(_), m) => out.push((
+                key("quantization"),
+                format!("only used with method = \"qlora\", got {m:?}").to_lowercase(),
+            )),
+            (None, _) => {}
         }
     }
 

@@ -44,6 +44,12 @@ pub enum Error {
         /// The pattern as written.
         pattern: String,
     },
+    /// NF4 data or a bitsandbytes quant state that is malformed or inconsistent.
+    #[error("invalid NF4 data: {message}")]
+    Nf4 {
+        /// What is wrong.
+        message: String,
+    },
     /// An invalid regular expression in the config.
     #[error("{key}: invalid regular expression {pattern:?}: {message}")]
     Regex {

@@ -170,6 +170,7 @@ pub fn parse_adapter_config(path: &Path, text: &str) -> Result<PeftConfig> {
         use_dora: flag("use_dora")?,
         init,
         modules_to_save: string_list("modules_to_save")?,
+        quantization: None,
     })
 }
 

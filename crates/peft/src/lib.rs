@@ -1,5 +1,5 @@
-//! LoRA-family adapters for bellows: configuration, an adapter-ready linear layer, and
-//! Hugging Face PEFT's on-disk format.
+//! LoRA-family adapters for bellows: configuration, an adapter-ready linear layer (dense or with
+//! a frozen NF4 base for QLoRA, see [`nf4`]), and Hugging Face PEFT's on-disk format.
 //!
 //! This crate depends on no other bellows crate: models build their linear layers from
 //! [`Linear`] and ask a [`LoraPlan`] which of them get adapters.
@@ -24,6 +24,7 @@ mod error;
 mod init;
 mod io;
 mod linear;
+pub mod nf4;
 
 pub use combine::{combine_adapters, combined_config, AdapterSet, Combination, LinearSite};
 pub use config::{layer_index, LoraInit, LoraPlan, LoraSpec, Method, PeftConfig, TargetModules};
@@ -32,3 +33,4 @@ pub use error::{Error, Result};
 pub use init::InitRng;
 pub use io::{adapter_config_json, parse_adapter_config, read_adapter_config};
 pub use linear::{Linear, LoraAdapter};
+pub use nf4::{Nf4Data, Nf4Options, Nf4Weight, QuantConfig};

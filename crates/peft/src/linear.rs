@@ -1,4 +1,5 @@
-//! An adapter-ready linear layer: a (possibly frozen) base weight plus an optional LoRA side path.
+//! An adapter-ready linear layer: a (possibly frozen) base weight, dense or NF4-quantized, plus an
+//! optional LoRA side path.
 
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig};
@@ -9,6 +10,7 @@ use crate::dtype::in_dtype;
 use crate::config::{LoraInit, LoraSpec};
 use crate::dora;
 use crate::init::InitRng;
+use crate::nf4::{quantize_nf4, Nf4Data, Nf4Options, Nf4Weight};
 
 /// A LoRA adapter: `ΔW = scale · B · A` (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models").
 ///
@@ -91,10 +93,17 @@ impl<B: Backend> LoraAdapter<B> {
 
 /// A linear layer `y = x·Wᵀ + b` with the weight in Hugging Face layout `[out, in]`
 /// and an optional LoRA / DoRA adapter on the side path.
+///
+/// The base weight is either dense (`weight`, a parameter) or a frozen NF4 weight (`nf4`, QLoRA),
+/// never both except while an adapter is merged into a quantized base
+/// ([`Linear::merge_in_place`]), when `weight` holds the merged dense weight.
 #[derive(Module, Debug)]
 pub struct Linear<B: Backend> {
-    /// The weight, `[out, in]` (Hugging Face / PyTorch layout, not burn's `[in, out]`).
-    pub weight: Param<Tensor<B, 2>>,
+    /// The dense weight, `[out, in]` (Hugging Face / PyTorch layout, not burn's `[in, out]`);
+    /// `None` when the base is quantized.
+    pub weight: Option<Param<Tensor<B, 2>>>,
+    /// The NF4-quantized frozen base (QLoRA); not a parameter, so it gets no gradient.
+    pub nf4: Option<Nf4Weight<B>>,
     /// The optional bias, `[out]`.
     pub bias: Option<Param<Tensor<B, 1>>>,
     /// The adapter, if this layer is targeted.
@@ -123,7 +132,8 @@ impl<B: Backend> Linear<B> {
     /// A plain layer from a `[out, in]` weight and an optional `[out]` bias (both trainable).
     pub fn from_weight(weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Self {
         Linear {
-            weight: Param::from_tensor(weight),
+            weight: Some(Param::from_tensor(weight)),
+            nf4: None,
             bias: bias.map(Param::from_tensor),
             lora: None,
             merged: false,
@@ -131,11 +141,73 @@ impl<B: Backend> Linear<B> {
         }
     }
 
+    /// A layer with a frozen NF4 base (uploaded from `data`, which must be 2-D `[out, in]` and
+    /// pass [`Nf4Data::validate`]) and an optional trainable `[out]` bias.
+    pub fn from_nf4(data: &Nf4Data, bias: Option<Tensor<B, 1>>, device: &B::Device) -> Self {
+        Linear {
+            weight: None,
+            nf4: Some(Nf4Weight::from_data(data, device)),
+            bias: bias.map(Param::from_tensor),
+            lora: None,
+            merged: false,
+            merged_norm: Vec::new(),
+        }
+    }
+
+    /// Replaces a dense base weight by its NF4 quantization (bit-exact with bitsandbytes); the
+    /// bias and adapter are kept. A no-op when already quantized. Merge state is not kept: call it
+    /// on an unmerged layer.
+    pub fn quantize(mut self, opts: Nf4Options) -> Self {
+        let Some(w) = self.weight.take() else {
+            return self;
+        };
+        let w = w.val();
+        let device = w.device();
+        let shape = w.dims();
+        let values = w
+            .into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .expect("converted to f32");
+        let data = quantize_nf4(&values, &shape, opts);
+        self.nf4 = Some(Nf4Weight::from_data(&data, &device));
+        self
+    }
+
+    /// Whether the base weight is quantized.
+    pub fn is_quantized(&self) -> bool {
+        self.nf4.is_some()
+    }
+
+    /// The base weight `[out, in]` as a dense tensor: the parameter, or the dequantized NF4
+    /// weight (a constant outside the autodiff graph).
+    pub fn dense_weight(&self) -> Tensor<B, 2> {
+        match (&self.weight, &self.nf4) {
+            (Some(w), _) => w.val(),
+            (None, Some(q)) => q.dequantize(),
+            (None, None) => unreachable!("a Linear has a dense or a quantized weight"),
+        }
+    }
+
+    /// `x · Wᵀ` for `x: [n, in]` with the base weight only (no bias, no adapter), computed in `x`'s
+    /// dtype (the weight is cast, as for mixed precision). With an NF4
+    /// base the weight is dequantized on the fly and not kept for the backward pass.
+    pub fn base_forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        match (&self.weight, &self.nf4) {
+            (Some(w), _) => {
+                let dt = x.dtype();
+                x.matmul(in_dtype(w.val(), dt).transpose())
+            }
+            (None, Some(q)) => q.matmul_t(x),
+            (None, None) => unreachable!("a Linear has a dense or a quantized weight"),
+        }
+    }
+
     /// Attaches a fresh adapter (replacing any existing one). A DoRA adapter's magnitude starts
     /// as the row norms of the weight, as PEFT initialises it.
     pub fn with_lora(mut self, spec: &LoraSpec, rng: &mut InitRng) -> Self {
-        let [d_out, d_in] = self.weight.dims();
-        let device = self.weight.device();
+        let (d_out, d_in) = (self.d_out(), self.d_in());
+        let device = self.device();
         self.lora = Some(LoraAdapter::new(spec, d_in, d_out, rng, &device));
         self.merged = false;
         self.merged_norm.clear();
@@ -145,7 +217,11 @@ impl<B: Backend> Linear<B> {
     /// Resets a DoRA magnitude to `‖W + s·B·A‖` per output row (a no-op for LoRA or no adapter).
     /// Call it after replacing the base weight of a fresh DoRA adapter.
     pub fn init_dora_magnitude(mut self) -> Self {
-        let w = self.weight.val();
+        let is_dora = self.lora.as_ref().is_some_and(|l| l.magnitude.is_some());
+        if !is_dora {
+            return self;
+        }
+        let w = self.dense_weight();
         if let Some(lora) = self.lora.as_mut() {
             if let Some(m) = lora.magnitude.take() {
                 let norm = dora::weight_norm(w, lora);
@@ -158,12 +234,28 @@ impl<B: Backend> Linear<B> {
 
     /// Input width.
     pub fn d_in(&self) -> usize {
-        self.weight.dims()[1]
+        match (&self.weight, &self.nf4) {
+            (Some(w), _) => w.dims()[1],
+            (None, Some(q)) => q.d_in,
+            (None, None) => unreachable!("a Linear has a dense or a quantized weight"),
+        }
     }
 
     /// Output width.
     pub fn d_out(&self) -> usize {
-        self.weight.dims()[0]
+        match (&self.weight, &self.nf4) {
+            (Some(w), _) => w.dims()[0],
+            (None, Some(q)) => q.d_out,
+            (None, None) => unreachable!("a Linear has a dense or a quantized weight"),
+        }
+    }
+
+    fn device(&self) -> B::Device {
+        match (&self.weight, &self.nf4) {
+            (Some(w), _) => w.device(),
+            (None, Some(q)) => q.packed.device(),
+            (None, None) => unreachable!("a Linear has a dense or a quantized weight"),
+        }
     }
 
     /// Applies the layer to `x: [.., in]`, giving `[.., out]`.
@@ -181,21 +273,20 @@ impl<B: Backend> Linear<B> {
         let n = dims[..D - 1].iter().product::<usize>();
         let x2: Tensor<B, 2> = x.reshape([n, d_in]);
         let dt = x2.dtype();
-        let w = self.weight.val();
-        let wc = in_dtype(w.clone(), dt);
-        let mut y = x2.clone().matmul(wc.clone().transpose());
+        let mut y = self.base_forward(x2.clone());
         match &self.lora {
             Some(lora) if !self.merged => match &lora.magnitude {
                 None => y = y + lora.side(x2),
                 Some(m) => {
                     // The norm and m/n stay in the master dtype; only the product is cast.
+                    let w = self.dense_weight();
                     let scale: Tensor<B, 2> =
                         in_dtype(m.val() / dora::weight_norm(w, lora), dt).unsqueeze_dim(0);
                     let xd = lora.dropout.forward(x2);
                     let wx = if lora.dropout.prob == 0.0 {
                         y.clone()
                     } else {
-                        xd.clone().matmul(wc.transpose())
+                        self.base_forward(xd.clone())
                     };
                     y = y + wx * scale.clone().sub_scalar(1.0) + lora.project(xd) * scale;
                 }
@@ -212,7 +303,7 @@ impl<B: Backend> Linear<B> {
 
     /// The merged weight: `W + s·B·A` (LoRA) or `(m/n)·(W + s·B·A)` (DoRA), with DoRA's norms.
     fn merged_weight(&self, lora: &LoraAdapter<B>) -> (Tensor<B, 2>, Option<Tensor<B, 1>>) {
-        let w = self.weight.val();
+        let w = self.dense_weight();
         let sum = w.clone() + lora.delta();
         match &lora.magnitude {
             None => (sum, None),
@@ -225,21 +316,30 @@ impl<B: Backend> Linear<B> {
     }
 
     fn set_weight(&mut self, w: Tensor<B, 2>) {
-        let grad = self.weight.is_require_grad();
-        self.weight = Param::initialized(self.weight.id, w).set_require_grad(grad);
+        self.weight = Some(match self.weight.take() {
+            Some(p) => {
+                let grad = p.is_require_grad();
+                Param::initialized(p.id, w).set_require_grad(grad)
+            }
+            // The merged weight of a quantized base: frozen, like the base.
+            None => Param::from_tensor(w).set_require_grad(false),
+        });
     }
 
     /// Folds the adapter into the base weight and drops it (PEFT's `merge_and_unload`).
+    /// A quantized base becomes dense: the dequantized base plus the update.
     pub fn merge(self) -> Self {
         let mut l = self.merge_in_place();
         l.lora = None;
         l.merged = false;
         l.merged_norm.clear();
+        l.nf4 = None;
         l
     }
 
     /// Folds the adapter into the base weight but keeps it, so [`Linear::unmerge`] can restore
-    /// the base (PEFT's `merge_adapter`). The forward then uses the merged weight alone.
+    /// the base (PEFT's `merge_adapter`). The forward then uses the merged weight alone. With a
+    /// quantized base the merged weight is dense and the NF4 base is kept for an exact unmerge.
     pub fn merge_in_place(mut self) -> Self {
         if self.merged {
             return self;
@@ -268,10 +368,17 @@ impl<B: Backend> Linear<B> {
         if !self.merged {
             return self;
         }
+        if self.nf4.is_some() {
+            // The quantized base was never touched: drop the merged dense weight.
+            self.weight = None;
+            self.merged = false;
+            self.merged_norm.clear();
+            return self;
+        }
         let Some(lora) = self.lora.take() else {
             return self;
         };
-        let mut w = self.weight.val();
+        let mut w = self.dense_weight();
         if let Some(m) = &lora.magnitude {
             let device = w.device();
             let n = self.merged_norm.len();
@@ -359,8 +466,7 @@ mod tests {
         let x = rng.normal::<B, 2>([3, 6], 0.0, 1.0, &dev);
         let before = plain.forward(x.clone());
         let norms = plain
-            .weight
-            .val()
+            .dense_weight()
             .powf_scalar(2.0)
             .sum_dim(1)
             .sqrt()
@@ -385,7 +491,7 @@ mod tests {
         let dev = Default::default();
         let mut rng = InitRng::new(4);
         let l = dora_layer(&mut rng);
-        let w0 = l.weight.val().into_data();
+        let w0 = l.dense_weight().into_data();
         let x = rng.normal::<B, 2>([3, 6], 0.0, 1.0, &dev);
         let y = l.forward(x.clone()).into_data();
         let merged = l.merge_in_place();
@@ -397,8 +503,7 @@ mod tests {
         let restored = merged.unmerge();
         assert!(!restored.merged);
         restored
-            .weight
-            .val()
+            .dense_weight()
             .into_data()
             .assert_approx_eq::<f32>(&w0, Tolerance::absolute(1e-6));
         restored

@@ -21,6 +21,8 @@ use crate::recipe::batch_loss;
 pub enum BenchMode {
     /// LoRA r16 α32 on every linear layer but the head, of the small Llama.
     Lora,
+    /// [`BenchMode::Lora`] on an NF4-quantized base (QLoRA: block 64, double quantization).
+    Qlora,
     /// Full fine-tuning of the small Llama.
     Full,
     /// LoRA on a tiny Llama (overhead-bound).
@@ -36,6 +38,7 @@ impl BenchMode {
     pub fn name(self) -> &'static str {
         match self {
             BenchMode::Lora => "lora",
+            BenchMode::Qlora => "qlora",
             BenchMode::Full => "full",
             BenchMode::Tiny => "tiny",
             BenchMode::Forward => "forward",
@@ -85,6 +88,8 @@ pub struct BenchReport {
     pub step_secs_mean: f64,
     /// Peak resident memory of the process (VmHWM), MiB.
     pub peak_rss_mib: f64,
+    /// Bits per parameter of the quantized base linears (QLoRA only: codes, scales, code books).
+    pub base_bits_per_param: Option<f64>,
     /// Trainable parameters.
     pub trainable_params: usize,
     /// Matmul parameters N of the FLOP formula.
@@ -212,9 +217,16 @@ pub fn run_bench<B: AutodiffBackend>(spec: &BenchSpec, device: &B::Device) -> Be
         _ => (small(), 4, 256),
     };
     let (batch, seq) = (spec.batch.unwrap_or(batch), spec.seq.unwrap_or(seq));
-    let lora = matches!(mode, BenchMode::Lora | BenchMode::Tiny | BenchMode::Lora1b);
+    let lora = matches!(
+        mode,
+        BenchMode::Lora | BenchMode::Qlora | BenchMode::Tiny | BenchMode::Lora1b
+    );
     let peft = PeftConfig {
-        method: if lora { Method::Lora } else { Method::None },
+        method: match mode {
+            BenchMode::Qlora => Method::Qlora,
+            _ if lora => Method::Lora,
+            _ => Method::None,
+        },
         r: 16,
         alpha: 32.0,
         target_modules: TargetModules::Pattern("all-linear".into()),
@@ -223,7 +235,16 @@ pub fn run_bench<B: AutodiffBackend>(spec: &BenchSpec, device: &B::Device) -> Be
     };
     let plan = peft.plan().expect("the bench's LoRA config is valid");
     let mut rng = InitRng::new(0);
-    let mut model = CausalLm::<B>::new(&arch, &plan, &mut rng, device);
+    let mut model = match peft.quant_config() {
+        Some(q) => CausalLm::<B>::new_quantized(&arch, &plan, q.options(), &mut rng, device),
+        None => CausalLm::<B>::new(&arch, &plan, &mut rng, device),
+    };
+    let base_bits_per_param = model.is_quantized().then(|| {
+        let q: Vec<_> = model.linears().filter_map(|l| l.nf4.as_ref()).collect();
+        let bytes: usize = q.iter().map(|w| w.storage_bytes()).sum();
+        let params: usize = q.iter().map(|w| w.d_in * w.d_out).sum();
+        8.0 * bytes as f64 / params as f64
+    });
     if lora {
         model = model.map(&mut TrainableMapper::new(is_adapter_path));
     }
@@ -243,7 +264,12 @@ pub fn run_bench<B: AutodiffBackend>(spec: &BenchSpec, device: &B::Device) -> Be
         .iter()
         .filter(|p| p.path.ends_with("_proj.weight") || p.path == "lm_head.weight")
         .map(|p| p.shape.iter().product::<usize>())
-        .sum();
+        .sum::<usize>()
+        + model
+            .linears()
+            .filter_map(|l| l.nf4.as_ref())
+            .map(|w| w.d_in * w.d_out)
+            .sum::<usize>();
     let mut optim = AdamWConfig::new()
         .with_epsilon(1e-8)
         .with_weight_decay(0.0)
@@ -298,6 +324,7 @@ pub fn run_bench<B: AutodiffBackend>(spec: &BenchSpec, device: &B::Device) -> Be
         model_gflops_per_sec: gflops,
         step_secs_mean: total / times.len().max(1) as f64,
         peak_rss_mib: peak_rss_mib(),
+        base_bits_per_param,
         trainable_params: trainable,
         matmul_params: matmul,
         loss_first_last: (

@@ -7,8 +7,8 @@ use burn::tensor::ElementConversion;
 use serde::Serialize;
 
 use bellows_data::{Batch, DataConfig, Files, LoaderSpec, Shard, Split, TokenLoader, Truncation};
-use bellows_models::{load_pretrained, CausalLm};
-use bellows_peft::LoraPlan;
+use bellows_models::{load_pretrained_quantized, CausalLm};
+use bellows_peft::{InitRng, LoraPlan, Nf4Options};
 
 use crate::recipe::batch_loss;
 use crate::Result;
@@ -22,6 +22,8 @@ pub struct EvalOptions {
     pub max_rows: Option<usize>,
     /// Rows are padded to this length; a longer row is an error naming it (raise the limit).
     pub seq_len: usize,
+    /// NF4-quantize the model's decoder linears as they are read (`--quantize nf4`).
+    pub quantize: Option<Nf4Options>,
 }
 
 /// The result, printed by `bellows eval` as one JSON line.
@@ -118,13 +120,18 @@ pub fn evaluate_dir(
     opts: &EvalOptions,
 ) -> Result<EvalReport> {
     let device = Default::default();
+    let q = opts.quantize;
     let (arch, model) = match adapter {
         Some(a) => {
-            let (arch, _, m) =
-                bellows_models::load_pretrained_with_adapter::<Flex>(model_dir, a, &device)?;
+            let (arch, _, m) = bellows_models::load_pretrained_with_adapter_quantized::<Flex>(
+                model_dir, a, q, &device,
+            )?;
             (arch, m)
         }
-        None => load_pretrained::<Flex>(model_dir, &LoraPlan::none(), &device)?,
+        None => {
+            let none = LoraPlan::none();
+            load_pretrained_quantized::<Flex>(model_dir, &none, q, &mut InitRng::new(0), &device)?
+        }
     };
     evaluate_model(&model, arch.vocab_size, data, opts)
 }

@@ -51,7 +51,7 @@ pub struct TrainReport {
 }
 
 /// Builds the model the config asks for: a Hugging Face folder or a random init, with adapters
-/// per `plan` and the base frozen when adapters are used.
+/// per `plan`, the base frozen when adapters are used, and NF4-quantized for `method = "qlora"`.
 ///
 /// # Errors
 /// The model folder cannot be read.
@@ -61,11 +61,18 @@ pub fn build_model<B: Backend>(
     device: &B::Device,
 ) -> Result<(ModelArch, CausalLm<B>)> {
     let mut rng = bellows_peft::InitRng::new(cfg.run.seed);
+    // QLoRA: decoder linears are NF4-quantized as they are read (or drawn).
+    let quantize = cfg.peft.quant_config().map(|q| q.options());
     let (arch, model) = match (&cfg.model.path, &cfg.model.init) {
-        (Some(dir), _) => bellows_models::load_pretrained_with::<B>(dir, plan, &mut rng, device)?,
+        (Some(dir), _) => {
+            bellows_models::load_pretrained_quantized::<B>(dir, plan, quantize, &mut rng, device)?
+        }
         (None, Some(init)) => {
             let arch = init.arch();
-            let m = CausalLm::new(&arch, plan, &mut rng, device);
+            let m = match quantize {
+                Some(q) => CausalLm::new_quantized(&arch, plan, q, &mut rng, device),
+                None => CausalLm::new(&arch, plan, &mut rng, device),
+            };
             (arch, m)
         }
         (None, None) => {

@@ -118,12 +118,6 @@ pub fn validate(cfg: &RunConfig, out: &mut Vec<(String, String)>) {
             format!("must be >= 0 (0 = off), got {}", cfg.train.spike_factor),
         );
     }
-    if cfg.peft.method == bellows_peft::Method::Qlora {
-        bad(
-            "peft.method",
-            "\"qlora\" is not available in this version; use \"lora\" or \"none\"".into(),
-        );
-    }
     if cfg.checkpoint.keep_last == 0 {
         bad("checkpoint.keep_last", "must be >= 1, got 0".into());
     }

@@ -6,12 +6,12 @@ use std::path::Path;
 use burn::module::{Module, ModuleMapper, Param};
 use burn::tensor::{backend::Backend, Tensor};
 
-use super::io::{load_pretrained_with, peft_key};
+use super::io::{load_pretrained_quantized, peft_key};
 use super::weights::WeightFiles;
 use crate::config::ModelArch;
 use crate::params::is_adapter_path;
 use crate::{CausalLm, Error, Result};
-use bellows_peft::{InitRng, PeftConfig};
+use bellows_peft::{InitRng, Nf4Options, PeftConfig};
 
 /// Loads the base model folder `base` and the PEFT adapter folder `adapter` on top of it: the
 /// adapter layout (targets, ranks, rsLoRA scaling, DoRA) comes from `adapter_config.json`.
@@ -26,9 +26,24 @@ pub fn load_pretrained_with_adapter<B: Backend>(
     adapter: &Path,
     device: &B::Device,
 ) -> Result<(ModelArch, PeftConfig, CausalLm<B>)> {
+    load_pretrained_with_adapter_quantized(base, adapter, None, device)
+}
+
+/// [`load_pretrained_with_adapter`] with the base's decoder linears NF4-quantized as they are
+/// read when `quantize` is set (QLoRA inference: a PEFT adapter on a 4-bit base).
+///
+/// # Errors
+/// As [`load_pretrained_with_adapter`].
+pub fn load_pretrained_with_adapter_quantized<B: Backend>(
+    base: &Path,
+    adapter: &Path,
+    quantize: Option<Nf4Options>,
+    device: &B::Device,
+) -> Result<(ModelArch, PeftConfig, CausalLm<B>)> {
     let cfg = bellows_peft::read_adapter_config(adapter)?;
     let plan = cfg.plan()?;
-    let (arch, model) = load_pretrained_with(base, &plan, &mut InitRng::new(0), device)?;
+    let (arch, model) =
+        load_pretrained_quantized(base, &plan, quantize, &mut InitRng::new(0), device)?;
     let model = load_adapter(model, adapter)?;
     Ok((arch, cfg, model))
 }

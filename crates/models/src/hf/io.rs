@@ -7,11 +7,12 @@ use burn::tensor::{backend::Backend, Tensor, TensorData};
 use safetensors::{Dtype, View};
 
 use super::config::{parse_config, to_config_json};
+use super::source::CheckpointSource;
 use super::weights::WeightFiles;
 use crate::config::ModelArch;
 use crate::params::is_adapter_path;
 use crate::{CausalLm, Error, Result};
-use bellows_peft::{InitRng, LoraPlan, PeftConfig};
+use bellows_peft::{InitRng, LoraPlan, Nf4Options, PeftConfig};
 
 /// Reads and parses `<dir>/config.json`.
 ///
@@ -29,6 +30,11 @@ pub fn read_arch(dir: &Path) -> Result<ModelArch> {
 /// Reads `<dir>/config.json` and the weights into a model with adapters per `plan`; new
 /// adapters are initialised from `rng`.
 ///
+/// Each parameter is built once, directly from its memory-mapped tensor (no random init that is
+/// then overwritten), and the file pages of a tensor are released once it is converted, so peak
+/// memory stays near the size of the model itself. Linears saved in bitsandbytes' 4-bit format
+/// load as NF4.
+///
 /// # Errors
 /// Unreadable or unsupported config, missing or mis-shaped tensors, corrupt files.
 pub fn load_pretrained_with<B: Backend>(
@@ -37,10 +43,30 @@ pub fn load_pretrained_with<B: Backend>(
     rng: &mut InitRng,
     device: &B::Device,
 ) -> Result<(ModelArch, CausalLm<B>)> {
+    load_pretrained_quantized(dir, plan, None, rng, device)
+}
+
+/// [`load_pretrained_with`] that NF4-quantizes every decoder linear (not `lm_head`, embeddings,
+/// norms or `modules_to_save`) as it is read, when `quantize` is set: the full-precision model
+/// never exists, only one tensor of it at a time.
+///
+/// # Errors
+/// As [`load_pretrained_with`].
+pub fn load_pretrained_quantized<B: Backend>(
+    dir: &Path,
+    plan: &LoraPlan,
+    quantize: Option<Nf4Options>,
+    rng: &mut InitRng,
+    device: &B::Device,
+) -> Result<(ModelArch, CausalLm<B>)> {
     let arch = read_arch(dir)?;
     let files = WeightFiles::open(dir)?;
-    let model = CausalLm::new(&arch, plan, rng, device);
-    let model = load_weights(model, &files)?.init_dora_magnitudes();
+    let mut src = CheckpointSource {
+        files: &files,
+        quantize,
+        device,
+    };
+    let model = CausalLm::build(&arch, plan, &mut src, rng)?;
     Ok((arch, model))
 }
 
@@ -236,6 +262,13 @@ pub fn save_pretrained<B: Backend>(
     arch: &ModelArch,
     dir: &Path,
 ) -> Result<()> {
+    if model.is_quantized() {
+        return Err(Error::Weights {
+            path: dir.to_path_buf(),
+            tensor: "<model>".into(),
+            message: "the model has NF4-quantized layers; saving 4-bit checkpoints is not supported (save the adapter, or merge onto the unquantized base)".into(),
+        });
+    }
     let tensors = state_dict(model, false);
     write_safetensors(&dir.join("model.safetensors"), &tensors)?;
     let cfg = serde_json::to_string_pretty(&to_config_json(arch, "float32")).unwrap_or_default();

@@ -3,7 +3,8 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use memmap2::Mmap;
+use memmap2::{Mmap, UncheckedAdvice};
+use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::{Error, Result};
@@ -146,11 +147,17 @@ impl WeightFiles {
         }
     }
 
-    /// Reads `name` as f32 (from f32, bf16 or f16), checking its shape against `expected`.
+    /// Runs `f` on the view of tensor `name`, then drops the file pages it touched from this
+    /// process's memory (they stay in the page cache), so reading a whole model through the map
+    /// never holds more than one tensor's file pages on top of what was converted.
     ///
     /// # Errors
-    /// Missing tensor, wrong shape, or unsupported dtype, naming file and tensor.
-    pub fn read_f32(&self, name: &str, expected: &[usize]) -> Result<HostTensor> {
+    /// A missing tensor or unreadable header (naming file and tensor), or what `f` returns.
+    fn with_view<T>(
+        &self,
+        name: &str,
+        f: impl FnOnce(&Path, &TensorView<'_>) -> Result<T>,
+    ) -> Result<T> {
         let &i = self
             .index
             .get(name)
@@ -161,38 +168,94 @@ impl WeightFiles {
         let view = st
             .tensor(name)
             .map_err(|e| w_err(path, name, e.to_string()))?;
-        if view.shape() != expected {
-            return Err(w_err(
-                path,
-                name,
-                format!("shape {:?}, expected {:?}", view.shape(), expected),
-            ));
-        }
-        let bytes = view.data();
-        let values: Vec<f32> = match view.dtype() {
-            Dtype::F32 => bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            Dtype::BF16 => bytes
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            Dtype::F16 => bytes
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            other => {
+        let offset = view.data().as_ptr() as usize - mmap.as_ptr() as usize;
+        let len = view.data().len();
+        let out = f(path, &view);
+        drop(view);
+        drop(st);
+        release(mmap, offset, len);
+        out
+    }
+
+    /// Reads `name` as f32 (from f32, bf16 or f16), checking its shape against `expected`.
+    ///
+    /// # Errors
+    /// Missing tensor, wrong shape, or unsupported dtype, naming file and tensor.
+    pub fn read_f32(&self, name: &str, expected: &[usize]) -> Result<HostTensor> {
+        self.with_view(name, |path, view| {
+            if view.shape() != expected {
                 return Err(w_err(
                     path,
                     name,
-                    format!("unsupported dtype {other:?} (expected F32, BF16 or F16)"),
-                ))
+                    format!("shape {:?}, expected {:?}", view.shape(), expected),
+                ));
             }
-        };
-        Ok(HostTensor {
-            shape: view.shape().to_vec(),
-            values,
+            to_f32(path, name, view)
         })
     }
+
+    /// Reads `name` as f32 (from f32, bf16 or f16) whatever its shape.
+    ///
+    /// # Errors
+    /// Missing tensor or unsupported dtype, naming file and tensor.
+    pub fn read_f32_any(&self, name: &str) -> Result<HostTensor> {
+        self.with_view(name, |path, view| to_f32(path, name, view))
+    }
+
+    /// Reads a `uint8` tensor's bytes (any shape).
+    ///
+    /// # Errors
+    /// Missing tensor or a dtype other than U8, naming file and tensor.
+    pub fn read_u8(&self, name: &str) -> Result<Vec<u8>> {
+        self.with_view(name, |path, view| match view.dtype() {
+            Dtype::U8 => Ok(view.data().to_vec()),
+            other => Err(w_err(path, name, format!("dtype {other:?}, expected U8"))),
+        })
+    }
+
+    /// The dtype of a tensor, if it exists and its file header is readable.
+    pub fn dtype(&self, name: &str) -> Option<Dtype> {
+        let (_, mmap) = &self.files[*self.index.get(name)?];
+        let st = SafeTensors::deserialize(mmap).ok()?;
+        st.tensor(name).ok().map(|v| v.dtype())
+    }
+}
+
+/// Drops the pages of `mmap[offset..offset + len]` from this process (`madvise(MADV_DONTNEED)`).
+/// A failure only means the pages stay resident, so it is ignored.
+#[allow(unsafe_code)]
+fn release(mmap: &Mmap, offset: usize, len: usize) {
+    // SAFETY: the map is read-only and no slice into this range is alive (the views were dropped
+    // by the caller); DONTNEED on a never-written file mapping only unmaps the pages, and a later
+    // read faults them in again from the file with the same contents.
+    let _ = unsafe { mmap.unchecked_advise_range(UncheckedAdvice::DontNeed, offset, len) };
+}
+
+fn to_f32(path: &Path, name: &str, view: &TensorView<'_>) -> Result<HostTensor> {
+    let bytes = view.data();
+    let values: Vec<f32> = match view.dtype() {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        other => {
+            return Err(w_err(
+                path,
+                name,
+                format!("unsupported dtype {other:?} (expected F32, BF16 or F16)"),
+            ))
+        }
+    };
+    Ok(HostTensor {
+        shape: view.shape().to_vec(),
+        values,
+    })
 }
