@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The unattended GPU host check (issue #10): golden-model parity on CUDA vs the CPU and
 # transformers, the measured matmul peak, CPU-vs-GPU loss curves in f32 and bf16, a world-size-1
-# NCCL all-reduce, and LoRA training benchmarks of a 1.1B Llama (bf16 and f32) with tokens/s,
-# MFU against the measured peak, and peak GPU memory. No network; under 10 minutes on an H100/H200.
+# NCCL all-reduce, LoRA training benchmarks of a 1.1B Llama (bf16 and f32) with tokens/s,
+# MFU against the measured peak and peak GPU memory, and a QLoRA (NF4) training benchmark.
+# No network; under 10 minutes on an H100/H200.
 #
 # usage: scripts/gpu-check.sh [path/to/bellows]      (default: target/release/bellows)
 #   build: CUDARC_CUDA_VERSION=13000 cargo build --release -p bellows-launch --features cuda
@@ -101,6 +102,11 @@ for prec in bf16 f32; do
     cat "$OUT_DIR/bench-$prec.json"
     sed 's/^{/{"check":"bench","ok":true,/' "$OUT_DIR/bench-$prec.json" >> "$OUT_DIR/gpu-check.jsonl"
 done
+# 3. QLoRA (NF4 base, dequantized on the GPU in forward and backward) on the small Llama, bf16.
+sample "bench-qlora" timeout 120 "$BIN" bench --device cuda --mode qlora --precision bf16 \
+    --warmup 2 --steps 5 $PEAK_ARG > "$OUT_DIR/bench-qlora.json" || FAIL=1
+cat "$OUT_DIR/bench-qlora.json"
+sed 's/^{/{"check":"bench","ok":true,/' "$OUT_DIR/bench-qlora.json" >> "$OUT_DIR/gpu-check.jsonl"
 echo "{\"check\":\"wall\",\"ok\":true,\"secs\":$(( $(date +%s) - START ))}" >> "$OUT_DIR/gpu-check.jsonl"
 grep -q '"ok":false' "$OUT_DIR/gpu-check.jsonl" && FAIL=1
 echo "gpu-check: $( [ $FAIL = 0 ] && echo PASS || echo FAIL ) in $(( $(date +%s) - START )) s; results in $OUT_DIR"
