@@ -4,6 +4,8 @@
 //! unknown key and type error with its dotted path) → validate ranges and combinations. Every
 //! problem is reported as `<file>: <dotted.key>: <message>`.
 
+mod conflicts;
+mod inputs;
 mod overrides;
 mod sections;
 
@@ -110,7 +112,8 @@ const SECTIONS: [&str; 9] = [
 ];
 
 impl RunConfig {
-    /// Reads `path`, applies `overrides` (`dotted.key=value`), deserialises and validates.
+    /// Reads `path`, applies `overrides` (`dotted.key=value`), deserialises, validates, and checks
+    /// the files it names ([`RunConfig::check_inputs`]).
     ///
     /// # Errors
     /// Every problem found, each with its dotted key.
@@ -122,7 +125,32 @@ impl RunConfig {
                 message: format!("cannot read: {e}"),
             }],
         })?;
-        Self::from_toml_str(&text, path, overrides)
+        let cfg = Self::from_toml_str(&text, path, overrides)?;
+        cfg.check_inputs(path)?;
+        Ok(cfg)
+    }
+
+    /// Checks the files this config names: data files exist and are Parquet/Arrow/JSONL, the
+    /// tokenizer is a file, the model folder's `config.json` parses and is a valid architecture,
+    /// a resume folder holds a checkpoint, and the output folder is not a file. [`RunConfig::load`]
+    /// runs it; `file` names the job file in messages.
+    ///
+    /// # Errors
+    /// Every missing or unusable input, each with its dotted key.
+    pub fn check_inputs(&self, file: &Path) -> Result<(), ConfigIssues> {
+        let mut found = Vec::new();
+        inputs::check(self, &mut found);
+        if found.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigIssues {
+                file: file.to_path_buf(),
+                issues: found
+                    .into_iter()
+                    .map(|(key, message)| ConfigIssue { key, message })
+                    .collect(),
+            })
+        }
     }
 
     /// Like [`RunConfig::load`] for TOML text; `file` only names the source in messages.
@@ -196,6 +224,7 @@ impl RunConfig {
     /// Checks ranges and combinations across sections; pushes `(dotted key, message)`.
     pub fn validate(&self, out: &mut Vec<(String, String)>) {
         crate::validate::validate(self, out);
+        conflicts::check(self, out);
     }
 
     /// The resolved config as TOML (every default filled in).
