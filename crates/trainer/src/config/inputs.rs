@@ -9,21 +9,11 @@ use super::{Resume, RunConfig};
 pub(crate) fn check(cfg: &RunConfig, out: &mut Vec<(String, String)>) {
     cfg.data.check_inputs("data", out);
     if let Some(dir) = &cfg.model.path {
+        // A missing config.json is reported by validation; here it is parsed and checked
+        // (`parse_config` validates the architecture), naming the file and its key.
         if dir.join("config.json").is_file() {
-            match bellows_models::hf::read_arch(dir) {
-                Err(e) => out.push(("model.path".into(), e.to_string())),
-                Ok(arch) => {
-                    let mut issues = Vec::new();
-                    arch.validate("config.json", &mut issues);
-                    let file = dir.join("config.json");
-                    for (k, m) in issues {
-                        let key = k.strip_prefix("config.json.").unwrap_or(&k);
-                        out.push((
-                            "model.path".into(),
-                            format!("{}: {key}: {m}", file.display()),
-                        ));
-                    }
-                }
+            if let Err(e) = bellows_models::hf::read_arch(dir) {
+                out.push(("model.path".into(), e.to_string()));
             }
         }
     }
