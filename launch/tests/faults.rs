@@ -113,6 +113,21 @@ fn alive(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
+/// The local addresses (`ip:port`, hex as in `/proc/net/tcp`) of listening TCP sockets on `port`.
+fn listeners(port: u16) -> Vec<String> {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default()
+        + &std::fs::read_to_string("/proc/net/tcp6").unwrap_or_default();
+    let suffix = format!(":{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 3 && f[3] == "0A" && f[1].ends_with(&suffix)).then(|| f[1].to_string())
+        })
+        .collect()
+}
+
 /// Waits for the launcher; returns its output and how long it took after `since`.
 fn finish(child: Child, since: Instant) -> (Output, Duration) {
     let out = child.wait_with_output().expect("launcher exits");
@@ -125,6 +140,20 @@ fn a_killed_rank_stops_every_rank_within_30_s_naming_it() {
     let child = launch_two(dir.path());
     let ws = workers(child.id());
     assert_eq!(ws.iter().map(|w| w.0).collect::<Vec<_>>(), [0, 1], "{ws:?}");
+    // The launcher's store listens on loopback only (the single-node default), and the job token
+    // it hands the workers is a fresh random one.
+    let env = std::fs::read(format!("/proc/{}/environ", ws[0].1)).expect("environ");
+    let var = |name: &str| -> String {
+        env.split(|&b| b == 0)
+            .find_map(|kv| kv.strip_prefix(format!("{name}=").as_bytes()))
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .unwrap_or_default()
+    };
+    let port: u16 = var("MASTER_PORT").parse().expect("MASTER_PORT");
+    assert_eq!(var("MASTER_ADDR"), "127.0.0.1");
+    assert_eq!(listeners(port), ["0100007F:".to_string() + &format!("{port:04X}")]);
+    let token = var("BELLOWS_JOB_TOKEN");
+    assert!(token.len() == 32 && token.chars().all(|c| c.is_ascii_hexdigit()), "{token}");
     let t = Instant::now();
     signal(ws[1].1, "-KILL");
     let (out, took) = finish(child, t);
