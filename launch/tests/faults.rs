@@ -109,7 +109,13 @@ fn signal(pid: u32, sig: &str) {
 /// Whether `pid` still exists as a live (not zombie) process.
 fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+        .map(|s| {
+            !s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
         .unwrap_or(false)
 }
 
@@ -151,9 +157,15 @@ fn a_killed_rank_stops_every_rank_within_30_s_naming_it() {
     };
     let port: u16 = var("MASTER_PORT").parse().expect("MASTER_PORT");
     assert_eq!(var("MASTER_ADDR"), "127.0.0.1");
-    assert_eq!(listeners(port), ["0100007F:".to_string() + &format!("{port:04X}")]);
+    assert_eq!(
+        listeners(port),
+        ["0100007F:".to_string() + &format!("{port:04X}")]
+    );
     let token = var("BELLOWS_JOB_TOKEN");
-    assert!(token.len() == 32 && token.chars().all(|c| c.is_ascii_hexdigit()), "{token}");
+    assert!(
+        token.len() == 32 && token.chars().all(|c| c.is_ascii_hexdigit()),
+        "{token}"
+    );
     let t = Instant::now();
     signal(ws[1].1, "-KILL");
     let (out, took) = finish(child, t);
@@ -224,7 +236,10 @@ exit $rc"#,
         eprintln!("SKIPPED: cannot mount a tmpfs in a private namespace here:\n{err}");
         return;
     }
-    assert!(!out.status.success(), "training on a full disk must fail:\n{err}");
+    assert!(
+        !out.status.success(),
+        "training on a full disk must fail:\n{err}"
+    );
     assert!(
         err.contains("cannot write checkpoint file")
             && err.contains("No space left on device")
@@ -237,7 +252,11 @@ exit $rc"#,
         .filter_map(|e| {
             let name = e.ok()?.file_name().to_string_lossy().into_owned();
             let step = name.strip_prefix("checkpoint-")?.parse().ok()?;
-            ckpts.join(&name).join("manifest.json").is_file().then_some(step)
+            ckpts
+                .join(&name)
+                .join("manifest.json")
+                .is_file()
+                .then_some(step)
         })
         .collect();
     complete.sort();

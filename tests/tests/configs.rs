@@ -61,7 +61,9 @@ fn invalid_fixtures_report_every_expected_problem() {
         for e in &expected {
             let want = format!("{}: {e}", path.display());
             if !shown.contains(&want) {
-                failures.push(format!("expected a line containing {want:?}\ngot:\n{shown}"));
+                failures.push(format!(
+                    "expected a line containing {want:?}\ngot:\n{shown}"
+                ));
             }
         }
         n += 1;

@@ -3,7 +3,6 @@
 //! (`fuzz/corpus/<target>/`) and every input that once crashed a target (`fuzz/regressions/<target>/`).
 //! No fuzzer runs here; this keeps fixed crashes fixed in the normal test suite.
 
-use std::path::Path;
 use std::time::Instant;
 
 use bellows_tests::fuzz::TARGETS;
@@ -48,10 +47,5 @@ fn the_fuzzed_corpus_is_handled_without_a_panic() {
 
 #[test]
 fn every_past_fuzz_crash_is_fixed() {
-    let n = replay("regressions");
-    let dir = repo_root().join("fuzz/regressions");
-    assert!(
-        !dir.exists() || n > 0 || Path::new(&dir).read_dir().is_ok(),
-        "regressions folder unreadable"
-    );
+    replay("regressions");
 }

@@ -25,9 +25,7 @@ fn good() -> Vec<u8> {
 fn open_err(dir: &Path, name: &str, bytes: &[u8]) -> String {
     let path = dir.join(name);
     std::fs::write(&path, bytes).expect("write");
-    let err = WeightFiles::open_file(&path)
-        .expect_err(name)
-        .to_string();
+    let err = WeightFiles::open_file(&path).expect_err(name).to_string();
     assert!(err.contains(name), "does not name the file: {err}");
     err
 }
@@ -51,12 +49,20 @@ fn damaged_safetensors_headers_are_errors_naming_the_file() {
     past[..8].copy_from_slice(&(full.len() as u64).to_le_bytes());
     open_err(d, "past.safetensors", &past);
     // A header that is not JSON, not an object, or has offsets past the data.
-    open_err(d, "garbage.safetensors", &safetensors("not json at all!", &[]));
+    open_err(
+        d,
+        "garbage.safetensors",
+        &safetensors("not json at all!", &[]),
+    );
     open_err(d, "array.safetensors", &safetensors("[1, 2, 3]", &[]));
     let beyond = r#"{"w":{"dtype":"F32","shape":[2,2],"data_offsets":[0,1600]}}"#;
     open_err(d, "beyond.safetensors", &safetensors(beyond, &[0u8; 16]));
     let mismatch = r#"{"w":{"dtype":"F32","shape":[3,3],"data_offsets":[0,16]}}"#;
-    open_err(d, "mismatch.safetensors", &safetensors(mismatch, &[0u8; 16]));
+    open_err(
+        d,
+        "mismatch.safetensors",
+        &safetensors(mismatch, &[0u8; 16]),
+    );
 }
 
 #[test]
@@ -93,8 +99,14 @@ fn a_shard_index_naming_files_outside_its_folder_or_malformed_is_refused() {
             r#"{"weight_map": {"w": "/etc/outside.safetensors"}}"#,
             "shard names must be plain file names",
         ),
-        (r#"{"weight_map": [1]}"#, "weight_map: missing or not an object"),
-        (r#"{"weight_map": {"#, "model.safetensors.index.json: <index>"),
+        (
+            r#"{"weight_map": [1]}"#,
+            "weight_map: missing or not an object",
+        ),
+        (
+            r#"{"weight_map": {"#,
+            "model.safetensors.index.json: <index>",
+        ),
         (
             r#"{"weight_map": {"w": "model-00001.safetensors"}}"#,
             "model-00001.safetensors",
@@ -111,8 +123,14 @@ fn malformed_config_json_names_the_file_and_key() {
     let path = Path::new("m/config.json");
     let base = r#""model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4"#;
     for (text, want) in [
-        ("{\"model_type\": \"llama\",".to_string(), "m/config.json: <json>: EOF while parsing"),
-        ("[1, 2]".to_string(), "m/config.json: <json>: expected a JSON object"),
+        (
+            "{\"model_type\": \"llama\",".to_string(),
+            "m/config.json: <json>: EOF while parsing",
+        ),
+        (
+            "[1, 2]".to_string(),
+            "m/config.json: <json>: expected a JSON object",
+        ),
         (
             "{\"model_type\": \"gpt2\"}".to_string(),
             "m/config.json: model_type: unsupported \"gpt2\"",

@@ -176,7 +176,10 @@ fn malformed_tokenizer_json_is_a_clear_error_naming_the_file() {
     for (name, body) in [
         ("cut.json", text[..text.len() / 2].to_string()),
         ("not_object.json", "[1, 2, 3]".to_string()),
-        ("no_model.json", r#"{"version": "1.0", "model": 3}"#.to_string()),
+        (
+            "no_model.json",
+            r#"{"version": "1.0", "model": 3}"#.to_string(),
+        ),
         ("empty.json", String::new()),
     ] {
         let tok = p(&dir, name);

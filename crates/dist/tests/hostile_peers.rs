@@ -22,7 +22,16 @@ fn frame(payload: &[u8]) -> Vec<u8> {
 
 fn hello(token: &str) -> Vec<u8> {
     let t = token.as_bytes();
-    frame(&[&[0u8][..], b"BLWS", &[1], &(t.len() as u32).to_le_bytes(), t].concat())
+    frame(
+        &[
+            &[0u8][..],
+            b"BLWS",
+            &[1],
+            &(t.len() as u32).to_le_bytes(),
+            t,
+        ]
+        .concat(),
+    )
 }
 
 /// One attack; returns what the server sent back before closing (it must never be an Ok).
@@ -52,7 +61,10 @@ fn attack(addr: &str, kind: usize) -> Vec<u8> {
 fn strangers_are_refused_while_a_job_runs_unaffected() {
     with_timeout(120, || {
         let server = StoreServer::bind("127.0.0.1:0", TOKEN).expect("bind");
-        assert!(server.local_addr().ip().is_loopback(), "binds only where told");
+        assert!(
+            server.local_addr().ip().is_loopback(),
+            "binds only where told"
+        );
         let addr = server.local_addr().to_string();
         let stop = Arc::new(AtomicBool::new(false));
         let stranger = {

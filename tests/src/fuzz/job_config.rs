@@ -34,7 +34,11 @@ pub fn run(data: &[u8], _scratch: &Path) {
         Ok(cfg) => {
             let again = RunConfig::from_toml_str(&cfg.to_toml(), Path::new(FILE), &[])
                 .unwrap_or_else(|e| panic!("resolved config does not load again: {e}"));
-            assert_eq!(config_hash(&again), config_hash(&cfg), "round trip changed the config");
+            assert_eq!(
+                config_hash(&again),
+                config_hash(&cfg),
+                "round trip changed the config"
+            );
         }
     }
 }

@@ -52,7 +52,11 @@ pub fn run(data: &[u8], scratch: &Path) {
         bellows_data::Shard::single()
     };
     let spec = LoaderSpec {
-        split: if state.split == Split::Eval { Split::Eval } else { Split::Train },
+        split: if state.split == Split::Eval {
+            Split::Eval
+        } else {
+            Split::Train
+        },
         shard,
         seed: 7,
         vocab_size: 32,
