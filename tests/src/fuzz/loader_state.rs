@@ -41,7 +41,7 @@ pub fn run(data: &[u8], scratch: &Path) {
     cfg.batch_size = 2;
     cfg.shuffle_buffer = 4;
     // Both ways a document can be carried across rows, chosen by the input's length.
-    if data.len() % 2 == 0 {
+    if data.len().is_multiple_of(2) {
         cfg.packing = Packing::Pack;
     } else {
         cfg.truncation = Truncation::Split;
