@@ -184,7 +184,7 @@ impl RunConfig {
         for key in root.keys() {
             if !SECTIONS.contains(&key.as_str()) {
                 issues.push(ConfigIssue {
-                    key: key.clone(),
+                    key: shown_key(key),
                     message: format!("unknown section, expected one of {}", SECTIONS.join(", ")),
                 });
             }
@@ -230,6 +230,20 @@ impl RunConfig {
     /// The resolved config as TOML (every default filled in).
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+/// A key as the user would write it: bare when it is a bare TOML key, quoted otherwise (so an
+/// empty key shows as `""`, not as nothing; found by the `job_config` fuzz target).
+fn shown_key(key: &str) -> String {
+    let bare = !key.is_empty()
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if bare {
+        key.to_string()
+    } else {
+        format!("{key:?}")
     }
 }
 
