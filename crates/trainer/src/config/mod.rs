@@ -329,7 +329,11 @@ fn syntax_message(text: &str, e: &toml::de::Error) -> String {
         Some(span) => {
             // Count bytes, not a `str` slice: a span need not fall on a character boundary.
             let end = span.start.min(text.len());
-            let line = text.as_bytes()[..end].iter().filter(|&&b| b == b'\n').count() + 1;
+            let line = text.as_bytes()[..end]
+                .iter()
+                .filter(|&&b| b == b'\n')
+                .count()
+                + 1;
             format!("TOML syntax error at line {line}: {msg}")
         }
         None => format!("TOML syntax error: {msg}"),
