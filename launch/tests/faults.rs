@@ -227,10 +227,13 @@ exit $rc"#,
         cfg = cfg.display(),
         kept = kept.display(),
     );
-    let out = Command::new("unshare")
+    let Ok(out) = Command::new("unshare")
         .args(["--user", "--map-root-user", "--mount", "sh", "-c", &script])
         .output()
-        .expect("unshare");
+    else {
+        eprintln!("SKIPPED: no `unshare` (util-linux) on this machine");
+        return;
+    };
     let err = String::from_utf8_lossy(&out.stderr);
     if out.status.code() == Some(97) || (!out.status.success() && err.contains("unshare:")) {
         eprintln!("SKIPPED: cannot mount a tmpfs in a private namespace here:\n{err}");
