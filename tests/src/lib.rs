@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod fuzz;
+
 use safetensors::{Dtype, SafeTensors};
 
 /// The golden-file folder `tests/golden/<case>`.

@@ -258,3 +258,58 @@ fn qlora_resumed_midway_equals_an_uninterrupted_run() {
         "final adapters differ"
     );
 }
+
+/// Issue #12: a manifest is data read from disk; a name like `../../x` or `/etc/x` must not make
+/// bellows read (or later copy or delete) anything outside the checkpoint folder. Training itself
+/// writes only inside `run.output_dir`.
+#[test]
+fn a_manifest_naming_paths_outside_its_folder_is_refused_and_training_writes_only_inside_output_dir(
+) {
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("out");
+    let (cfg, latest) = trained(&out);
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .expect("list")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["out"], "training wrote outside run.output_dir");
+
+    std::fs::write(dir.path().join("secret"), "outside").expect("write");
+    let good = std::fs::read_to_string(latest.join("manifest.json")).expect("manifest");
+    let manifest: serde_json::Value = serde_json::from_str(&good).expect("json");
+    for (field, name) in [
+        ("files", "../../secret"),
+        ("files", "/etc/hostname"),
+        ("files", ""),
+        ("loader_files", "../loader-rank-0.json"),
+        ("dtypes", "../../secret"),
+    ] {
+        let mut m = manifest.clone();
+        match field {
+            "loader_files" => m[field] = serde_json::json!([name]),
+            _ => {
+                m[field][name] = if field == "files" {
+                    serde_json::json!({"bytes": 7, "sha256": "00"})
+                } else {
+                    serde_json::json!(["f32"])
+                }
+            }
+        }
+        std::fs::write(latest.join("manifest.json"), m.to_string()).expect("write");
+        let err = verify_checkpoint(&latest, &cfg, 1)
+            .expect_err(name)
+            .to_string();
+        assert!(
+            err.contains("manifest.json")
+                && err.contains(field)
+                && err.contains("not a relative path inside the checkpoint folder"),
+            "{name}: {err}"
+        );
+        let resume = job(&out, &["checkpoint.resume=\"latest\"", "run.max_steps=6"]);
+        let err = train(&resume).expect_err("refused").to_string();
+        assert!(err.contains("not a relative path inside"), "{err}");
+    }
+    std::fs::write(latest.join("manifest.json"), good).expect("restore");
+    verify_checkpoint(&latest, &cfg, 1).expect("the original manifest still verifies");
+}

@@ -3,7 +3,39 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use crate::{Error, Files, Result};
+use crate::{DataConfig, Error, Files, Result};
+
+impl DataConfig {
+    /// Checks that the inputs the config names exist: every `train`/`eval` pattern matches a
+    /// readable file in a format bellows reads, and `tokenizer` is a file. Pushes `(dotted key,
+    /// message)`; `at` is the section prefix (`"data"`). Run once [`DataConfig::validate`] passed;
+    /// cheap (reads a few bytes per file, not the data).
+    pub fn check_inputs(&self, at: &str, out: &mut Vec<(String, String)>) {
+        let mut check = |key: &str, files: &Files| {
+            let first_problem = resolve(files).and_then(|found| {
+                found
+                    .iter()
+                    .filter(|f| f.format == Format::Jsonl)
+                    .try_for_each(|f| check_first_line(&f.path))
+            });
+            if let Err(e) = first_problem {
+                out.push((format!("{at}.{key}"), e.to_string()));
+            }
+        };
+        check("train", &self.train);
+        if let Some(eval) = &self.eval {
+            check("eval", eval);
+        }
+        if let Some(t) = &self.tokenizer {
+            if !t.is_file() {
+                out.push((
+                    format!("{at}.tokenizer"),
+                    format!("{} is not a file", t.display()),
+                ));
+            }
+        }
+    }
+}
 
 /// How a file is laid out on disk, decided from its first bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -23,6 +55,29 @@ pub(crate) enum Format {
 pub(crate) struct SourceFile {
     pub path: PathBuf,
     pub format: Format,
+}
+
+/// A file without Parquet/Arrow magic is read as JSONL: its first non-blank line (within the
+/// first 64 KiB) must be a JSON object, so a wrong file is reported before training starts.
+fn check_first_line(path: &Path) -> Result<()> {
+    let mut head = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(64 << 10).read_to_end(&mut head))
+        .map_err(|e| Error::io(path, e))?;
+    let text = String::from_utf8_lossy(&head);
+    let Some(line) = text.lines().find(|l| !l.trim().is_empty()) else {
+        return Ok(());
+    };
+    if head.len() == 64 << 10 && !text.contains('\n') {
+        return Ok(()); // One very long first line: leave it to the reader.
+    }
+    match serde_json::from_str::<serde_json::Value>(line) {
+        Ok(serde_json::Value::Object(_)) => Ok(()),
+        _ => Err(Error::corrupt(
+            path,
+            "not Parquet or Arrow IPC, and its first line is not a JSON object (JSONL)",
+        )),
+    }
 }
 
 /// Expands paths, globs and `save_to_disk` folders in order. Glob results are sorted.
@@ -108,6 +163,17 @@ fn hf_folder_files(dir: &Path) -> Result<Vec<PathBuf>> {
             .get("filename")
             .and_then(|v| v.as_str())
             .ok_or_else(|| Error::corrupt(&state, "a \"_data_files\" entry has no \"filename\""))?;
+        let plain = Path::new(name).components().count() == 1
+            && matches!(
+                Path::new(name).components().next(),
+                Some(std::path::Component::Normal(_))
+            );
+        if !plain {
+            return Err(Error::corrupt(
+                &state,
+                format!("\"_data_files\" entry {name:?} is not a plain file name in this folder"),
+            ));
+        }
         out.push(dir.join(name));
     }
     if out.is_empty() {

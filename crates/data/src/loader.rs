@@ -155,6 +155,15 @@ impl TokenLoader {
         let mut docs = l.fetch_rows(&wanted)?;
         if let Some(c) = state.carry {
             let doc = docs.pop().ok_or_else(|| bad("the carried document"))?;
+            // A damaged state may claim more of the document than it has (found by the
+            // `loader_state` fuzz target: this used to panic slicing the document).
+            if c.offset > doc.tokens.len() {
+                return Err(Error::BadState(format!(
+                    "the carried document has {} tokens, the state says {} were emitted",
+                    doc.tokens.len(),
+                    c.offset
+                )));
+            }
             l.carry = Some((c.row, doc, c.offset));
         }
         l.buffer = state.buffer.iter().copied().zip(docs).collect();

@@ -166,6 +166,64 @@ fn missing_tokenizer_is_a_clear_error() {
 }
 
 #[test]
+fn malformed_tokenizer_json_is_a_clear_error_naming_the_file() {
+    let dir = tmp();
+    let data = p(&dir, "t.parquet");
+    write_parquet(&data, &batch(vec![("text", str_col(&["hello"]))]), 10);
+    let good = p(&dir, "good.json");
+    write_tokenizer(&good, true);
+    let text = std::fs::read_to_string(&good).unwrap();
+    for (name, body) in [
+        ("cut.json", text[..text.len() / 2].to_string()),
+        ("not_object.json", "[1, 2, 3]".to_string()),
+        (
+            "no_model.json",
+            r#"{"version": "1.0", "model": 3}"#.to_string(),
+        ),
+        ("empty.json", String::new()),
+    ] {
+        let tok = p(&dir, name);
+        std::fs::write(&tok, body).unwrap();
+        let cfg = text_cfg(&data, &tok, Content::Text);
+        let err = TokenLoader::new(&cfg, spec(Split::Eval, 0, 1, 9))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.starts_with("tokenizer ") && err.contains(name),
+            "{name}: {err}"
+        );
+    }
+}
+
+#[test]
+fn save_to_disk_entries_naming_files_outside_the_folder_are_refused() {
+    let dir = tmp();
+    let tok = p(&dir, "tokenizer.json");
+    write_tokenizer(&tok, true);
+    let ds = dir.path().join("ds");
+    std::fs::create_dir(&ds).unwrap();
+    for name in ["../outside.arrow", "/etc/hostname", "sub/../../x.arrow"] {
+        std::fs::write(
+            ds.join("state.json"),
+            format!(r#"{{"_data_files": [{{"filename": "{name}"}}]}}"#),
+        )
+        .unwrap();
+        let err = TokenLoader::new(
+            &text_cfg(&ds, &tok, Content::Text),
+            spec(Split::Eval, 0, 1, 9),
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(
+            err.contains("state.json") && err.contains("not a plain file name"),
+            "{name}: {err}"
+        );
+    }
+}
+
+#[test]
 fn save_to_disk_folders_are_read_in_state_json_order() {
     let dir = tmp();
     let tok = p(&dir, "tokenizer.json");

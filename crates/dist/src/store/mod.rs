@@ -8,6 +8,7 @@
 mod client;
 mod proto;
 mod server;
+pub mod wire;
 
 pub use client::StoreClient;
 pub use proto::MAX_FRAME;

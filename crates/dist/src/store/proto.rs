@@ -171,7 +171,12 @@ impl Response {
             0 => Response::Ok,
             1 => Response::Value(r.bytes()?),
             2 => Response::Int(r.u64()? as i64),
-            3 => Response::Bool(r.u8()? != 0),
+            // Exactly 0 or 1: one encoding per message (found by the `store_frame` fuzz target).
+            3 => match r.u8()? {
+                0 => Response::Bool(false),
+                1 => Response::Bool(true),
+                _ => return None,
+            },
             4 => Response::Timeout,
             5 => Response::Err(r.string()?),
             _ => return None,
@@ -252,6 +257,7 @@ mod tests {
             Request::decode(&[5, 255, 255, 255, 255, 255, 255, 255, 255]),
             None
         );
+        assert_eq!(Response::decode(&[3, 9]), None, "a bool is 0 or 1");
         let mut bad_magic = Request::Hello { token: vec![] }.encode();
         bad_magic[1] = b'X';
         assert_eq!(Request::decode(&bad_magic), None);

@@ -110,11 +110,48 @@ impl Manifest {
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join(MANIFEST);
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        serde_json::from_str(&text).map_err(|e| Error::CheckpointCorrupt {
-            file: path,
-            message: e.to_string(),
-        })
+        Self::parse(&path, &text)
     }
+
+    /// Parses manifest text; `file` only names the source in errors.
+    ///
+    /// Every file name it lists (`files`, `loader_files`, `dtypes`) must be a relative path that
+    /// stays inside the checkpoint folder: no `..`, no absolute path, no empty name. A manifest
+    /// is read from disk and may come from anywhere, so it must not steer reads (or, through a
+    /// later copy or cleanup, writes) outside its folder.
+    ///
+    /// # Errors
+    /// Malformed JSON, a missing field, or an unsafe file name, as [`Error::CheckpointCorrupt`].
+    pub fn parse(file: &Path, text: &str) -> Result<Self> {
+        let corrupt = |message: String| Error::CheckpointCorrupt {
+            file: file.to_path_buf(),
+            message,
+        };
+        let m: Manifest = serde_json::from_str(text).map_err(|e| corrupt(e.to_string()))?;
+        let names = m
+            .files
+            .keys()
+            .map(|k| ("files", k))
+            .chain(m.loader_files.iter().map(|k| ("loader_files", k)))
+            .chain(m.dtypes.keys().map(|k| ("dtypes", k)));
+        for (field, name) in names {
+            if !is_inside(name) {
+                return Err(corrupt(format!(
+                    "{field}: {name:?} is not a relative path inside the checkpoint folder"
+                )));
+            }
+        }
+        Ok(m)
+    }
+}
+
+/// Whether `name` is a non-empty relative path made only of plain components (no `..`, `.`,
+/// root or drive prefix), so joining it to a folder stays inside that folder.
+pub(crate) fn is_inside(name: &str) -> bool {
+    !name.is_empty()
+        && Path::new(name)
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)))
 }
 
 /// Lowercase hex SHA-256 of `bytes`.
@@ -184,6 +221,16 @@ fn flatten(prefix: &str, t: &Table, out: &mut BTreeMap<String, String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_plain_relative_names_are_inside() {
+        for ok in ["model.safetensors", "adapter/adapter_config.json"] {
+            assert!(is_inside(ok), "{ok}");
+        }
+        for bad in ["", "../x", "../../x", "/etc/passwd", "a/../../x", "./a"] {
+            assert!(!is_inside(bad), "{bad}");
+        }
+    }
 
     #[test]
     fn excluded_keys_do_not_change_the_hash_and_others_are_named() {

@@ -65,6 +65,23 @@ pub(crate) fn loader_file(rank: usize) -> String {
     format!("loader-rank-{rank}.json")
 }
 
+/// A file of the checkpoint being written in `tmp` failed (e.g. the disk is full): say so, so
+/// the user knows the previous checkpoint is still the latest one and intact.
+fn unsaved(tmp: &Path, e: Error) -> Error {
+    let (path, source) = match e {
+        Error::Io { path, source } => (path, source),
+        Error::Model(bellows_models::Error::Io { path, source }) => (path, source),
+        other => return other,
+    };
+    Error::CheckpointWrite {
+        path,
+        message: format!(
+            "{source}; this checkpoint is incomplete and ignored ({} is left for the next save to remove), the previous one is intact",
+            tmp.display()
+        ),
+    }
+}
+
 /// Writes `bytes` to `path` and fsyncs it.
 pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     let io = |e| Error::io(path, e);
@@ -103,7 +120,7 @@ pub fn save_checkpoint<B: AutodiffBackend>(
     ctx.acc.barrier()?;
     let state = serde_json::to_vec_pretty(&progress.loader)
         .map_err(|e| Error::Internal(format!("loader state does not serialise: {e}")))?;
-    write_synced(&tmp.join(loader_file(ctx.acc.rank())), &state)?;
+    write_synced(&tmp.join(loader_file(ctx.acc.rank())), &state).map_err(|e| unsaved(&tmp, e))?;
     // ZeRO's shards are gathered on every rank (a collective); the DDP optimizer is read by rank 0.
     let optim_tensors = match optim {
         OptimRef::Zero(z) => z.consolidated(ctx.acc.process_group())?,
@@ -112,7 +129,8 @@ pub fn save_checkpoint<B: AutodiffBackend>(
     };
     ctx.acc.barrier()?;
     if ctx.acc.is_main() {
-        write_main_files(ctx, model, optim_tensors, progress, &tmp)?;
+        write_main_files(ctx, model, optim_tensors, progress, &tmp)
+            .map_err(|e| unsaved(&tmp, e))?;
         if dest.exists() {
             std::fs::remove_dir_all(&dest).map_err(|e| Error::io(&dest, e))?;
         }

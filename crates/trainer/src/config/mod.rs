@@ -4,6 +4,8 @@
 //! unknown key and type error with its dotted path) → validate ranges and combinations. Every
 //! problem is reported as `<file>: <dotted.key>: <message>`.
 
+mod conflicts;
+mod inputs;
 mod overrides;
 mod sections;
 
@@ -111,7 +113,8 @@ const SECTIONS: [&str; 9] = [
 ];
 
 impl RunConfig {
-    /// Reads `path`, applies `overrides` (`dotted.key=value`), deserialises and validates.
+    /// Reads `path`, applies `overrides` (`dotted.key=value`), deserialises, validates, and checks
+    /// the files it names ([`RunConfig::check_inputs`]).
     ///
     /// # Errors
     /// Every problem found, each with its dotted key.
@@ -123,7 +126,32 @@ impl RunConfig {
                 message: format!("cannot read: {e}"),
             }],
         })?;
-        Self::from_toml_str(&text, path, overrides)
+        let cfg = Self::from_toml_str(&text, path, overrides)?;
+        cfg.check_inputs(path)?;
+        Ok(cfg)
+    }
+
+    /// Checks the files this config names: data files exist and are Parquet/Arrow/JSONL, the
+    /// tokenizer is a file, the model folder's `config.json` parses and is a valid architecture,
+    /// a resume folder holds a checkpoint, and the output folder is not a file. [`RunConfig::load`]
+    /// runs it; `file` names the job file in messages.
+    ///
+    /// # Errors
+    /// Every missing or unusable input, each with its dotted key.
+    pub fn check_inputs(&self, file: &Path) -> Result<(), ConfigIssues> {
+        let mut found = Vec::new();
+        inputs::check(self, &mut found);
+        if found.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigIssues {
+                file: file.to_path_buf(),
+                issues: found
+                    .into_iter()
+                    .map(|(key, message)| ConfigIssue { key, message })
+                    .collect(),
+            })
+        }
     }
 
     /// Like [`RunConfig::load`] for TOML text; `file` only names the source in messages.
@@ -157,7 +185,7 @@ impl RunConfig {
         for key in root.keys() {
             if !SECTIONS.contains(&key.as_str()) {
                 issues.push(ConfigIssue {
-                    key: key.clone(),
+                    key: shown_key(key),
                     message: format!("unknown section, expected one of {}", SECTIONS.join(", ")),
                 });
             }
@@ -197,11 +225,26 @@ impl RunConfig {
     /// Checks ranges and combinations across sections; pushes `(dotted key, message)`.
     pub fn validate(&self, out: &mut Vec<(String, String)>) {
         crate::validate::validate(self, out);
+        conflicts::check(self, out);
     }
 
     /// The resolved config as TOML (every default filled in).
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+/// A key as the user would write it: bare when it is a bare TOML key, quoted otherwise (so an
+/// empty key shows as `""`, not as nothing; found by the `job_config` fuzz target).
+fn shown_key(key: &str) -> String {
+    let bare = !key.is_empty()
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if bare {
+        key.to_string()
+    } else {
+        format!("{key:?}")
     }
 }
 
@@ -285,7 +328,13 @@ fn syntax_message(text: &str, e: &toml::de::Error) -> String {
     let msg = e.message().to_string();
     match e.span() {
         Some(span) => {
-            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            // Count bytes, not a `str` slice: a span need not fall on a character boundary.
+            let end = span.start.min(text.len());
+            let line = text.as_bytes()[..end]
+                .iter()
+                .filter(|&&b| b == b'\n')
+                .count()
+                + 1;
             format!("TOML syntax error at line {line}: {msg}")
         }
         None => format!("TOML syntax error: {msg}"),

@@ -1,0 +1,6 @@
+//! Fuzz target `hf_config`: see `bellows_tests::fuzz::hf_config`.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    bellows_tests::fuzz::hf_config::run(data, bellows_tests::fuzz::process_scratch());
+});
