@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 pub mod fuzz;
 
+use burn::tensor::{backend::Backend, Tensor};
 use safetensors::{Dtype, SafeTensors};
 
 /// The golden-file folder `tests/golden/<case>`.
@@ -90,4 +91,18 @@ pub fn assert_close(what: &str, got: &[f64], exp: &[f64], atol: f64, rtol: f64) 
         got[worst.0],
         exp[worst.0]
     );
+}
+
+/// A tensor's values as f64 (any float dtype; converted through f32).
+///
+/// # Panics
+/// If the tensor is not a float tensor.
+pub fn to_f64<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f64> {
+    t.into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .expect("a float tensor")
+        .into_iter()
+        .map(f64::from)
+        .collect()
 }

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use bellows_models::{load_pretrained, CausalLm, ForwardInput, ParamLister, PeftModel};
 use bellows_peft::{read_adapter_config, Combination, TargetModules};
-use bellows_tests::{assert_close, golden, read_array};
+use bellows_tests::{assert_close, golden, read_array, to_f64};
 use burn::backend::Flex;
 use burn::module::Module;
 use burn::tensor::{Int, Tensor, TensorData};
@@ -34,8 +34,7 @@ fn logits(model: &CausalLm<B>) -> Vec<f64> {
             compute: None,
         },
     );
-    let v = out.into_data().convert::<f32>().to_vec::<f32>();
-    v.expect("f32").into_iter().map(f64::from).collect()
+    to_f64(out)
 }
 
 fn expected(name: &str) -> Vec<f64> {

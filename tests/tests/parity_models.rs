@@ -3,7 +3,7 @@
 
 use bellows_models::{causal_lm_loss_sum, load_pretrained, CausalLm, ForwardInput, KvCache};
 use bellows_peft::LoraPlan;
-use bellows_tests::{assert_close, golden, read_array};
+use bellows_tests::{assert_close, golden, read_array, to_f64};
 use burn::backend::Flex;
 use burn::tensor::{Int, Tensor, TensorData};
 
@@ -22,14 +22,7 @@ fn run_case(case: &str, model_dir: &str) {
     let exp = dir.join("expected.safetensors");
     let exp_logits = read_array(&exp, "logits");
     assert_eq!(exp_logits.shape, vec![b, s, arch.vocab_size]);
-    let got: Vec<f64> = logits
-        .clone()
-        .into_data()
-        .to_vec::<f32>()
-        .expect("f32")
-        .into_iter()
-        .map(f64::from)
-        .collect();
+    let got = to_f64(logits.clone());
     assert_close(
         &format!("{case} logits"),
         &got,

@@ -9,7 +9,7 @@ use bellows_models::{
     ForwardInput, TrainableMapper,
 };
 use bellows_peft::LoraPlan;
-use bellows_tests::{assert_close, golden, read_array, Array};
+use bellows_tests::{assert_close, golden, read_array, to_f64, Array};
 use burn::backend::{Autodiff, Flex};
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
@@ -18,16 +18,6 @@ use burn::tensor::{Int, Tensor, TensorData};
 
 type B = Flex;
 type AB = Autodiff<Flex>;
-
-fn to_f64<Bk: Backend, const D: usize>(t: Tensor<Bk, D>) -> Vec<f64> {
-    t.into_data()
-        .convert::<f32>()
-        .to_vec::<f32>()
-        .expect("f32")
-        .into_iter()
-        .map(f64::from)
-        .collect()
-}
 
 struct Inputs {
     ids: Vec<i64>,

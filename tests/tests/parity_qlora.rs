@@ -8,7 +8,7 @@ use bellows_models::{
     load_pretrained_with_adapter_quantized, CausalLm, ForwardInput,
 };
 use bellows_peft::{InitRng, LoraPlan, Nf4Options};
-use bellows_tests::{assert_close, golden, read_array};
+use bellows_tests::{assert_close, golden, read_array, to_f64};
 use burn::backend::Flex;
 use burn::tensor::{Int, Tensor, TensorData};
 use safetensors::tensor::TensorView;
@@ -40,14 +40,7 @@ fn check_logits(what: &str, model: &CausalLm<B>, expected_case: &str, atol: f64)
         },
     );
     let exp = golden(expected_case).join("expected.safetensors");
-    let got: Vec<f64> = logits
-        .clone()
-        .into_data()
-        .to_vec::<f32>()
-        .expect("f32")
-        .into_iter()
-        .map(f64::from)
-        .collect();
+    let got = to_f64(logits.clone());
     assert_close(
         &format!("{what} logits"),
         &got,

@@ -8,16 +8,11 @@ use bellows_models::{
     causal_lm_loss_sum, load_pretrained, read_arch, CausalLm, ForwardInput, KvCache, SlidingWindow,
 };
 use bellows_peft::LoraPlan;
-use bellows_tests::{assert_close, golden, read_array};
+use bellows_tests::{assert_close, golden, read_array, to_f64};
 use burn::backend::Flex;
 use burn::tensor::{Int, Tensor, TensorData};
 
 type B = Flex;
-
-fn to_f64(t: Tensor<B, 3>) -> Vec<f64> {
-    let v = t.into_data().convert::<f32>().to_vec::<f32>();
-    v.expect("f32").into_iter().map(f64::from).collect()
-}
 
 fn ids(case: &str) -> (Vec<i64>, Vec<i64>, usize, usize) {
     let inputs = golden(case).join("inputs.safetensors");
@@ -183,14 +178,7 @@ fn kv_cached_generation_past_the_window_matches_transformers() {
             let logits = model.forward_cached(next, &mut cache);
             let s = logits.dims()[1];
             let last = logits.slice([0..1, s - 1..s]).reshape([v]);
-            let got: Vec<f64> = last
-                .clone()
-                .into_data()
-                .to_vec::<f32>()
-                .expect("f32")
-                .into_iter()
-                .map(f64::from)
-                .collect();
+            let got = to_f64(last.clone());
             let at = (step * b + row) * v;
             assert_close(
                 &format!("row {row} step {step}"),
