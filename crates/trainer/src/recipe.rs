@@ -173,20 +173,14 @@ pub fn train_on<B: AutodiffBackend>(
     let stop = StopSignal::install()?;
     let plan = cfg.peft.plan()?;
     let compute = compute_dtype(cfg.train.precision);
-    for dt in compute.iter().chain(
-        (cfg.train.param_dtype == ParamDtype::Bf16)
-            .then_some(&DType::BF16)
-            .iter()
-            .copied(),
-    ) {
-        if !B::supports_dtype(device, *dt) {
-            return Err(Error::Device {
-                device: cfg.train.device.clone(),
-                message: format!(
-                    "this backend cannot compute in {dt:?} (train.precision / train.param_dtype)"
-                ),
-            });
-        }
+    // `param_dtype = "bf16"` is only valid with bf16 precision, so `compute` covers it too.
+    if let Some(dt) = compute.filter(|&dt| !B::supports_dtype(device, dt)) {
+        return Err(Error::Device {
+            device: cfg.train.device.clone(),
+            message: format!(
+                "this backend cannot compute in {dt:?} (train.precision / train.param_dtype)"
+            ),
+        });
     }
     let (arch, model) = build_model::<B>(cfg, &plan, device)?;
     let model = match cfg.train.param_dtype {

@@ -73,19 +73,44 @@ pub fn shard_range(shape: &[usize], world: usize, rank: usize) -> Range<usize> {
     r.start * cols..r.end * cols
 }
 
+/// The slot size of equal-chunk collectives over a `shape` parameter: the largest rank's rows.
+fn slot_len(shape: &[usize], world: usize) -> usize {
+    (0..world)
+        .map(|r| shard_range(shape, world, r).len())
+        .max()
+        .unwrap_or(0)
+}
+
 /// `buf` (one value per element of a `shape` parameter) laid out as `world` equal slots, slot
 /// `r` holding rank `r`'s rows padded with zeros: what equal-chunk collectives need.
 fn to_slots(buf: &[f32], shape: &[usize], world: usize) -> (Vec<f32>, usize) {
-    let slot = (0..world)
-        .map(|r| shard_range(shape, world, r).len())
-        .max()
-        .unwrap_or(0);
+    let slot = slot_len(shape, world);
     let mut out = vec![0f32; slot * world];
     for r in 0..world {
         let range = shard_range(shape, world, r);
         out[r * slot..r * slot + range.len()].copy_from_slice(&buf[range]);
     }
     (out, slot)
+}
+
+/// Every rank's rows of a `shape` parameter, given this rank's (`mine`), in row order: the
+/// whole flattened parameter on every rank.
+fn gather_rows(pg: &ProcessGroup, mine: &[f32], shape: &[usize]) -> Result<Vec<f32>> {
+    let world = pg.world_size();
+    if world == 1 {
+        return Ok(mine.to_vec());
+    }
+    let slot = slot_len(shape, world);
+    let mut padded = vec![0f32; slot];
+    padded[..mine.len()].copy_from_slice(mine);
+    let mut all = vec![0f32; slot * world];
+    pg.all_gather(&padded, &mut all)?;
+    let mut out = Vec::with_capacity(shape.iter().product());
+    for r in 0..world {
+        let n = shard_range(shape, world, r).len();
+        out.extend_from_slice(&all[r * slot..r * slot + n]);
+    }
+    Ok(out)
 }
 
 struct Stack(Vec<String>);
@@ -253,24 +278,7 @@ impl ZeroAdamW {
                 });
             let mut mine = host_rows(&model, it.id, &it.shape, self.world, self.rank);
             adamw_rows(&self.hp, st, &mut mine, &it.grad, factor as f32, lr);
-            let updated = if self.world > 1 {
-                let slot = (0..self.world)
-                    .map(|r| shard_range(&it.shape, self.world, r).len())
-                    .max()
-                    .unwrap_or(0);
-                let mut slot_buf = vec![0f32; slot];
-                slot_buf[..mine.len()].copy_from_slice(&mine);
-                let mut all = vec![0f32; slot * self.world];
-                pg.all_gather(&slot_buf, &mut all)?;
-                let mut out = Vec::with_capacity(it.shape.iter().product());
-                for r in 0..self.world {
-                    let n = shard_range(&it.shape, self.world, r).len();
-                    out.extend_from_slice(&all[r * slot..r * slot + n]);
-                }
-                out
-            } else {
-                mine
-            };
+            let updated = gather_rows(pg, &mine, &it.shape)?;
             model = model.map(&mut Put {
                 values: HashMap::from([(it.id, updated)]),
             });
@@ -327,26 +335,8 @@ impl ZeroAdamW {
         let mut out = Vec::new();
         for path in paths {
             let st = &self.state[path];
-            let numel: usize = st.shape.iter().product();
             for (key, part) in [("exp_avg", &st.exp_avg), ("exp_avg_sq", &st.exp_avg_sq)] {
-                let full = if self.world > 1 {
-                    let slot = (0..self.world)
-                        .map(|r| shard_range(&st.shape, self.world, r).len())
-                        .max()
-                        .unwrap_or(0);
-                    let mut mine = vec![0f32; slot];
-                    mine[..part.len()].copy_from_slice(part);
-                    let mut all = vec![0f32; slot * self.world];
-                    pg.all_gather(&mine, &mut all)?;
-                    let mut full = Vec::with_capacity(numel);
-                    for r in 0..self.world {
-                        let n = shard_range(&st.shape, self.world, r).len();
-                        full.extend_from_slice(&all[r * slot..r * slot + n]);
-                    }
-                    full
-                } else {
-                    part.clone()
-                };
+                let full = gather_rows(pg, part, &st.shape)?;
                 out.push((
                     format!("{path}.{key}"),
                     TensorData::new(full, st.shape.clone()),
