@@ -30,6 +30,7 @@ mod norm;
 mod params;
 mod peft_model;
 mod rope;
+mod shard;
 mod source;
 
 pub use adapter_set::{linear_sites, read_adapter_set, save_adapter_set};

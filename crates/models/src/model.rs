@@ -1,7 +1,8 @@
 //! The Llama-family causal language model, with Hugging Face parameter paths
 //! (`model.embed_tokens.weight`, `model.layers.{i}.self_attn.q_proj.weight`, ..., `lm_head.weight`).
 
-use bellows_peft::{in_dtype, InitRng, Linear, LoraPlan, Nf4Options};
+use bellows_peft::shard::{sharded_embedding, sharded_matmul_t};
+use bellows_peft::{in_dtype, InitRng, Linear, LoraPlan, Nf4Options, Sharding};
 use burn::module::{Module, Param};
 use burn::nn::Embedding;
 use burn::tensor::{backend::Backend, Bool, DType, Int, Tensor, TensorData};
@@ -78,6 +79,9 @@ pub struct Decoder<B: Backend> {
     pub layers: Vec<DecoderLayer<B>>,
     /// Final norm.
     pub norm: RmsNorm<B>,
+    /// FSDP: `embed_tokens.weight` holds only this rank's rows ([`CausalLm::shard`]).
+    #[module(skip)]
+    pub embed_sharding: Option<Sharding>,
 }
 
 /// A Llama-family causal LM (HF `LlamaForCausalLM` and relatives).
@@ -185,6 +189,7 @@ impl<B: Backend> CausalLm<B> {
                 embed_tokens,
                 layers,
                 norm: norm(src, "model.norm.weight".into())?,
+                embed_sharding: None,
             },
             lm_head,
             inv_freq: inv_freq(arch),
@@ -229,7 +234,10 @@ impl<B: Backend> CausalLm<B> {
         let [b, s] = input_ids.dims();
         let device = input_ids.device();
         let rope = RopeTables::<B>::new(&self.inv_freq, positions, b, s, &device);
-        let mut x = self.model.embed_tokens.forward(input_ids);
+        let mut x = match &self.model.embed_sharding {
+            Some(sh) => sharded_embedding(self.model.embed_tokens.weight.val(), input_ids, sh),
+            None => self.model.embed_tokens.forward(input_ids),
+        };
         // The residual stream keeps the embedding's dtype; blocks compute in `cd`.
         let (rd, cd) = (x.dtype(), compute.unwrap_or(x.dtype()));
         for (i, layer) in self.model.layers.iter().enumerate() {
@@ -259,12 +267,17 @@ impl<B: Backend> CausalLm<B> {
             Some(head) => head.forward(hidden),
             None => {
                 let [b, s, d] = hidden.dims();
-                let w = in_dtype(self.model.embed_tokens.weight.val(), hidden.dtype());
-                let v = w.dims()[0];
-                hidden
-                    .reshape([b * s, d])
-                    .matmul(w.transpose())
-                    .reshape([b, s, v])
+                let w = self.model.embed_tokens.weight.val();
+                let x = hidden.reshape([b * s, d]);
+                let (y, v) = match &self.model.embed_sharding {
+                    Some(sh) => (sharded_matmul_t(x, w, sh), sh.rows),
+                    None => {
+                        let w = in_dtype(w, x.dtype());
+                        let v = w.dims()[0];
+                        (x.matmul(w.transpose()), v)
+                    }
+                };
+                y.reshape([b, s, v])
             }
         }
     }

@@ -25,6 +25,7 @@ mod init;
 mod io;
 mod linear;
 pub mod nf4;
+pub mod shard;
 
 pub use combine::{combine_adapters, combined_config, AdapterSet, Combination, LinearSite};
 pub use config::{layer_index, LoraInit, LoraPlan, LoraSpec, Method, PeftConfig, TargetModules};
@@ -34,3 +35,4 @@ pub use init::InitRng;
 pub use io::{adapter_config_json, parse_adapter_config, read_adapter_config};
 pub use linear::{Linear, LoraAdapter};
 pub use nf4::{Nf4Data, Nf4Options, Nf4Weight, QuantConfig};
+pub use shard::{Collective, ShardGroup, Sharding};

@@ -11,6 +11,7 @@ use crate::config::{LoraInit, LoraSpec};
 use crate::dora;
 use crate::init::InitRng;
 use crate::nf4::{quantize_nf4, Nf4Data, Nf4Options, Nf4Weight};
+use crate::shard::{sharded_matmul_t, ShardGroup, Sharding};
 
 /// A LoRA adapter: `ΔW = scale · B · A` (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models").
 ///
@@ -113,6 +114,9 @@ pub struct Linear<B: Backend> {
     pub merged: bool,
     /// DoRA only: the detached row norms `‖W + s·B·A‖` used by the merge, kept to unmerge exactly.
     pub merged_norm: Vec<f32>,
+    /// FSDP: `weight` holds only this rank's rows and is gathered on use ([`Linear::shard`]).
+    #[module(skip)]
+    pub sharding: Option<Sharding>,
 }
 
 impl<B: Backend> Linear<B> {
@@ -138,6 +142,7 @@ impl<B: Backend> Linear<B> {
             lora: None,
             merged: false,
             merged_norm: Vec::new(),
+            sharding: None,
         }
     }
 
@@ -151,6 +156,7 @@ impl<B: Backend> Linear<B> {
             lora: None,
             merged: false,
             merged_norm: Vec::new(),
+            sharding: None,
         }
     }
 
@@ -183,7 +189,14 @@ impl<B: Backend> Linear<B> {
     /// weight (a constant outside the autodiff graph).
     pub fn dense_weight(&self) -> Tensor<B, 2> {
         match (&self.weight, &self.nf4) {
-            (Some(w), _) => w.val(),
+            (Some(w), _) => match &self.sharding {
+                // Gathered outside the autodiff graph (DoRA's norm and merges are detached).
+                Some(s) => {
+                    let w = w.val();
+                    s.gather(w.clone().detach(), w.dtype())
+                }
+                None => w.val(),
+            },
             (None, Some(q)) => q.dequantize(),
             (None, None) => unreachable!("a Linear has a dense or a quantized weight"),
         }
@@ -194,13 +207,49 @@ impl<B: Backend> Linear<B> {
     /// base the weight is dequantized on the fly and not kept for the backward pass.
     pub fn base_forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         match (&self.weight, &self.nf4) {
-            (Some(w), _) => {
-                let dt = x.dtype();
-                x.matmul(in_dtype(w.val(), dt).transpose())
-            }
+            (Some(w), _) => match &self.sharding {
+                Some(s) => sharded_matmul_t(x, w.val(), s),
+                None => {
+                    let dt = x.dtype();
+                    x.matmul(in_dtype(w.val(), dt).transpose())
+                }
+            },
             (None, Some(q)) => q.matmul_t(x),
             (None, None) => unreachable!("a Linear has a dense or a quantized weight"),
         }
+    }
+
+    /// FSDP: keeps only this rank's rows of the dense base weight (same parameter id, same
+    /// trainability); the forward pass gathers it ([`crate::shard`]). Bias and adapter stay whole.
+    /// A no-op for an NF4 base or an already sharded layer. Merging, quantizing and DoRA's
+    /// magnitude init expect an unsharded layer: call [`Linear::unshard`] first.
+    pub fn shard(mut self, group: &ShardGroup) -> Self {
+        if self.sharding.is_some() || self.nf4.is_some() {
+            return self;
+        }
+        if let Some(w) = self.weight.take() {
+            let grad = w.is_require_grad();
+            let full = w.val();
+            self.sharding = Some(group.sharding(full.dims()[0]));
+            let mine = group.shard(full).detach();
+            self.weight = Some(Param::initialized(w.id, mine).set_require_grad(grad));
+        }
+        self
+    }
+
+    /// Undoes [`Linear::shard`]: the whole weight again, gathered from every rank (a collective:
+    /// every rank must call it). A no-op when not sharded.
+    pub fn unshard(mut self) -> Self {
+        let Some(s) = self.sharding.take() else {
+            return self;
+        };
+        if let Some(w) = self.weight.take() {
+            let grad = w.is_require_grad();
+            let mine = w.val();
+            let full = s.gather(mine.clone().detach(), mine.dtype());
+            self.weight = Some(Param::initialized(w.id, full).set_require_grad(grad));
+        }
+        self
     }
 
     /// Attaches a fresh adapter (replacing any existing one). A DoRA adapter's magnitude starts
@@ -244,6 +293,7 @@ impl<B: Backend> Linear<B> {
     /// Output width.
     pub fn d_out(&self) -> usize {
         match (&self.weight, &self.nf4) {
+            (Some(_), _) if self.sharding.is_some() => self.sharding.as_ref().map_or(0, |s| s.rows),
             (Some(w), _) => w.dims()[0],
             (None, Some(q)) => q.d_out,
             (None, None) => unreachable!("a Linear has a dense or a quantized weight"),
