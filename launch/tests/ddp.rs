@@ -513,3 +513,86 @@ fn qlora_two_processes_match_one_process_with_the_combined_batch() {
     check(&o, "qlora launch 2");
     assert_same_adapter(&dir.path().join("two"), &one, "qlora 2 procs x 4 vs 1 x 8");
 }
+
+/// `fsdp: … rank R holds X of their Y elements` lines of a run, as (X, Y).
+fn fsdp_held(out: &Output) -> Vec<(u64, u64)> {
+    let text = String::from_utf8_lossy(&out.stderr).to_string();
+    text.lines()
+        .filter(|l| l.contains("] fsdp: "))
+        .filter_map(|l| {
+            let rest = l.split(" holds ").nth(1)?;
+            let mut w = rest.split_whitespace();
+            let held = w.next()?.parse().ok()?;
+            let full = w.nth(2)?.parse().ok()?;
+            Some((held, full))
+        })
+        .collect()
+}
+
+fn assert_same_model(a: &Path, b: &Path, what: &str) {
+    let model = |d: &Path| std::fs::read(d.join("model/model.safetensors")).expect("model");
+    let (a, b) = (model(a), model(b));
+    let (a, b) = (
+        safetensors::SafeTensors::deserialize(&a).expect("st"),
+        safetensors::SafeTensors::deserialize(&b).expect("st"),
+    );
+    assert_eq!(a.len(), b.len(), "{what}: tensor count");
+    for (name, t) in b.tensors() {
+        let u = a.tensor(&name).expect("same tensors");
+        assert_eq!(u.shape(), t.shape(), "{what}: {name} shape");
+        for (i, (p, q)) in u
+            .data()
+            .chunks_exact(4)
+            .zip(t.data().chunks_exact(4))
+            .enumerate()
+        {
+            let (p, q) = (
+                f32::from_le_bytes([p[0], p[1], p[2], p[3]]),
+                f32::from_le_bytes([q[0], q[1], q[2], q[3]]),
+            );
+            assert!(
+                (p - q).abs() <= 1e-6 + 1e-5 * q.abs(),
+                "{what}: {name}[{i}] {p} vs {q}"
+            );
+        }
+    }
+}
+
+/// Issue 9: FSDP (parameters sharded by rows, gathered per layer, gradients reduce-scattered)
+/// ends where DDP ends, with LoRA (frozen base sharded) and full fine-tuning, on 2 and 3 processes.
+#[test]
+fn fsdp_matches_ddp_and_each_rank_holds_a_shard_of_the_weights() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = job(dir.path());
+    for nproc in [2usize, 3] {
+        for (method, tag) in [("lora", "lora"), ("none", "full")] {
+            let m = format!("peft.method={method}");
+            let ddp = dir.path().join(format!("ddp-{tag}-{nproc}"));
+            check(&launch(&cfg, &ddp, nproc, &["--set", &m]), "ddp");
+            let out = dir.path().join(format!("fsdp-{tag}-{nproc}"));
+            let o = launch(
+                &cfg,
+                &out,
+                nproc,
+                &["--set", &m, "--set", "dist.strategy=fsdp"],
+            );
+            check(&o, "fsdp");
+            let what = format!("fsdp {tag} x {nproc} vs ddp");
+            if method == "lora" {
+                assert_same_adapter(&out, &ddp, &what);
+            } else {
+                assert_same_model(&out, &ddp, &what);
+            }
+            let held = fsdp_held(&o);
+            assert_eq!(held.len(), nproc, "one line per rank");
+            let total: u64 = held.iter().map(|h| h.0).sum();
+            assert_eq!(total, held[0].1, "{what}: shards add up to the weights");
+            for (mine, full) in held {
+                assert!(
+                    mine * nproc as u64 <= full + full / 8 && mine > 0,
+                    "{what}: a rank holds {mine} of {full}"
+                );
+            }
+        }
+    }
+}

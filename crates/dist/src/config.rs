@@ -26,7 +26,7 @@ pub enum Strategy {
     Zero1,
     /// ZeRO stage 2: optimizer state sharded and gradients reduce-scattered.
     Zero2,
-    /// ZeRO stage 3 / FSDP: parameters sharded too (not available yet).
+    /// ZeRO stage 3 / FSDP: parameters sharded too, gathered per layer for use.
     Fsdp,
     /// FSDP within a node, replicas across nodes (not available yet).
     Hybrid,
@@ -61,8 +61,8 @@ pub struct DistConfig {
     /// Gradient bucket size for overlapping all-reduce, in MiB. Default 25, range (0, 4096].
     #[serde(default = "default_bucket_mb")]
     pub bucket_mb: f64,
-    /// Parallelism strategy: `"ddp"` (default), `"zero1"`, `"zero2"`; `"fsdp"` and `"hybrid"`
-    /// are recognised but not available yet.
+    /// Parallelism strategy: `"ddp"` (default), `"zero1"`, `"zero2"`, `"fsdp"`; `"hybrid"` is
+    /// recognised but not available yet.
     #[serde(default)]
     pub strategy: Strategy,
 }
@@ -97,13 +97,10 @@ impl DistConfig {
                 format!("must be in (0, 4096], got {}", self.bucket_mb),
             ));
         }
-        if matches!(self.strategy, Strategy::Fsdp | Strategy::Hybrid) {
+        if self.strategy == Strategy::Hybrid {
             out.push((
                 key("strategy"),
-                format!(
-                    "{:?} (parameter sharding) is not available in this version; use \"ddp\", \"zero1\" or \"zero2\"",
-                    format!("{:?}", self.strategy).to_lowercase()
-                ),
+                "\"hybrid\" (sharding within a node, replicas across nodes) is not available in this version; use \"ddp\", \"zero1\", \"zero2\" or \"fsdp\"".to_string(),
             ));
         }
         if self.backend == BackendKind::Nccl && !cfg!(feature = "cuda") {

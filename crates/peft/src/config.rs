@@ -365,6 +365,11 @@ impl LoraPlan {
         Some(spec)
     }
 
+    /// Whether some modules are trained in full next to the adapters (`modules_to_save`).
+    pub fn has_modules_to_save(&self) -> bool {
+        !self.modules_to_save.is_empty()
+    }
+
     /// Whether the module at `path` (or the module owning the parameter at `path`, such as
     /// `lm_head.weight`) is trained in full next to the adapters (`modules_to_save`).
     pub fn is_module_to_save(&self, path: &str) -> bool {

@@ -5,6 +5,8 @@ use burn::module::AutodiffModule;
 use burn::optim::GradientsParams;
 use burn::tensor::backend::AutodiffBackend;
 
+use std::sync::Arc;
+
 use bellows_data::Shard;
 use bellows_dist::{DistConfig, DistEnv, ProcessGroup, ReduceOp};
 
@@ -14,7 +16,7 @@ use crate::Result;
 #[derive(Debug)]
 pub struct Accelerator {
     env: DistEnv,
-    pg: ProcessGroup,
+    pg: Arc<ProcessGroup>,
     bucket_bytes: usize,
 }
 
@@ -33,7 +35,7 @@ impl Accelerator {
         };
         Ok(Accelerator {
             env,
-            pg,
+            pg: Arc::new(pg),
             bucket_bytes: (cfg.bucket_mb * 1024.0 * 1024.0) as usize,
         })
     }
@@ -42,7 +44,7 @@ impl Accelerator {
     pub fn single() -> Self {
         Accelerator {
             env: DistEnv::single(),
-            pg: ProcessGroup::single(),
+            pg: Arc::new(ProcessGroup::single()),
             bucket_bytes: 25 << 20,
         }
     }
@@ -83,6 +85,12 @@ impl Accelerator {
     /// The process group, for collectives.
     pub fn process_group(&self) -> &ProcessGroup {
         &self.pg
+    }
+
+    /// The process group as a shared handle, for what must outlive a borrow (FSDP's sharded
+    /// weights carry it into their backward pass).
+    pub fn shared_group(&self) -> Arc<ProcessGroup> {
+        self.pg.clone()
     }
 
     /// Sums gradients across ranks (callers scale the loss by the global token count, so a sum

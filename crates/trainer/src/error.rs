@@ -29,6 +29,9 @@ pub enum Error {
     /// A collective or the rendezvous failed.
     #[error(transparent)]
     Dist(#[from] bellows_dist::Error),
+    /// A collective failed inside an FSDP forward or backward pass (found after the pass).
+    #[error("fsdp: a collective failed during the forward/backward pass: {0}")]
+    ShardedPass(String),
     /// The training data yielded no batch.
     #[error("data.train yielded no batch: the files contain no usable rows")]
     NoData,

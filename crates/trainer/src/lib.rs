@@ -19,6 +19,7 @@ pub mod config;
 mod device;
 mod error;
 mod eval;
+pub mod fsdp;
 pub mod gpucheck;
 pub mod grads;
 mod health;

@@ -18,6 +18,7 @@ use crate::checkpoint::{
     CheckpointCtx, OptimRef, StopSignal, TrainProgress,
 };
 use crate::config::{NonFinitePolicy, ParamDtype, Precision, RunConfig};
+use crate::fsdp::Fsdp;
 use crate::health::SpikeDetector;
 use crate::metrics::{MetricsSink, StepMetrics};
 use crate::precision::{cast_params, compute_dtype, LossScaler};
@@ -213,9 +214,13 @@ pub fn train_on<B: AutodiffBackend>(
     let (rank, world) = (acc.rank(), acc.world_size());
     let mut zero = match cfg.dist.strategy {
         bellows_dist::Strategy::Zero1 => Some(ZeroAdamW::new(hp, false, rank, world)),
-        bellows_dist::Strategy::Zero2 => Some(ZeroAdamW::new(hp, true, rank, world)),
+        bellows_dist::Strategy::Zero2 | bellows_dist::Strategy::Fsdp => {
+            Some(ZeroAdamW::new(hp, true, rank, world))
+        }
         _ => None,
     };
+    let fsdp =
+        (cfg.dist.strategy == bellows_dist::Strategy::Fsdp).then(|| Fsdp::new(acc.shared_group()));
     let spec = LoaderSpec {
         split: Split::Train,
         shard: acc.shard(),
@@ -270,6 +275,12 @@ pub fn train_on<B: AutodiffBackend>(
             )
         }
     };
+    // FSDP shards after any resume: checkpoints hold whole tensors, whatever the world size.
+    if let (Some(f), Some(z)) = (&fsdp, zero.take()) {
+        let (m, z) = f.shard(model, z);
+        (model, zero) = (m, Some(z));
+        eprintln!("{}", f.summary(&model));
+    }
     let mut loader = Prefetcher::new(loader, 4);
     let mut last_save = Instant::now();
     let mut sink = if acc.is_main() {
@@ -300,6 +311,9 @@ pub fn train_on<B: AutodiffBackend>(
             let (sum, _) = batch_loss(&model, batch, device, compute);
             loss_sum += sum.clone().into_scalar().elem::<f64>();
             let g = sum.div_scalar(denom / loss_scale).backward();
+            if let Some(f) = &fsdp {
+                f.check()?;
+            }
             accum.accumulate(&model, GradientsParams::from_grads(g, &model));
         }
         let g = accum.grads();
@@ -407,7 +421,10 @@ pub fn train_on<B: AutodiffBackend>(
                 Some(z) => OptimRef::Zero(z),
                 None => OptimRef::Burn(&optim),
             };
-            let dir = save_checkpoint(ctx, &model, optim_ref, &p)?;
+            let dir = match &fsdp {
+                Some(f) => save_checkpoint(ctx, &f.for_saving(&model, &plan)?, optim_ref, &p)?,
+                None => save_checkpoint(ctx, &model, optim_ref, &p)?,
+            };
             last_save = Instant::now();
             if nonfinite_stop {
                 progress.finish();
@@ -442,6 +459,10 @@ pub fn train_on<B: AutodiffBackend>(
         acc.barrier()?;
         return Ok(report);
     }
+    let model = match &fsdp {
+        Some(f) => f.for_saving(&model, &plan)?,
+        None => model,
+    };
     if acc.is_main() {
         save_final(&model, &arch, &plan, cfg, out)?;
         write_model_card(cfg, &report)?;

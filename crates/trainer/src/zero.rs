@@ -3,6 +3,10 @@
 //! (the last shard may be smaller) — updates that shard, and all-gathers the updated rows.
 //! Stage 2 also reduce-scatters the gradients, so a rank sums only the rows it owns.
 //!
+//! Under FSDP some parameters are already sharded ([`ZeroAdamW::with_presharded`]): the model holds
+//! only this rank's rows and their gradient arrives reduced, so the optimizer updates them in place
+//! with no collective.
+//!
 //! The AdamW arithmetic is burn 0.21's (`burn-optim` `adamw.rs`), operation for operation in f32,
 //! so a ZeRO run follows the DDP run's trajectory (tested against it across processes).
 
@@ -55,6 +59,9 @@ pub struct ZeroAdamW {
     world: usize,
     /// State by parameter path.
     pub state: HashMap<String, ShardState>,
+    /// FSDP: parameters whose value and gradient are already this rank's rows, by id, with the
+    /// full shape.
+    presharded: HashMap<ParamId, Vec<usize>>,
 }
 
 /// A trainable parameter as the optimizer sees it (host copies).
@@ -120,6 +127,7 @@ struct Collect<'a> {
     grads: &'a GradientsParams,
     pg: &'a ProcessGroup,
     stage2: bool,
+    presharded: &'a HashMap<ParamId, Vec<usize>>,
     items: Vec<Item>,
     err: Option<bellows_dist::Error>,
 }
@@ -136,14 +144,24 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Collect<'_> {
             return;
         };
         let (world, rank) = (self.pg.world_size(), self.pg.rank());
-        let shape = g.dims().to_vec();
-        let range = shard_range(&shape, world, rank);
         let host = |t: Tensor<B::InnerBackend, D>| {
             t.into_data()
                 .convert::<f32>()
                 .to_vec::<f32>()
                 .unwrap_or_default()
         };
+        if let Some(full) = self.presharded.get(&p.id) {
+            // FSDP: the gradient is this rank's rows, already summed over ranks.
+            self.items.push(Item {
+                id: p.id,
+                path: self.stack.0.join("."),
+                shape: full.clone(),
+                grad: host(g),
+            });
+            return;
+        }
+        let shape = g.dims().to_vec();
+        let range = shard_range(&shape, world, rank);
         // One parameter at a time, so at most one full gradient is on the host.
         let grad = if self.stage2 && world > 1 {
             let (slots, slot) = to_slots(&host(g), &shape, world);
@@ -195,7 +213,20 @@ impl ZeroAdamW {
             rank,
             world,
             state: HashMap::new(),
+            presharded: HashMap::new(),
         }
+    }
+
+    /// FSDP: `shapes` (parameter id → full shape) name parameters the model already holds as
+    /// this rank's rows ([`shard_range`]) with gradients reduced over ranks; they are updated in
+    /// place, without reduce-scatter or all-gather. Their state is kept and checkpointed like
+    /// every other parameter's.
+    pub fn with_presharded(
+        mut self,
+        shapes: impl IntoIterator<Item = (ParamId, Vec<usize>)>,
+    ) -> Self {
+        self.presharded.extend(shapes);
+        self
     }
 
     /// Bytes of optimizer state this rank holds.
@@ -220,6 +251,7 @@ impl ZeroAdamW {
             grads,
             pg,
             stage2: self.stage2,
+            presharded: &self.presharded,
             items: Vec::new(),
             err: None,
         };
@@ -276,9 +308,21 @@ impl ZeroAdamW {
                     exp_avg_sq: vec![0.0; range.len()],
                     step: 0,
                 });
-            let mut mine = host_rows(&model, it.id, &it.shape, self.world, self.rank);
+            let presharded = self.presharded.contains_key(&it.id);
+            let mut mine = if presharded {
+                // The parameter is the shard: all of its rows.
+                let mut local = it.shape.clone();
+                local[0] = chunk_range(it.shape[0], self.world, self.rank).len();
+                host_rows(&model, it.id, &local, 1, 0)
+            } else {
+                host_rows(&model, it.id, &it.shape, self.world, self.rank)
+            };
             adamw_rows(&self.hp, st, &mut mine, &it.grad, factor as f32, lr);
-            let updated = gather_rows(pg, &mine, &it.shape)?;
+            let updated = if presharded {
+                mine
+            } else {
+                gather_rows(pg, &mine, &it.shape)?
+            };
             model = model.map(&mut Put {
                 values: HashMap::from([(it.id, updated)]),
             });
