@@ -239,9 +239,9 @@ pub fn train_on<B: AutodiffBackend>(
             let r = load_checkpoint(ctx, &dir, model, optim)?;
             (model, optim) = (r.model, r.optim);
             if let Some(z) = zero.as_mut() {
-                // ZeRO keeps only this rank's rows; the consolidated file has them all.
-                let path = dir.join("optimizer.safetensors");
-                z.load_consolidated(&crate::checkpoint::read_tensors(&path)?)?;
+                // ZeRO keeps only this rank's rows, read from whichever files hold them.
+                let m = crate::checkpoint::Manifest::read(&dir)?;
+                z.load_from(&*crate::checkpoint::open_optimizer_state(&dir, &m)?)?;
                 optim = AdamWConfig::new().init::<B, CausalLm<B>>();
             }
             let p = r.progress;
@@ -276,7 +276,10 @@ pub fn train_on<B: AutodiffBackend>(
         }
     };
     // FSDP shards after any resume: checkpoints hold whole tensors, whatever the world size.
-    if let (Some(f), Some(z)) = (&fsdp, zero.take()) {
+    if let Some(f) = &fsdp {
+        let z = zero
+            .take()
+            .ok_or_else(|| Error::Internal("fsdp runs a ZeRO optimizer".into()))?;
         let (m, z) = f.shard(model, z);
         (model, zero) = (m, Some(z));
         eprintln!("{}", f.summary(&model));
@@ -421,10 +424,8 @@ pub fn train_on<B: AutodiffBackend>(
                 Some(z) => OptimRef::Zero(z),
                 None => OptimRef::Burn(&optim),
             };
-            let dir = match &fsdp {
-                Some(f) => save_checkpoint(ctx, &f.for_saving(&model, &plan)?, optim_ref, &p)?,
-                None => save_checkpoint(ctx, &model, optim_ref, &p)?,
-            };
+            // An FSDP model is saved sharded: each rank writes its rows.
+            let dir = save_checkpoint(ctx, &model, optim_ref, &p)?;
             last_save = Instant::now();
             if nonfinite_stop {
                 progress.finish();

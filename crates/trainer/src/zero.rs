@@ -390,53 +390,6 @@ impl ZeroAdamW {
         }
         Ok(out)
     }
-
-    /// Takes this rank's rows of consolidated state (as [`ZeroAdamW::consolidated`] writes and
-    /// the DDP optimizer saves), whatever world size wrote it.
-    ///
-    /// # Errors
-    /// A tensor is incomplete or not f32 / i64.
-    pub fn load_consolidated(&mut self, tensors: &HashMap<String, TensorData>) -> Result<()> {
-        let bad = |k: &str, m: &str| crate::Error::Internal(format!("optimizer state {k}: {m}"));
-        for (key, m1) in tensors {
-            let Some(path) = key.strip_suffix(".exp_avg") else {
-                continue;
-            };
-            let k2 = format!("{path}.exp_avg_sq");
-            let k3 = format!("{path}.step");
-            let (Some(m2), Some(step)) = (tensors.get(&k2), tensors.get(&k3)) else {
-                return Err(bad(path, "incomplete"));
-            };
-            let shape = m1.shape.to_vec();
-            let range = shard_range(&shape, self.world, self.rank);
-            let f = |d: &TensorData, k: &str| -> Result<Vec<f32>> {
-                let v = d
-                    .clone()
-                    .convert::<f32>()
-                    .to_vec::<f32>()
-                    .map_err(|e| bad(k, &format!("{e:?}")))?;
-                v.get(range.clone())
-                    .map(<[f32]>::to_vec)
-                    .ok_or_else(|| bad(k, "shorter than its shape"))
-            };
-            let step = step
-                .to_vec::<i64>()
-                .ok()
-                .and_then(|v| v.first().copied())
-                .ok_or_else(|| bad(&k3, "not an i64"))?;
-            self.state.insert(
-                path.to_string(),
-                ShardState {
-                    exp_avg: f(m1, key)?,
-                    exp_avg_sq: f(m2, &k2)?,
-                    shape,
-                    range: range.clone(),
-                    step,
-                },
-            );
-        }
-        Ok(())
-    }
 }
 
 /// burn 0.21's AdamW on one shard, in the same f32 operations and order.
@@ -473,5 +426,87 @@ fn adamw_rows(
         let delta = (m / c1) / ((v / c2).sqrt() + hp.eps);
         let decayed = if decay == 0.0 { p[i] } else { p[i] * keep };
         p[i] = decayed - delta * lr32;
+    }
+}
+
+impl ZeroAdamW {
+    /// This rank's rows of the optimizer state as checkpoint tensors, for a sharded checkpoint:
+    /// `(name, rows, global shape)` for `<path>.exp_avg` / `<path>.exp_avg_sq`, and the
+    /// `<path>.step` counts (whole) when `with_steps`.
+    pub fn own_tensors(&self, with_steps: bool) -> Vec<(String, TensorData, Vec<usize>)> {
+        let mut paths: Vec<&String> = self.state.keys().collect();
+        paths.sort();
+        let mut out = Vec::new();
+        for path in paths {
+            let st = &self.state[path];
+            let mut local = st.shape.clone();
+            if let Some(d0) = local.first_mut() {
+                *d0 = chunk_range((*d0).max(1), self.world, self.rank).len();
+            }
+            for (key, part) in [("exp_avg", &st.exp_avg), ("exp_avg_sq", &st.exp_avg_sq)] {
+                out.push((
+                    format!("{path}.{key}"),
+                    TensorData::new(part.clone(), local.clone()),
+                    st.shape.clone(),
+                ));
+            }
+            if with_steps {
+                out.push((
+                    format!("{path}.step"),
+                    TensorData::new(vec![st.step], [1]),
+                    vec![1],
+                ));
+            }
+        }
+        out
+    }
+
+    /// Takes this rank's rows of the state in `src` (a consolidated or a sharded checkpoint,
+    /// written by any world size).
+    ///
+    /// # Errors
+    /// A tensor is incomplete, unreadable or not f32 / i64.
+    pub fn load_from(&mut self, src: &dyn crate::checkpoint::TensorReader) -> Result<()> {
+        let bad = |k: &str, m: &str| crate::Error::Internal(format!("optimizer state {k}: {m}"));
+        for key in src.names() {
+            let Some(path) = key.strip_suffix(".exp_avg") else {
+                continue;
+            };
+            let (k2, k3) = (format!("{path}.exp_avg_sq"), format!("{path}.step"));
+            let (Some((shape, _)), Some(_), Some(_)) =
+                (src.meta(&key), src.meta(&k2), src.meta(&k3))
+            else {
+                return Err(bad(path, "incomplete"));
+            };
+            let rows = chunk_range(
+                shape.first().copied().unwrap_or(1).max(1),
+                self.world,
+                self.rank,
+            );
+            let f = |k: &str| -> Result<Vec<f32>> {
+                src.rows(k, rows.clone())?
+                    .convert::<f32>()
+                    .into_vec::<f32>()
+                    .map_err(|e| bad(k, &format!("{e:?}")))
+            };
+            let step = src
+                .whole(&k3)?
+                .to_vec::<i64>()
+                .ok()
+                .and_then(|v| v.first().copied())
+                .ok_or_else(|| bad(&k3, "not an i64"))?;
+            let range = shard_range(&shape, self.world, self.rank);
+            self.state.insert(
+                path.to_string(),
+                ShardState {
+                    exp_avg: f(&key)?,
+                    exp_avg_sq: f(&k2)?,
+                    shape,
+                    range,
+                    step,
+                },
+            );
+        }
+        Ok(())
     }
 }

@@ -1,9 +1,10 @@
 //! Resuming: find the checkpoint, verify it (format, world size, config hash, every file's size
 //! and SHA-256) before reading anything from it, then restore weights, optimizer and progress.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{backend::AutodiffBackend, TensorData};
 
 use bellows_models::CausalLm;
 
@@ -13,6 +14,7 @@ use super::manifest::{
 use super::params::{apply_optim, apply_params, AdamWOptim, Selection};
 use super::rotate::{checkpoints_dir, latest_checkpoint};
 use super::save::{loader_file, CheckpointCtx, TrainProgress};
+use super::sharded::{ShardedReader, TensorReader};
 use super::tensors::read_all;
 use crate::config::{Resume, RunConfig};
 use crate::{Error, Result};
@@ -144,8 +146,14 @@ pub fn load_checkpoint<B: AutodiffBackend>(
             message: format!("holds {} weights, this job trains {:?}", m.weights, sel),
         });
     }
-    let wpath = dir.join("model.safetensors");
-    let mut weights = read_all(&wpath)?;
+    let (wpath, opath) = match &m.shards {
+        Some(l) => (dir.join(&l.model_files[0]), dir.join(&l.optimizer_files[0])),
+        None => (
+            dir.join("model.safetensors"),
+            dir.join("optimizer.safetensors"),
+        ),
+    };
+    let mut weights = whole_tensors(&*open_weights(dir, &m)?)?;
     let (model, mut problems) = apply_params(model, sel, &mut weights);
     problems.extend(
         weights
@@ -153,8 +161,7 @@ pub fn load_checkpoint<B: AutodiffBackend>(
             .map(|k| format!("{k}: not a parameter of this model")),
     );
     check(&wpath, problems)?;
-    let opath = dir.join("optimizer.safetensors");
-    let mut moments = read_all(&opath)?;
+    let mut moments = whole_tensors(&*open_optimizer_state(dir, &m)?)?;
     let (optim, mut problems) = apply_optim(&model, optim, &mut moments);
     problems.extend(
         moments
@@ -208,4 +215,34 @@ fn check(file: &Path, mut problems: Vec<String>) -> Result<()> {
         file: file.to_path_buf(),
         message: format!("does not fit the model: {}", problems.join("; ")),
     })
+}
+
+/// The saved weights of a verified checkpoint, consolidated or sharded (any world size).
+///
+/// # Errors
+/// A file is unreadable or does not match the manifest's layout.
+pub fn open_weights(dir: &Path, m: &Manifest) -> Result<Box<dyn TensorReader>> {
+    Ok(match &m.shards {
+        Some(l) => Box::new(ShardedReader::open(dir, &l.model_files, l)?),
+        None => Box::new(read_all(&dir.join("model.safetensors"))?),
+    })
+}
+
+/// The saved optimizer state of a verified checkpoint, consolidated or sharded (any world size).
+///
+/// # Errors
+/// A file is unreadable or does not match the manifest's layout.
+pub fn open_optimizer_state(dir: &Path, m: &Manifest) -> Result<Box<dyn TensorReader>> {
+    Ok(match &m.shards {
+        Some(l) => Box::new(ShardedReader::open(dir, &l.optimizer_files, l)?),
+        None => Box::new(read_all(&dir.join("optimizer.safetensors"))?),
+    })
+}
+
+/// Every tensor of `src`, whole.
+fn whole_tensors(src: &dyn TensorReader) -> Result<HashMap<String, TensorData>> {
+    src.names()
+        .into_iter()
+        .map(|n| src.whole(&n).map(|d| (n, d)))
+        .collect()
 }

@@ -83,6 +83,10 @@ pub struct Manifest {
     pub dtypes: BTreeMap<String, Vec<String>>,
     /// Per rank, the file with the data loader state after the last consumed batch.
     pub loader_files: Vec<String>,
+    /// Sharded checkpoints (FSDP): how the per-rank tensor files split the tensors; absent for
+    /// consolidated ones (`model.safetensors`, `optimizer.safetensors`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shards: Option<super::sharded::ShardLayout>,
     /// Every other file of the checkpoint (relative path → size and hash).
     pub files: BTreeMap<String, FileEntry>,
 }
@@ -133,7 +137,12 @@ impl Manifest {
             .keys()
             .map(|k| ("files", k))
             .chain(m.loader_files.iter().map(|k| ("loader_files", k)))
-            .chain(m.dtypes.keys().map(|k| ("dtypes", k)));
+            .chain(m.dtypes.keys().map(|k| ("dtypes", k)))
+            .chain(
+                m.shards
+                    .iter()
+                    .flat_map(|s| s.files().map(|k| ("shards", k))),
+            );
         for (field, name) in names {
             if !is_inside(name) {
                 return Err(corrupt(format!(

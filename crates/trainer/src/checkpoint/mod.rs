@@ -27,17 +27,21 @@ mod manifest;
 mod params;
 mod rotate;
 mod save;
+mod sharded;
 mod signal;
 mod tensors;
 
 pub use card::write_model_card;
 pub use history::truncate_metrics;
-pub use load::{load_checkpoint, resolve_resume, verify_checkpoint, Restored};
+pub use load::{
+    load_checkpoint, open_optimizer_state, open_weights, resolve_resume, verify_checkpoint,
+    Restored,
+};
 pub use manifest::{
     checkpoint_config_hash, FileEntry, Manifest, FORMAT_VERSION, HASH_EXCLUDED, MANIFEST,
 };
 pub use params::AdamWOptim;
 pub use rotate::{checkpoints_dir, latest_checkpoint, list_checkpoints};
 pub use save::{save_checkpoint, CheckpointCtx, OptimRef, TrainProgress};
+pub use sharded::{ShardLayout, ShardedReader, TensorReader};
 pub use signal::StopSignal;
-pub(crate) use tensors::read_all as read_tensors;

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 
-use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param};
+use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::record::AdaptorRecord;
 use burn::optim::{AdamW, AdamWState, AdaptiveMomentumState, Optimizer};
@@ -244,4 +244,31 @@ pub(crate) fn apply_optim<B: AutodiffBackend, M: AutodiffModule<B>>(
     model.visit(&mut v);
     let problems = v.problems;
     (optim.load_record(v.rec), problems)
+}
+
+/// Every float parameter's path, by id.
+pub(crate) fn param_paths<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+) -> HashMap<ParamId, String> {
+    struct V {
+        stack: Stack,
+        out: HashMap<ParamId, String>,
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for V {
+        fn enter_module(&mut self, name: &str, _c: &str) {
+            self.stack.0.push(name.to_string());
+        }
+        fn exit_module(&mut self, _n: &str, _c: &str) {
+            self.stack.0.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+            self.out.insert(p.id, self.stack.path());
+        }
+    }
+    let mut v = V {
+        stack: Stack::default(),
+        out: HashMap::new(),
+    };
+    model.visit(&mut v);
+    v.out
 }

@@ -16,8 +16,9 @@ use super::manifest::{
     checkpoint_config_hash, sha256_hex, FileEntry, Manifest, FORMAT_VERSION, HASH_EXCLUDED,
     MANIFEST,
 };
-use super::params::{collect_optim, collect_params, AdamWOptim, Selection};
+use super::params::{collect_optim, collect_params, param_paths, AdamWOptim, Selection};
 use super::rotate::{checkpoints_dir, remove_stale_temps, rotate};
+use super::sharded::{model_file, optimizer_file, ShardLayout};
 use super::tensors::{dtype_name, serialize};
 use crate::config::RunConfig;
 use crate::{Accelerator, Error, Result};
@@ -121,6 +122,20 @@ pub fn save_checkpoint<B: AutodiffBackend>(
     let state = serde_json::to_vec_pretty(&progress.loader)
         .map_err(|e| Error::Internal(format!("loader state does not serialise: {e}")))?;
     write_synced(&tmp.join(loader_file(ctx.acc.rank())), &state).map_err(|e| unsaved(&tmp, e))?;
+    if model.is_sharded() {
+        let OptimRef::Zero(z) = optim else {
+            return Err(Error::Internal(
+                "a sharded model is trained by the sharded optimizer".into(),
+            ));
+        };
+        let layout = write_rank_files(ctx, model, z, &tmp).map_err(|e| unsaved(&tmp, e))?;
+        ctx.acc.barrier()?;
+        if ctx.acc.is_main() {
+            write_main_files(ctx, model, Contents::Sharded(layout), progress, &tmp)
+                .map_err(|e| unsaved(&tmp, e))?;
+        }
+        return finish(ctx, &root, &tmp, &dest);
+    }
     // ZeRO's shards are gathered on every rank (a collective); the DDP optimizer is read by rank 0.
     let optim_tensors = match optim {
         OptimRef::Zero(z) => z.consolidated(ctx.acc.process_group())?,
@@ -129,49 +144,124 @@ pub fn save_checkpoint<B: AutodiffBackend>(
     };
     ctx.acc.barrier()?;
     if ctx.acc.is_main() {
-        write_main_files(ctx, model, optim_tensors, progress, &tmp)
+        write_main_files(ctx, model, Contents::Whole(optim_tensors), progress, &tmp)
             .map_err(|e| unsaved(&tmp, e))?;
-        if dest.exists() {
-            std::fs::remove_dir_all(&dest).map_err(|e| Error::io(&dest, e))?;
-        }
-        std::fs::rename(&tmp, &dest).map_err(|e| Error::io(&dest, e))?;
-        sync_dir(&root)?;
-        rotate(&root, ctx.cfg.checkpoint.keep_last)?;
     }
-    ctx.acc.barrier()?;
-    Ok(dest)
+    finish(ctx, &root, &tmp, &dest)
 }
 
-/// Rank 0's part: weights, optimizer, config, export, manifest (last), all fsynced.
+/// Rank 0 renames the finished temp folder into place and rotates; every rank waits for it.
+fn finish(ctx: CheckpointCtx<'_>, root: &Path, tmp: &Path, dest: &Path) -> Result<PathBuf> {
+    if ctx.acc.is_main() {
+        if dest.exists() {
+            std::fs::remove_dir_all(dest).map_err(|e| Error::io(dest, e))?;
+        }
+        std::fs::rename(tmp, dest).map_err(|e| Error::io(dest, e))?;
+        sync_dir(root)?;
+        rotate(root, ctx.cfg.checkpoint.keep_last)?;
+    }
+    ctx.acc.barrier()?;
+    Ok(dest.to_path_buf())
+}
+
+/// What rank 0 writes besides config, export and manifest.
+enum Contents {
+    /// `model.safetensors` and `optimizer.safetensors` with whole tensors (these optimizer ones).
+    Whole(Vec<(String, burn::tensor::TensorData)>),
+    /// Every rank already wrote its `model-rank-<r>` / `optimizer-rank-<r>` files, so laid out.
+    Sharded(ShardLayout),
+}
+
+/// A sharded model's rank writes its rows: its rows of every sharded weight (rank 0 also the
+/// whole tensors) and its rows of the optimizer state. Returns the layout (the same on every
+/// rank).
+fn write_rank_files<B: AutodiffBackend>(
+    ctx: CheckpointCtx<'_>,
+    model: &CausalLm<B>,
+    zero: &crate::zero::ZeroAdamW,
+    tmp: &Path,
+) -> Result<ShardLayout> {
+    let (rank, main) = (ctx.acc.rank(), ctx.acc.is_main());
+    let paths = param_paths(model);
+    let mut split = BTreeMap::new();
+    for (id, shape) in model.sharded_shapes() {
+        if let Some(p) = paths.get(&id) {
+            split.insert(p.clone(), shape.to_vec());
+        }
+    }
+    let selected = collect_params(model, selection(ctx.plan));
+    // Frozen sharded bases are not saved with adapters: only saved tensors are laid out.
+    split.retain(|name, _| selected.iter().any(|(n, _)| n == name));
+    let weights: Vec<_> = selected
+        .into_iter()
+        .filter(|(name, _)| main || split.contains_key(name))
+        .collect();
+    let mut optim = Vec::new();
+    for (name, data, global) in zero.own_tensors(main) {
+        if name.ends_with(".exp_avg") || name.ends_with(".exp_avg_sq") {
+            split.insert(name.clone(), global);
+        }
+        optim.push((name, data));
+    }
+    for (file, tensors) in [(model_file(rank), weights), (optimizer_file(rank), optim)] {
+        let path = tmp.join(file);
+        write_synced(&path, &serialize(&path, &tensors)?)?;
+    }
+    Ok(ShardLayout::new(ctx.acc.world_size(), split))
+}
+
+/// Full fine-tuning saves every parameter; adapter training only the trainable ones.
+fn selection(plan: &LoraPlan) -> Selection {
+    if plan.uses_adapters() {
+        Selection::Trainable
+    } else {
+        Selection::All
+    }
+}
+
+/// Rank 0's part: weights and optimizer (whole), config, export, manifest (last), all fsynced.
+/// A sharded full fine-tune has no whole model to export: `bellows export` builds it.
 fn write_main_files<B: AutodiffBackend>(
     ctx: CheckpointCtx<'_>,
     model: &CausalLm<B>,
-    optim_tensors: Vec<(String, burn::tensor::TensorData)>,
+    contents: Contents,
     progress: &TrainProgress,
     tmp: &Path,
 ) -> Result<()> {
     let adapters = ctx.plan.uses_adapters();
-    let sel = if adapters {
-        Selection::Trainable
-    } else {
-        Selection::All
-    };
+    let sel = selection(ctx.plan);
     let mut dtypes = BTreeMap::new();
-    for (file, tensors) in [
-        ("model.safetensors", collect_params(model, sel)),
-        ("optimizer.safetensors", optim_tensors),
-    ] {
-        let path = tmp.join(file);
-        let mut names: Vec<String> = tensors.iter().map(|t| dtype_name(t.1.dtype)).collect();
-        names.sort();
-        names.dedup();
-        dtypes.insert(file.to_string(), names);
-        write_synced(&path, &serialize(&path, &tensors)?)?;
-    }
+    let shards = match contents {
+        Contents::Whole(optim_tensors) => {
+            for (file, tensors) in [
+                ("model.safetensors", collect_params(model, sel)),
+                ("optimizer.safetensors", optim_tensors),
+            ] {
+                let path = tmp.join(file);
+                dtypes.insert(file.to_string(), dtype_names(&tensors));
+                write_synced(&path, &serialize(&path, &tensors)?)?;
+            }
+            None
+        }
+        Contents::Sharded(layout) => {
+            let model_dtypes = dtype_names(&collect_params(model, sel));
+            for f in &layout.model_files {
+                dtypes.insert(f.clone(), model_dtypes.clone());
+            }
+            for f in &layout.optimizer_files {
+                dtypes.insert(f.clone(), vec!["f32".to_string(), "i64".to_string()]);
+            }
+            Some(layout)
+        }
+    };
     let cfg_path = tmp.join("config.toml");
     write_synced(&cfg_path, ctx.cfg.to_toml().as_bytes())?;
-    crate::recipe::save_final(model, ctx.arch, ctx.plan, ctx.cfg, tmp)?;
-    sync_dir(&tmp.join(if adapters { "adapter" } else { "model" }))?;
+    // A sharded checkpoint's export needs whole tensors: the adapter is whole unless some
+    // module is trained in full (and sharded) next to it; `bellows export` builds the rest.
+    if shards.is_none() || (adapters && !ctx.plan.has_modules_to_save()) {
+        crate::recipe::save_final(model, ctx.arch, ctx.plan, ctx.cfg, tmp)?;
+        sync_dir(&tmp.join(if adapters { "adapter" } else { "model" }))?;
+    }
     let mut files = BTreeMap::new();
     hash_tree(tmp, tmp, &mut files)?;
     let manifest = Manifest {
@@ -188,12 +278,21 @@ fn write_main_files<B: AutodiffBackend>(
         weights: if adapters { "trainable" } else { "full" }.into(),
         dtypes,
         loader_files: (0..ctx.acc.world_size()).map(loader_file).collect(),
+        shards,
         files,
     };
     let json = serde_json::to_vec_pretty(&manifest)
         .map_err(|e| Error::Internal(format!("manifest does not serialise: {e}")))?;
     write_synced(&tmp.join(MANIFEST), &json)?;
     sync_dir(tmp)
+}
+
+/// The sorted distinct dtype names of `tensors`.
+fn dtype_names(tensors: &[(String, burn::tensor::TensorData)]) -> Vec<String> {
+    let mut names: Vec<String> = tensors.iter().map(|t| dtype_name(t.1.dtype)).collect();
+    names.sort();
+    names.dedup();
+    names
 }
 
 /// Size and SHA-256 of every file under `dir` (relative to `base`, `/`-separated), except the manifest.

@@ -42,7 +42,7 @@ fn to_st(d: DType) -> Option<Dtype> {
     })
 }
 
-fn from_st(d: Dtype) -> Option<DType> {
+pub(crate) fn from_st(d: Dtype) -> Option<DType> {
     Some(match d {
         Dtype::F64 => DType::F64,
         Dtype::F32 => DType::F32,
