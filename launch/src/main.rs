@@ -12,6 +12,7 @@ mod bench_cmd;
 mod combine_cmd;
 mod env_cmd;
 mod eval_cmd;
+mod export_cmd;
 mod generate_cmd;
 mod gpu_check_cmd;
 mod launch_cmd;
@@ -55,6 +56,8 @@ enum Command {
     Launch(launch_cmd::LaunchArgs),
     /// Fold a PEFT adapter into its base model and write a plain Hugging Face folder.
     Merge(merge_cmd::MergeArgs),
+    /// Write a checkpoint (sharded or not, any number of ranks) as a Hugging Face model / PEFT adapter folder.
+    Export(export_cmd::ExportArgs),
     /// Combine PEFT adapters with weights into a new adapter (PEFT's `add_weighted_adapter`, linear).
     CombineAdapters(combine_cmd::CombineArgs),
     /// Dry run: per-rank memory and communication per step of DDP, ZeRO-1/2 and FSDP for a job, before anything is allocated.
@@ -140,6 +143,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Merge(args) => merge_cmd::run(&args),
+        Command::Export(args) => export_cmd::run(&args),
         Command::CombineAdapters(args) => combine_cmd::run(&args),
         Command::Train(job) => {
             let cfg = match load(&job) {

@@ -655,4 +655,35 @@ fn an_fsdp_checkpoint_is_sharded_per_rank_and_resumes_to_the_uninterrupted_resul
     second.extend(["--set", "checkpoint.resume=\"latest\""]);
     check(&launch(&cfg, &part, 2, &second), "fsdp resumed");
     assert_same_model(&part, &whole, "resumed fsdp vs uninterrupted");
+    // `bellows export` consolidates the sharded checkpoint into the model the run wrote.
+    let exported = dir.path().join("exported");
+    let o = bellows()
+        .arg("export")
+        .arg(whole.join("checkpoints/checkpoint-4"))
+        .arg("--out")
+        .arg(&exported)
+        .output()
+        .expect("export");
+    check(&o, "export");
+    assert_same_model(
+        &exported,
+        &whole,
+        "exported sharded checkpoint vs final model",
+    );
+    // A damaged rank file is named, not exported.
+    let damaged = whole.join("checkpoints/checkpoint-4/model-rank-1.safetensors");
+    let mut bytes = std::fs::read(&damaged).expect("rank file");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&damaged, bytes).expect("damage");
+    let o = bellows()
+        .arg("export")
+        .arg(whole.join("checkpoints/checkpoint-4"))
+        .arg("--out")
+        .arg(dir.path().join("bad"))
+        .output()
+        .expect("export");
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("model-rank-1.safetensors"), "{err}");
 }

@@ -21,6 +21,7 @@
 //! the step too. On CPU a resumed run is bitwise equal to an uninterrupted one.
 
 mod card;
+mod export;
 mod history;
 mod load;
 mod manifest;
@@ -32,6 +33,7 @@ mod signal;
 mod tensors;
 
 pub use card::write_model_card;
+pub use export::export_checkpoint;
 pub use history::truncate_metrics;
 pub use load::{
     load_checkpoint, open_optimizer_state, open_weights, resolve_resume, verify_checkpoint,
