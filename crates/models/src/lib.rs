@@ -40,9 +40,9 @@ pub use config::{Family, ModelArch, RopeScaling, SlidingWindow};
 pub use error::{Error, Result};
 pub use generate::{generate, pick_token, probabilities, GenerateOptions};
 pub use hf::{
-    load_adapter, load_pretrained, load_pretrained_quantized, load_pretrained_with,
-    load_pretrained_with_adapter, load_pretrained_with_adapter_quantized, read_arch, save_adapter,
-    save_pretrained,
+    load_adapter, load_pretrained, load_pretrained_quantized, load_pretrained_sharded,
+    load_pretrained_with, load_pretrained_with_adapter, load_pretrained_with_adapter_quantized,
+    read_arch, save_adapter, save_pretrained,
 };
 pub use loss::{causal_lm_loss_sum, count_label_tokens, LossSum, IGNORE_INDEX};
 pub use mlp::Mlp;
@@ -54,6 +54,7 @@ pub use peft_model::{
     PeftModel,
 };
 pub use rope::{inv_freq, RopeTables};
+pub use shard::{ShardedParam, ShardingSource};
 pub use source::{BaseSource, LinearShape, RandomInit};
 
 /// A tiny architecture (vocab 64, hidden 32, 2 layers, GQA 4/2) for tests and examples.

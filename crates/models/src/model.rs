@@ -2,7 +2,7 @@
 //! (`model.embed_tokens.weight`, `model.layers.{i}.self_attn.q_proj.weight`, ..., `lm_head.weight`).
 
 use bellows_peft::shard::{sharded_embedding, sharded_matmul_t};
-use bellows_peft::{in_dtype, InitRng, Linear, LoraPlan, Nf4Options, Sharding};
+use bellows_peft::{in_dtype, InitRng, Linear, LoraPlan, Nf4Options, ShardGroup, Sharding};
 use burn::module::{Module, Param};
 use burn::nn::Embedding;
 use burn::tensor::{backend::Backend, Bool, DType, Int, Tensor, TensorData};
@@ -13,6 +13,7 @@ use crate::config::ModelArch;
 use crate::mlp::Mlp;
 use crate::norm::RmsNorm;
 use crate::rope::{inv_freq, RopeTables};
+use crate::shard::ShardingSource;
 use crate::source::{BaseSource, RandomInit};
 
 /// One pre-norm decoder layer: `x + attn(norm(x))`, then `x + mlp(norm(x))`.
@@ -121,6 +122,37 @@ impl<B: Backend> CausalLm<B> {
         Self::build(arch, plan, &mut src, rng).expect("the random init cannot fail")
     }
 
+    /// A randomly initialised model as [`CausalLm::new`] / [`CausalLm::new_quantized`] draw it,
+    /// built for FSDP when `shard` is set: each sharded weight keeps only this rank's rows as
+    /// soon as it is drawn ([`crate::ShardingSource`]).
+    pub fn new_sharded(
+        arch: &ModelArch,
+        plan: &LoraPlan,
+        quantize: Option<Nf4Options>,
+        shard: Option<&ShardGroup>,
+        rng: &mut InitRng,
+        device: &B::Device,
+    ) -> Self {
+        let mut src = RandomInit {
+            std: arch.initializer_range,
+            quantize,
+            device,
+        };
+        let built = match shard {
+            Some(group) => Self::build(
+                arch,
+                plan,
+                &mut ShardingSource {
+                    inner: &mut src,
+                    group,
+                },
+                rng,
+            ),
+            None => Self::build(arch, plan, &mut src, rng),
+        };
+        built.expect("the random init cannot fail")
+    }
+
     /// [`CausalLm::new`] with every decoder linear NF4-quantized as soon as it is drawn (QLoRA on a
     /// random base); embeddings, norms, `lm_head` and `modules_to_save` stay dense. The rng stream
     /// is the same as [`CausalLm::new`]'s.
@@ -189,7 +221,7 @@ impl<B: Backend> CausalLm<B> {
                 embed_tokens,
                 layers,
                 norm: norm(src, "model.norm.weight".into())?,
-                embed_sharding: None,
+                embed_sharding: src.shard_group().map(|g| g.sharding(arch.vocab_size)),
             },
             lm_head,
             inv_freq: inv_freq(arch),

@@ -6,11 +6,68 @@
 //! rank: RMSNorm gains, biases, adapters (LoRA / DoRA) and NF4 bases; the trainer shards their
 //! optimizer state instead (ZeRO).
 
-use bellows_peft::{Linear, ShardGroup};
+use std::ops::Range;
+
+use bellows_peft::{InitRng, Linear, ShardGroup};
 use burn::module::{Param, ParamId};
-use burn::tensor::backend::Backend;
+use burn::tensor::{backend::Backend, Tensor};
 
 use crate::model::CausalLm;
+use crate::source::{BaseSource, LinearShape};
+use crate::Result;
+
+/// A [`BaseSource`] that keeps only this rank's rows of what `inner` gives for the sharded
+/// weights, one tensor at a time, so building a model for FSDP never holds the whole of it.
+/// The rng stream and every value are those of `inner`.
+pub struct ShardingSource<'a, B: Backend> {
+    /// Where the whole tensors come from.
+    pub inner: &'a mut dyn BaseSource<B>,
+    /// The ranks the weights are sharded over.
+    pub group: &'a ShardGroup,
+}
+
+impl<B: Backend> BaseSource<B> for ShardingSource<'_, B> {
+    fn linear(
+        &mut self,
+        path: &str,
+        shape: LinearShape,
+        quantizable: bool,
+        rng: &mut InitRng,
+    ) -> Result<Linear<B>> {
+        Ok(self
+            .inner
+            .linear(path, shape, quantizable, rng)?
+            .shard(self.group))
+    }
+
+    fn embedding(
+        &mut self,
+        path: &str,
+        shape: [usize; 2],
+        rng: &mut InitRng,
+    ) -> Result<Tensor<B, 2>> {
+        Ok(self.group.shard(self.inner.embedding(path, shape, rng)?))
+    }
+
+    fn norm(&mut self, path: &str, d: usize) -> Result<Tensor<B, 1>> {
+        self.inner.norm(path, d)
+    }
+
+    fn shard_group(&self) -> Option<&ShardGroup> {
+        Some(self.group)
+    }
+}
+
+/// One sharded weight of a model: its id, full shape and the rows this rank holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardedParam {
+    /// The parameter.
+    pub id: ParamId,
+    /// Its full shape.
+    pub shape: [usize; 2],
+    /// The rows of dim 0 this rank holds.
+    pub rows: Range<usize>,
+}
 
 impl<B: Backend> CausalLm<B> {
     /// Keeps only this rank's rows of every sharded weight (see the module docs); parameter ids
@@ -46,16 +103,24 @@ impl<B: Backend> CausalLm<B> {
         self.model.embed_sharding.is_some()
     }
 
-    /// Parameter id → full shape of every sharded weight (this rank holds rows of them).
-    pub fn sharded_shapes(&self) -> Vec<(ParamId, [usize; 2])> {
+    /// Every sharded weight: id, full shape and this rank's rows.
+    pub fn sharded_params(&self) -> Vec<ShardedParam> {
         let embed = self.model.embed_sharding.as_ref().map(|s| {
             let w = &self.model.embed_tokens.weight;
-            (w.id, [s.rows, w.dims()[1]])
+            ShardedParam {
+                id: w.id,
+                shape: [s.rows, w.dims()[1]],
+                rows: s.my_rows(),
+            }
         });
         let linears = self
             .linears()
             .filter_map(|l| match (&l.sharding, &l.weight) {
-                (Some(_), Some(w)) => Some((w.id, [l.d_out(), l.d_in()])),
+                (Some(s), Some(w)) => Some(ShardedParam {
+                    id: w.id,
+                    shape: [l.d_out(), l.d_in()],
+                    rows: s.my_rows(),
+                }),
                 _ => None,
             });
         embed.into_iter().chain(linears).collect()

@@ -1,7 +1,7 @@
 //! Where a new model's base parameters come from: a seeded random init, or (in [`crate::hf`])
 //! checkpoint files read tensor by tensor, so no parameter is created twice.
 
-use bellows_peft::{InitRng, Linear, Nf4Options};
+use bellows_peft::{InitRng, Linear, Nf4Options, ShardGroup};
 use burn::tensor::{backend::Backend, Tensor};
 
 use crate::Result;
@@ -44,6 +44,12 @@ pub trait BaseSource<B: Backend> {
     /// # Errors
     /// As [`BaseSource::linear`].
     fn norm(&mut self, path: &str, d: usize) -> Result<Tensor<B, 1>>;
+
+    /// FSDP: the group whose ranks each hold rows of the tensors this source gives (see
+    /// [`crate::ShardingSource`]); `None` (the default) for whole tensors.
+    fn shard_group(&self) -> Option<&ShardGroup> {
+        None
+    }
 }
 
 /// Hugging Face's random init: linears and embeddings N(0, std²), zero biases, unit norms, all

@@ -7,12 +7,11 @@ use std::sync::Arc;
 
 use bellows_dist::{ProcessGroup, ReduceOp};
 use bellows_models::CausalLm;
-use bellows_peft::shard::shard_rows;
 use bellows_peft::{Collective, LoraPlan, ShardGroup};
-use burn::tensor::backend::Backend;
+use burn::module::ParamId;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 
 use crate::error::Error;
-use crate::zero::ZeroAdamW;
 use crate::Result;
 
 /// [`Collective`] over a [`ProcessGroup`].
@@ -39,29 +38,43 @@ impl Collective for GroupCollective {
 #[derive(Debug, Clone)]
 pub struct Fsdp {
     group: ShardGroup,
+    pg: Arc<ProcessGroup>,
 }
 
 impl Fsdp {
     /// FSDP over `pg`.
     pub fn new(pg: Arc<ProcessGroup>) -> Self {
         Fsdp {
-            group: ShardGroup::new(Arc::new(GroupCollective(pg))),
+            group: ShardGroup::new(Arc::new(GroupCollective(pg.clone()))),
+            pg,
         }
     }
 
-    /// Shards `model` and returns it with the optimizer that updates its shards in place.
-    pub fn shard<B: Backend>(
-        &self,
-        model: CausalLm<B>,
-        zero: ZeroAdamW,
-    ) -> (CausalLm<B>, ZeroAdamW) {
-        let model = model.shard(&self.group);
-        let shapes = model
-            .sharded_shapes()
+    /// The group the sharded weights gather over.
+    pub fn group(&self) -> &ShardGroup {
+        &self.group
+    }
+
+    /// What [`crate::zero::ZeroAdamW::with_presharded`] needs: each sharded weight's id and
+    /// full shape.
+    pub fn presharded<B: Backend>(model: &CausalLm<B>) -> Vec<(ParamId, Vec<usize>)> {
+        model
+            .sharded_params()
             .into_iter()
-            .map(|(id, s)| (id, s.to_vec()));
-        let zero = zero.with_presharded(shapes);
-        (model, zero)
+            .map(|p| (p.id, p.shape.to_vec()))
+            .collect()
+    }
+
+    /// Broadcasts rank 0's whole (unsharded) trainable parameters, as DDP does for all of them;
+    /// sharded weights are rows of the same deterministic build on every rank.
+    ///
+    /// # Errors
+    /// A collective failed.
+    pub fn broadcast_whole<B: AutodiffBackend>(&self, model: CausalLm<B>) -> Result<CausalLm<B>> {
+        let skip = model.sharded_params().into_iter().map(|p| p.id).collect();
+        Ok(crate::grads::broadcast_params_except(
+            model, &self.pg, 0, &skip,
+        )?)
     }
 
     /// Fails with the first collective error met inside a forward or backward pass since the
@@ -100,12 +113,9 @@ impl Fsdp {
 
     /// One line: what this rank holds of the model's parameters, sharded vs whole.
     pub fn summary<B: Backend>(&self, model: &CausalLm<B>) -> String {
-        let shapes = model.sharded_shapes();
-        let full: usize = shapes.iter().map(|(_, s)| s[0] * s[1]).sum();
-        let mine: usize = shapes
-            .iter()
-            .map(|(_, s)| shard_rows(s[0], self.group.world(), self.group.rank()).len() * s[1])
-            .sum();
+        let shapes = model.sharded_params();
+        let full: usize = shapes.iter().map(|p| p.shape[0] * p.shape[1]).sum();
+        let mine: usize = shapes.iter().map(|p| p.rows.len() * p.shape[1]).sum();
         format!(
             "fsdp: {} weight matrices sharded over {} ranks; rank {} holds {mine} of their {full} elements",
             shapes.len(),

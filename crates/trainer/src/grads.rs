@@ -1,6 +1,8 @@
 //! Whole-model gradient operations burn does not provide: the global L2 norm and clipping
 //! (PyTorch's `clip_grad_norm_`), scaling, and host-staged all-reduce in buckets for DDP.
 
+use std::collections::HashSet;
+
 use burn::module::{AutodiffModule, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::{backend::AutodiffBackend, Tensor, TensorData};
@@ -157,17 +159,32 @@ pub fn broadcast_params<B: AutodiffBackend, M: AutodiffModule<B>>(
     pg: &ProcessGroup,
     root: usize,
 ) -> Result<M, bellows_dist::Error> {
+    broadcast_params_except(model, pg, root, &HashSet::new())
+}
+
+/// [`broadcast_params`] leaving the parameters in `skip` alone (FSDP's sharded weights, which
+/// differ by rank by design).
+///
+/// # Errors
+/// A collective fails.
+pub fn broadcast_params_except<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: M,
+    pg: &ProcessGroup,
+    root: usize,
+    skip: &HashSet<ParamId>,
+) -> Result<M, bellows_dist::Error> {
     if pg.world_size() == 1 {
         return Ok(model);
     }
     struct Map<'a> {
         pg: &'a ProcessGroup,
         root: usize,
+        skip: &'a HashSet<ParamId>,
         err: Option<bellows_dist::Error>,
     }
     impl<B: AutodiffBackend> burn::module::ModuleMapper<B> for Map<'_> {
         fn map_float<const D: usize>(&mut self, p: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-            if self.err.is_some() || !p.is_require_grad() {
+            if self.err.is_some() || !p.is_require_grad() || self.skip.contains(&p.id) {
                 return p;
             }
             let id = p.id;
@@ -191,6 +208,7 @@ pub fn broadcast_params<B: AutodiffBackend, M: AutodiffModule<B>>(
     let mut m = Map {
         pg,
         root,
+        skip,
         err: None,
     };
     let model = model.map(&mut m);

@@ -25,6 +25,7 @@ use crate::precision::{cast_params, compute_dtype, LossScaler};
 use crate::progress::Progress;
 use crate::zero::{AdamWParams, ZeroAdamW};
 use crate::{schedule, update, Accelerator, Error, Result};
+use bellows_peft::ShardGroup;
 
 /// What a finished run reports.
 #[derive(Debug, Clone, PartialEq)]
@@ -61,19 +62,30 @@ pub fn build_model<B: Backend>(
     plan: &LoraPlan,
     device: &B::Device,
 ) -> Result<(ModelArch, CausalLm<B>)> {
+    build_model_sharded(cfg, plan, device, None)
+}
+
+/// [`build_model`] for FSDP: with a `shard` group every rank keeps only its rows of each sharded
+/// weight as soon as it is read or drawn, so no rank holds the whole model.
+///
+/// # Errors
+/// As [`build_model`].
+pub fn build_model_sharded<B: Backend>(
+    cfg: &RunConfig,
+    plan: &LoraPlan,
+    device: &B::Device,
+    shard: Option<&ShardGroup>,
+) -> Result<(ModelArch, CausalLm<B>)> {
     let mut rng = bellows_peft::InitRng::new(cfg.run.seed);
     // QLoRA: decoder linears are NF4-quantized as they are read (or drawn).
     let quantize = cfg.peft.quant_config().map(|q| q.options());
     let (arch, model) = match (&cfg.model.path, &cfg.model.init) {
-        (Some(dir), _) => {
-            bellows_models::load_pretrained_quantized::<B>(dir, plan, quantize, &mut rng, device)?
-        }
+        (Some(dir), _) => bellows_models::load_pretrained_sharded::<B>(
+            dir, plan, quantize, shard, &mut rng, device,
+        )?,
         (None, Some(init)) => {
             let arch = init.arch();
-            let m = match quantize {
-                Some(q) => CausalLm::new_quantized(&arch, plan, q, &mut rng, device),
-                None => CausalLm::new(&arch, plan, &mut rng, device),
-            };
+            let m = CausalLm::new_sharded(&arch, plan, quantize, shard, &mut rng, device);
             (arch, m)
         }
         (None, None) => {
@@ -183,12 +195,19 @@ pub fn train_on<B: AutodiffBackend>(
             ),
         });
     }
-    let (arch, model) = build_model::<B>(cfg, &plan, device)?;
+    // FSDP: the model is built sharded, and only its whole parameters are broadcast.
+    let fsdp =
+        (cfg.dist.strategy == bellows_dist::Strategy::Fsdp).then(|| Fsdp::new(acc.shared_group()));
+    let (arch, model) =
+        build_model_sharded::<B>(cfg, &plan, device, fsdp.as_ref().map(Fsdp::group))?;
     let model = match cfg.train.param_dtype {
         ParamDtype::F32 => model,
         ParamDtype::Bf16 => cast_params(model, DType::BF16),
     };
-    let mut model = acc.broadcast_params(model)?;
+    let mut model = match &fsdp {
+        Some(f) => f.broadcast_whole(model)?,
+        None => acc.broadcast_params(model)?,
+    };
     let fp16 = cfg.train.precision == Precision::Fp16;
     let mut scaler = fp16.then(|| LossScaler::new(&cfg.train.loss_scale));
     let mut spikes = SpikeDetector::new(cfg.train.spike_factor);
@@ -214,13 +233,12 @@ pub fn train_on<B: AutodiffBackend>(
     let (rank, world) = (acc.rank(), acc.world_size());
     let mut zero = match cfg.dist.strategy {
         bellows_dist::Strategy::Zero1 => Some(ZeroAdamW::new(hp, false, rank, world)),
-        bellows_dist::Strategy::Zero2 | bellows_dist::Strategy::Fsdp => {
-            Some(ZeroAdamW::new(hp, true, rank, world))
+        bellows_dist::Strategy::Zero2 => Some(ZeroAdamW::new(hp, true, rank, world)),
+        bellows_dist::Strategy::Fsdp => {
+            Some(ZeroAdamW::new(hp, true, rank, world).with_presharded(Fsdp::presharded(&model)))
         }
         _ => None,
     };
-    let fsdp =
-        (cfg.dist.strategy == bellows_dist::Strategy::Fsdp).then(|| Fsdp::new(acc.shared_group()));
     let spec = LoaderSpec {
         split: Split::Train,
         shard: acc.shard(),
@@ -277,11 +295,6 @@ pub fn train_on<B: AutodiffBackend>(
     };
     // FSDP shards after any resume: checkpoints hold whole tensors, whatever the world size.
     if let Some(f) = &fsdp {
-        let z = zero
-            .take()
-            .ok_or_else(|| Error::Internal("fsdp runs a ZeRO optimizer".into()))?;
-        let (m, z) = f.shard(model, z);
-        (model, zero) = (m, Some(z));
         eprintln!("{}", f.summary(&model));
     }
     let mut loader = Prefetcher::new(loader, 4);

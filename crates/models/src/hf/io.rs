@@ -11,8 +11,8 @@ use super::source::CheckpointSource;
 use super::weights::WeightFiles;
 use crate::config::ModelArch;
 use crate::params::is_adapter_path;
-use crate::{CausalLm, Error, Result};
-use bellows_peft::{InitRng, LoraPlan, Nf4Options, PeftConfig};
+use crate::{CausalLm, Error, Result, ShardingSource};
+use bellows_peft::{InitRng, LoraPlan, Nf4Options, PeftConfig, ShardGroup};
 
 /// Reads and parses `<dir>/config.json`.
 ///
@@ -59,6 +59,23 @@ pub fn load_pretrained_quantized<B: Backend>(
     rng: &mut InitRng,
     device: &B::Device,
 ) -> Result<(ModelArch, CausalLm<B>)> {
+    load_pretrained_sharded(dir, plan, quantize, None, rng, device)
+}
+
+/// [`load_pretrained_quantized`] for FSDP: with a `shard` group, each sharded weight
+/// ([`crate::ShardingSource`]) keeps only this rank's rows as soon as it is read, so no rank ever
+/// holds the whole model.
+///
+/// # Errors
+/// As [`load_pretrained_with`].
+pub fn load_pretrained_sharded<B: Backend>(
+    dir: &Path,
+    plan: &LoraPlan,
+    quantize: Option<Nf4Options>,
+    shard: Option<&ShardGroup>,
+    rng: &mut InitRng,
+    device: &B::Device,
+) -> Result<(ModelArch, CausalLm<B>)> {
     let arch = read_arch(dir)?;
     let files = WeightFiles::open(dir)?;
     let mut src = CheckpointSource {
@@ -66,7 +83,16 @@ pub fn load_pretrained_quantized<B: Backend>(
         quantize,
         device,
     };
-    let model = CausalLm::build(&arch, plan, &mut src, rng)?;
+    let model = match shard {
+        Some(group) => {
+            let mut sharded = ShardingSource {
+                inner: &mut src,
+                group,
+            };
+            CausalLm::build(&arch, plan, &mut sharded, rng)?
+        }
+        None => CausalLm::build(&arch, plan, &mut src, rng)?,
+    };
     Ok((arch, model))
 }
 

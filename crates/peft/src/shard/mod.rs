@@ -118,10 +118,15 @@ impl ShardGroup {
         self.error.lock().map(|mut e| e.take()).unwrap_or(None)
     }
 
-    /// This rank's rows of `full` (a narrow view, copied on the device).
+    /// This rank's rows of `full`, copied into a tensor of their own (so `full` can be freed),
+    /// detached from any graph.
     pub fn shard<B: Backend, const D: usize>(&self, full: Tensor<B, D>) -> Tensor<B, D> {
         let r = shard_rows(full.dims()[0], self.world(), self.rank());
-        full.narrow(0, r.start, r.len())
+        let (device, dtype) = (full.device(), full.dtype());
+        Tensor::from_data(
+            full.narrow(0, r.start, r.len()).into_data(),
+            (&device, dtype),
+        )
     }
 }
 

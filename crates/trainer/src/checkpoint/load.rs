@@ -11,7 +11,7 @@ use bellows_models::CausalLm;
 use super::manifest::{
     checkpoint_config_hash, config_diff, hashed_config, sha256_hex, Manifest, FORMAT_VERSION,
 };
-use super::params::{apply_optim, apply_params, AdamWOptim, Selection};
+use super::params::{apply_optim, apply_params, param_paths, AdamWOptim, Selection};
 use super::rotate::{checkpoints_dir, latest_checkpoint};
 use super::save::{loader_file, CheckpointCtx, TrainProgress};
 use super::sharded::{ShardedReader, TensorReader};
@@ -153,7 +153,23 @@ pub fn load_checkpoint<B: AutodiffBackend>(
             dir.join("optimizer.safetensors"),
         ),
     };
-    let mut weights = whole_tensors(&*open_weights(dir, &m)?)?;
+    // FSDP: a sharded weight takes only this rank's rows, whatever world size wrote them.
+    let paths = param_paths(&model);
+    let rows: HashMap<String, std::ops::Range<usize>> = model
+        .sharded_params()
+        .into_iter()
+        .filter_map(|p| Some((paths.get(&p.id)?.clone(), p.rows)))
+        .collect();
+    let reader = open_weights(dir, &m)?;
+    let mut weights = HashMap::new();
+    for name in reader.names() {
+        let data = match rows.get(&name) {
+            Some(r) => reader.rows(&name, r.clone())?,
+            None => reader.whole(&name)?,
+        };
+        weights.insert(name, data);
+    }
+    let sharded = model.is_sharded();
     let (model, mut problems) = apply_params(model, sel, &mut weights);
     problems.extend(
         weights
@@ -161,7 +177,12 @@ pub fn load_checkpoint<B: AutodiffBackend>(
             .map(|k| format!("{k}: not a parameter of this model")),
     );
     check(&wpath, problems)?;
-    let mut moments = whole_tensors(&*open_optimizer_state(dir, &m)?)?;
+    // A sharded model's optimizer (ZeRO) reads its own rows: see `ZeroAdamW::load_from`.
+    let mut moments = if sharded {
+        HashMap::new()
+    } else {
+        whole_tensors(&*open_optimizer_state(dir, &m)?)?
+    };
     let (optim, mut problems) = apply_optim(&model, optim, &mut moments);
     problems.extend(
         moments

@@ -184,9 +184,9 @@ fn write_rank_files<B: AutodiffBackend>(
     let (rank, main) = (ctx.acc.rank(), ctx.acc.is_main());
     let paths = param_paths(model);
     let mut split = BTreeMap::new();
-    for (id, shape) in model.sharded_shapes() {
-        if let Some(p) = paths.get(&id) {
-            split.insert(p.clone(), shape.to_vec());
+    for p in model.sharded_params() {
+        if let Some(path) = paths.get(&p.id) {
+            split.insert(path.clone(), p.shape.to_vec());
         }
     }
     let selected = collect_params(model, selection(ctx.plan));
