@@ -34,9 +34,9 @@ impl Threads {
     }
 
     fn exchange(&self, buf: &[f32]) -> Vec<Vec<f32>> {
-        self.posted.lock().unwrap()[self.rank] = buf.to_vec();
+        self.posted.lock().expect("lock")[self.rank] = buf.to_vec();
         self.barrier.wait();
-        let all = self.posted.lock().unwrap().clone();
+        let all = self.posted.lock().expect("lock").clone();
         self.barrier.wait();
         all
     }
@@ -67,7 +67,10 @@ impl Collective for Threads {
 }
 
 fn values<const D: usize>(t: Tensor<Flex, D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().into_vec::<f32>().unwrap()
+    t.into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .expect("f32")
 }
 
 fn close(a: &[f32], b: &[f32], what: &str) {
@@ -102,7 +105,7 @@ fn dense_reference(
         let y = xa.matmul(wa.clone().transpose());
         ys.push(values(y.clone().inner()));
         let g = y.powi_scalar(2).sum().backward();
-        for (acc, v) in gw.iter_mut().zip(values(wa.grad(&g).unwrap())) {
+        for (acc, v) in gw.iter_mut().zip(values(wa.grad(&g).expect("gradient"))) {
             *acc += v;
         }
     }
@@ -136,14 +139,14 @@ fn sharded_matmul_forward_and_reduced_gradient_match_the_dense_product() {
                     (
                         sh.my_rows(),
                         values(y.inner()),
-                        values(shard.grad(&g).unwrap()),
+                        values(shard.grad(&g).expect("gradient")),
                         x.grad(&g).is_some(),
                     )
                 })
             })
             .collect();
         for (rank, h) in handles.into_iter().enumerate() {
-            let (rows, y, g, has_dx) = h.join().unwrap();
+            let (rows, y, g, has_dx) = h.join().expect("rank thread");
             close(&y, &ys[rank], &format!("world {world} rank {rank} y"));
             close(
                 &g,
@@ -171,7 +174,7 @@ fn sharded_embedding_matches_the_dense_lookup_and_gradient() {
         let y = burn::tensor::module::embedding(wa.clone(), i);
         ys.push(values(y.clone().inner()));
         let g = y.powi_scalar(2).sum().mul_scalar((r + 1) as f32).backward();
-        for (acc, v) in gw.iter_mut().zip(values(wa.grad(&g).unwrap())) {
+        for (acc, v) in gw.iter_mut().zip(values(wa.grad(&g).expect("gradient"))) {
             *acc += v;
         }
     }
@@ -199,13 +202,13 @@ fn sharded_embedding_matches_the_dense_lookup_and_gradient() {
                 (
                     sh.my_rows(),
                     values(y.inner()),
-                    values(shard.grad(&g).unwrap()),
+                    values(shard.grad(&g).expect("gradient")),
                 )
             })
         })
         .collect();
     for (rank, h) in handles.into_iter().enumerate() {
-        let (rows, y, g) = h.join().unwrap();
+        let (rows, y, g) = h.join().expect("rank thread");
         close(&y, &ys[rank], &format!("rank {rank} lookup"));
         close(
             &g,
@@ -217,7 +220,7 @@ fn sharded_embedding_matches_the_dense_lookup_and_gradient() {
 
 #[test]
 fn a_frozen_shard_gets_no_gradient_but_the_input_does() {
-    let group = ShardGroup::new(Arc::new(Threads::group(1).pop().unwrap()));
+    let group = ShardGroup::new(Arc::new(Threads::group(1).pop().expect("one rank")));
     let dev = Default::default();
     let w = Tensor::<Ad, 2>::random([3, 2], Distribution::Normal(0.0, 1.0), &dev);
     let sh = group.sharding(3);
@@ -225,7 +228,7 @@ fn a_frozen_shard_gets_no_gradient_but_the_input_does() {
     let y = sharded_matmul_t(x.clone(), w.clone(), &sh);
     let g = y.sum().backward();
     assert!(w.grad(&g).is_none());
-    let dx = values(x.grad(&g).unwrap());
+    let dx = values(x.grad(&g).expect("gradient"));
     let colsum: Vec<f32> = {
         let wv = values(w.inner());
         (0..2)

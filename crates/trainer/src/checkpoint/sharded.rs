@@ -133,7 +133,7 @@ impl MappedFile {
     fn rows(&self, name: &str, rows: Range<usize>) -> Result<TensorData> {
         let (dtype, shape, bytes) = self.index.get(name).ok_or_else(|| missing(name))?;
         let n = shape.first().copied().unwrap_or(1);
-        let row_bytes = if n == 0 { 0 } else { bytes.len() / n };
+        let row_bytes = bytes.len().checked_div(n).unwrap_or(0);
         if rows.end > n.max(1) || rows.start > rows.end {
             return Err(Error::CheckpointCorrupt {
                 file: self.path.clone(),
@@ -275,7 +275,7 @@ impl TensorReader for HashMap<String, TensorData> {
             )));
         }
         let bytes = d.as_bytes();
-        let row_bytes = if n == 0 { 0 } else { bytes.len() / n };
+        let row_bytes = bytes.len().checked_div(n).unwrap_or(0);
         let mut shape = d.shape.to_vec();
         if let Some(d0) = shape.first_mut() {
             *d0 = rows.len();
