@@ -65,6 +65,14 @@ pub struct DistConfig {
     /// recognised but not available yet.
     #[serde(default)]
     pub strategy: Strategy,
+    /// FSDP: gather the next layer's weights (and in the backward pass the previous layer's) on
+    /// a communication thread while the current layer computes. Default true.
+    #[serde(default = "default_prefetch")]
+    pub prefetch: bool,
+}
+
+fn default_prefetch() -> bool {
+    true
 }
 
 impl Default for DistConfig {
@@ -74,6 +82,7 @@ impl Default for DistConfig {
             timeout_secs: default_timeout_secs(),
             bucket_mb: default_bucket_mb(),
             strategy: Strategy::default(),
+            prefetch: default_prefetch(),
         }
     }
 }

@@ -273,6 +273,13 @@ impl<B: Backend> CausalLm<B> {
         // The residual stream keeps the embedding's dtype; blocks compute in `cd`.
         let (rd, cd) = (x.dtype(), compute.unwrap_or(x.dtype()));
         for (i, layer) in self.model.layers.iter().enumerate() {
+            // FSDP with prefetching: this layer's gathers (unless already running), then the
+            // next layer's (or the head's), run while this layer computes.
+            layer.prefetch();
+            match self.model.layers.get(i + 1) {
+                Some(next) => next.prefetch(),
+                None => self.prefetch_head(),
+            }
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             let h = layer.self_attn.forward(
                 in_dtype(layer.input_layernorm.forward(x.clone()), cd),

@@ -12,7 +12,7 @@ use bellows_peft::{InitRng, Linear, ShardGroup};
 use burn::module::{Param, ParamId};
 use burn::tensor::{backend::Backend, Tensor};
 
-use crate::model::CausalLm;
+use crate::model::{CausalLm, DecoderLayer};
 use crate::source::{BaseSource, LinearShape};
 use crate::Result;
 
@@ -98,6 +98,15 @@ impl<B: Backend> CausalLm<B> {
         m
     }
 
+    /// FSDP: starts gathering the output head's weight (the embeddings when tied).
+    pub(crate) fn prefetch_head(&self) {
+        match (&self.lm_head, &self.model.embed_sharding) {
+            (Some(head), _) => head.prefetch(),
+            (None, Some(s)) => s.prefetch(self.model.embed_tokens.weight.val()),
+            (None, None) => {}
+        }
+    }
+
     /// Whether the model is sharded ([`CausalLm::shard`]).
     pub fn is_sharded(&self) -> bool {
         self.model.embed_sharding.is_some()
@@ -124,5 +133,14 @@ impl<B: Backend> CausalLm<B> {
                 _ => None,
             });
         embed.into_iter().chain(linears).collect()
+    }
+}
+
+impl<B: Backend> DecoderLayer<B> {
+    /// FSDP: starts gathering this layer's sharded weights, in the order the layer uses them.
+    pub fn prefetch(&self) {
+        for l in self.linears() {
+            l.prefetch();
+        }
     }
 }

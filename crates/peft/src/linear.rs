@@ -237,6 +237,14 @@ impl<B: Backend> Linear<B> {
         self
     }
 
+    /// FSDP: starts gathering the sharded base weight ahead of its use ([`Sharding::prefetch`]);
+    /// a no-op for an unsharded layer or a group without prefetching.
+    pub fn prefetch(&self) {
+        if let (Some(s), Some(w)) = (&self.sharding, &self.weight) {
+            s.prefetch(w.val());
+        }
+    }
+
     /// Undoes [`Linear::shard`]: the whole weight again, gathered from every rank (a collective:
     /// every rank must call it). A no-op when not sharded.
     pub fn unshard(mut self) -> Self {

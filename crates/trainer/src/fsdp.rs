@@ -42,12 +42,21 @@ pub struct Fsdp {
 }
 
 impl Fsdp {
-    /// FSDP over `pg`.
-    pub fn new(pg: Arc<ProcessGroup>) -> Self {
-        Fsdp {
-            group: ShardGroup::new(Arc::new(GroupCollective(pg.clone()))),
-            pg,
-        }
+    /// FSDP over `pg`; with `prefetch`, collectives run on a communication thread that gathers
+    /// the next layer while the current one computes.
+    ///
+    /// # Errors
+    /// The communication thread cannot be started.
+    pub fn new(pg: Arc<ProcessGroup>, prefetch: bool) -> Result<Self> {
+        let comm: Arc<dyn Collective> = Arc::new(GroupCollective(pg.clone()));
+        let group = if prefetch {
+            ShardGroup::with_prefetch(comm).map_err(|e| {
+                Error::Internal(format!("fsdp: cannot start the communication thread: {e}"))
+            })?
+        } else {
+            ShardGroup::new(comm)
+        };
+        Ok(Fsdp { group, pg })
     }
 
     /// The group the sharded weights gather over.
@@ -84,7 +93,7 @@ impl Fsdp {
     /// [`Error::ShardedPass`] naming the collective and rank.
     pub fn check(&self) -> Result<()> {
         self.group
-            .take_error()
+            .settle()
             .map_or(Ok(()), |m| Err(Error::ShardedPass(m)))
     }
 }

@@ -196,8 +196,10 @@ pub fn train_on<B: AutodiffBackend>(
         });
     }
     // FSDP: the model is built sharded, and only its whole parameters are broadcast.
-    let fsdp =
-        (cfg.dist.strategy == bellows_dist::Strategy::Fsdp).then(|| Fsdp::new(acc.shared_group()));
+    let fsdp = match cfg.dist.strategy {
+        bellows_dist::Strategy::Fsdp => Some(Fsdp::new(acc.shared_group(), cfg.dist.prefetch)?),
+        _ => None,
+    };
     let (arch, model) =
         build_model_sharded::<B>(cfg, &plan, device, fsdp.as_ref().map(Fsdp::group))?;
     let model = match cfg.train.param_dtype {

@@ -64,6 +64,9 @@ fn embedding_autodiff<I: Backend, C: CheckpointStrategy>(
         .stateful()
     {
         OpsKind::Tracked(prep) => {
+            sharding.remember(Tensor::<I, 2>::from_primitive(TensorPrimitive::Float(
+                wp.primitive.clone(),
+            )));
             prep.finish((ids_inner.into_primitive(), d, dtype, sharding.clone()), y)
         }
         OpsKind::UnTracked(prep) => prep.finish(y),

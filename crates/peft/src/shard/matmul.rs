@@ -30,7 +30,7 @@ impl<I: Backend> Backward<I, 2> for ShardedMatmulBackward {
         let dy = Tensor::<I, 2>::from_primitive(TensorPrimitive::Float(grad));
         let shard = Tensor::<I, 2>::from_primitive(TensorPrimitive::Float(shard));
         let shard_dtype = shard.dtype();
-        let w = sharding.gather(shard, dy.dtype());
+        let w = sharding.gather_for_backward(shard, dy.dtype());
         if let Some(px) = px {
             let dx = dy.clone().matmul(w);
             grads.register::<I>(px.id, dx.into_primitive().tensor());
@@ -67,10 +67,18 @@ fn matmul_autodiff<I: Backend, C: CheckpointStrategy>(
         .compute_bound()
         .stateful()
     {
-        OpsKind::Tracked(prep) => prep.finish((xp.primitive, wp.primitive, sharding.clone()), y),
+        OpsKind::Tracked(prep) => {
+            sharding.remember(w_shard_for_trail::<I>(&wp.primitive));
+            prep.finish((xp.primitive, wp.primitive, sharding.clone()), y)
+        }
         OpsKind::UnTracked(prep) => prep.finish(y),
     };
     Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+/// The shard as a tensor, for [`Sharding::remember`] (a handle to the same data).
+fn w_shard_for_trail<I: Backend>(w: &I::FloatTensorPrimitive) -> Tensor<I, 2> {
+    Tensor::from_primitive(TensorPrimitive::Float(w.clone()))
 }
 
 type Pair<B> = (Tensor<B, 2>, Tensor<B, 2>);

@@ -7,15 +7,26 @@
 //! The collectives come from the caller through [`Collective`] (this crate depends on no other
 //! bellows crate); `bellows-trainer` implements it over its process group. A collective that
 //! fails inside a forward or backward pass cannot return an error there: the failure is kept in
-//! the [`Sharding`] (read it with [`Sharding::take_error`] after each pass), the values are
-//! zeros, and the process group is broken, so every later collective fails too.
+//! the group (read it with [`ShardGroup::settle`] after each pass), the values are zeros, and
+//! the process group is broken, so every later collective fails too.
+//!
+//! Prefetching ([`ShardGroup::with_prefetch`]): collectives run on one communication thread in
+//! the order they are started, so the forward pass can start the next layer's gathers
+//! ([`Sharding::prefetch`]) and the backward pass the previous layer's while the current layer
+//! computes — PyTorch FSDP's forward and backward prefetch.
 
+mod comm;
 mod embedding;
 mod matmul;
 
+use std::collections::HashMap;
 use std::fmt;
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
+
+use comm::{CommThread, Job, Reply};
 
 use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
 
@@ -50,20 +61,71 @@ pub fn shard_rows(rows: usize, world: usize, rank: usize) -> Range<usize> {
     start.min(rows)..(start + size).min(rows)
 }
 
-/// How one weight is sharded: the collectives, its full row count and the error slot.
+/// What every sharded weight of one model shares: the collectives, the error slot and, with
+/// prefetching, the communication thread, the gathers it is running ahead of use, and the
+/// forward order of the weights (for prefetching in the backward pass).
+struct Shared {
+    comm: Arc<dyn Collective>,
+    error: Mutex<Option<String>>,
+    thread: Option<CommThread>,
+    pending: Mutex<HashMap<u64, Receiver<Reply>>>,
+    trail: Mutex<Vec<TrailEntry>>,
+    next_key: AtomicU64,
+}
+
+/// A weight used in the forward pass, remembered so its gather can be started early in backward.
+struct TrailEntry {
+    key: u64,
+    rows: usize,
+    cols: usize,
+    host: Option<Box<dyn FnOnce() -> Vec<f32> + Send>>,
+}
+
+impl Shared {
+    fn fail(&self, e: String) {
+        if let Ok(mut slot) = self.error.lock() {
+            slot.get_or_insert(e);
+        }
+    }
+
+    /// Runs `job` (on the communication thread when there is one, after everything queued).
+    fn start(&self, job: Job) -> Ticket {
+        match &self.thread {
+            Some(t) => Ticket::Queued(t.submit(job)),
+            None => Ticket::Done(comm::run(&*self.comm, job)),
+        }
+    }
+}
+
+/// A started collective.
+enum Ticket {
+    Done(Reply),
+    Queued(Receiver<Reply>),
+}
+
+impl Ticket {
+    fn wait(self) -> Reply {
+        match self {
+            Ticket::Done(r) => r,
+            Ticket::Queued(rx) => comm::wait(rx),
+        }
+    }
+}
+
+/// How one weight is sharded: its group, full row count and identity within the group.
 #[derive(Clone)]
 pub struct Sharding {
-    comm: Arc<dyn Collective>,
+    shared: Arc<Shared>,
     /// Rows of the full weight (dim 0).
     pub rows: usize,
-    error: Arc<Mutex<Option<String>>>,
+    key: u64,
 }
 
 impl fmt::Debug for Sharding {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Sharding")
-            .field("rank", &self.comm.rank())
-            .field("world", &self.comm.world())
+            .field("rank", &self.shared.comm.rank())
+            .field("world", &self.shared.comm.world())
             .field("rows", &self.rows)
             .finish()
     }
@@ -72,50 +134,96 @@ impl fmt::Debug for Sharding {
 /// The collectives and error slot shared by every weight of one model.
 #[derive(Clone)]
 pub struct ShardGroup {
-    comm: Arc<dyn Collective>,
-    error: Arc<Mutex<Option<String>>>,
+    shared: Arc<Shared>,
 }
 
 impl fmt::Debug for ShardGroup {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ShardGroup")
-            .field("rank", &self.comm.rank())
-            .field("world", &self.comm.world())
+            .field("rank", &self.rank())
+            .field("world", &self.world())
+            .field("prefetch", &self.shared.thread.is_some())
             .finish()
     }
 }
 
 impl ShardGroup {
-    /// A group over `comm`.
+    /// A group over `comm`; every gather runs when its weight is used.
     pub fn new(comm: Arc<dyn Collective>) -> Self {
+        Self::build(comm, None)
+    }
+
+    /// A group over `comm` whose collectives run on a communication thread, so the gathers of
+    /// the next layer ([`Sharding::prefetch`], and in the backward pass the previous layer) run
+    /// while the current one computes.
+    ///
+    /// # Errors
+    /// The thread cannot be started.
+    pub fn with_prefetch(comm: Arc<dyn Collective>) -> std::io::Result<Self> {
+        let thread = CommThread::start(comm.clone())?;
+        Ok(Self::build(comm, Some(thread)))
+    }
+
+    fn build(comm: Arc<dyn Collective>, thread: Option<CommThread>) -> Self {
         ShardGroup {
-            comm,
-            error: Arc::new(Mutex::new(None)),
+            shared: Arc::new(Shared {
+                comm,
+                error: Mutex::new(None),
+                thread,
+                pending: Mutex::new(HashMap::new()),
+                trail: Mutex::new(Vec::new()),
+                next_key: AtomicU64::new(0),
+            }),
         }
     }
 
     /// This rank.
     pub fn rank(&self) -> usize {
-        self.comm.rank()
+        self.shared.comm.rank()
     }
 
     /// Number of ranks.
     pub fn world(&self) -> usize {
-        self.comm.world()
+        self.shared.comm.world()
     }
 
-    /// The sharding of a weight with `rows` rows in this group.
+    /// The sharding of a (new) weight with `rows` rows in this group.
     pub fn sharding(&self, rows: usize) -> Sharding {
         Sharding {
-            comm: self.comm.clone(),
+            shared: self.shared.clone(),
             rows,
-            error: self.error.clone(),
+            key: self.shared.next_key.fetch_add(1, Ordering::Relaxed),
         }
     }
 
-    /// The first collective failure since the last call, if any (see the module docs).
-    pub fn take_error(&self) -> Option<String> {
-        self.error.lock().map(|mut e| e.take()).unwrap_or(None)
+    /// Waits for every queued collective, forgets prefetched gathers and the forward order, and
+    /// returns the first collective failure since the last call, if any (see the module docs).
+    /// Call it after each backward pass, before any other collective of the process group.
+    pub fn settle(&self) -> Option<String> {
+        if self.shared.thread.is_some() {
+            if let Err(e) = self.shared.start(Job::Fence).wait() {
+                self.shared.fail(e);
+            }
+            let pending: Vec<_> = self
+                .shared
+                .pending
+                .lock()
+                .map(|mut p| p.drain().map(|(_, t)| t).collect())
+                .unwrap_or_default();
+            for t in pending {
+                if let Err(e) = comm::wait(t) {
+                    self.shared.fail(e);
+                }
+            }
+            if let Ok(mut t) = self.shared.trail.lock() {
+                t.clear();
+            }
+        }
+        self.shared
+            .error
+            .lock()
+            .map(|mut e| e.take())
+            .unwrap_or(None)
     }
 
     /// This rank's rows of `full`, copied into a tensor of their own (so `full` can be freed),
@@ -133,18 +241,114 @@ impl ShardGroup {
 impl Sharding {
     /// This rank's rows.
     pub fn my_rows(&self) -> Range<usize> {
-        shard_rows(self.rows, self.comm.world(), self.comm.rank())
-    }
-
-    /// The largest rank's rows: the slot size of the equal-chunk collectives, in rows.
-    fn slot_rows(&self) -> usize {
-        shard_rows(self.rows, self.comm.world(), 0).len()
+        shard_rows(self.rows, self.shared.comm.world(), self.shared.comm.rank())
     }
 
     pub(crate) fn fail(&self, e: String) {
-        if let Ok(mut slot) = self.error.lock() {
-            slot.get_or_insert(e);
+        self.shared.fail(e);
+    }
+
+    fn pending(&self) -> Option<Receiver<Reply>> {
+        self.shared.pending.lock().ok()?.remove(&self.key)
+    }
+
+    /// Starts gathering this weight from this rank's `shard` ahead of its use, when the group
+    /// prefetches (a no-op otherwise, or when already started). Every rank must call it alike.
+    pub fn prefetch<B: Backend, const D: usize>(&self, shard: Tensor<B, D>) {
+        let Some(thread) = &self.shared.thread else {
+            return;
+        };
+        let Ok(mut pending) = self.shared.pending.lock() else {
+            return;
+        };
+        if pending.contains_key(&self.key) {
+            return;
         }
+        let dims = shard.dims();
+        let cols: usize = dims[1..].iter().product();
+        let job = Job::Gather {
+            mine: to_host(shard),
+            rows: self.rows,
+            cols,
+        };
+        pending.insert(self.key, thread.submit(job));
+    }
+
+    /// Remembers this weight's use in the forward pass (with its `shard`), so the backward pass
+    /// can start its gather early ([`Sharding::prefetch_previous`]). A no-op without prefetching.
+    pub(crate) fn remember<B: Backend, const D: usize>(&self, shard: Tensor<B, D>) {
+        if self.shared.thread.is_none() {
+            return;
+        }
+        let dims = shard.dims();
+        let cols: usize = dims[1..].iter().product();
+        if let Ok(mut trail) = self.shared.trail.lock() {
+            trail.push(TrailEntry {
+                key: self.key,
+                rows: self.rows,
+                cols,
+                host: Some(Box::new(move || to_host(shard))),
+            });
+        }
+    }
+
+    /// In the backward pass: starts gathering the weight used just before this one in the
+    /// forward pass (the next one the backward pass needs). A no-op without prefetching.
+    pub(crate) fn prefetch_previous(&self) {
+        let Some(thread) = &self.shared.thread else {
+            return;
+        };
+        let entry = self.shared.trail.lock().ok().and_then(|mut trail| {
+            let at = trail.iter().rposition(|e| e.key == self.key)?;
+            trail.truncate(at + 1);
+            trail.pop();
+            let prev = trail.last_mut()?;
+            Some((prev.key, prev.rows, prev.cols, prev.host.take()?))
+        });
+        let Some((key, rows, cols, host)) = entry else {
+            return;
+        };
+        if let Ok(mut pending) = self.shared.pending.lock() {
+            if !pending.contains_key(&key) {
+                let job = Job::Gather {
+                    mine: host(),
+                    rows,
+                    cols,
+                };
+                pending.insert(key, thread.submit(job));
+            }
+        }
+    }
+
+    /// Starts the gather of this weight (or takes the prefetched one).
+    fn begin_gather<B: Backend, const D: usize>(&self, shard: &Tensor<B, D>) -> Ticket {
+        if let Some(t) = self.pending() {
+            return Ticket::Queued(t);
+        }
+        let dims = shard.dims();
+        let cols: usize = dims[1..].iter().product();
+        self.shared.start(Job::Gather {
+            mine: to_host(shard.clone()),
+            rows: self.rows,
+            cols,
+        })
+    }
+
+    /// The whole weight from a started gather, as a tensor like `shard` with all rows.
+    fn end_gather<B: Backend, const D: usize>(
+        &self,
+        ticket: Ticket,
+        mut dims: [usize; D],
+        device: &B::Device,
+        dtype: DType,
+    ) -> Tensor<B, D> {
+        dims[0] = self.rows;
+        let n: usize = dims.iter().product();
+        let values = ticket.wait().unwrap_or_else(|e| {
+            self.fail(e);
+            vec![0.0; n]
+        });
+        Tensor::from_data(TensorData::new(values, dims), (device, dtype))
     }
 
     /// The full weight `[rows, ..]` from this rank's `shard`, in `dtype` (every rank must call it).
@@ -153,30 +357,20 @@ impl Sharding {
         shard: Tensor<B, D>,
         dtype: DType,
     ) -> Tensor<B, D> {
-        let device = shard.device();
-        let mut dims = shard.dims();
-        let cols: usize = dims[1..].iter().product();
-        let world = self.comm.world();
-        dims[0] = self.rows;
-        let mine = to_host(shard);
-        let full = if world == 1 {
-            mine
-        } else {
-            let slot = self.slot_rows() * cols;
-            let mut padded = mine;
-            padded.resize(slot, 0.0);
-            let mut all = vec![0f32; slot * world];
-            if let Err(e) = self.comm.all_gather(&padded, &mut all) {
-                self.fail(e);
-            }
-            let mut out = Vec::with_capacity(self.rows * cols);
-            for r in 0..world {
-                let n = shard_rows(self.rows, world, r).len() * cols;
-                out.extend_from_slice(&all[r * slot..r * slot + n]);
-            }
-            out
-        };
-        Tensor::from_data(TensorData::new(full, dims), (&device, dtype))
+        let ticket = self.begin_gather(&shard);
+        self.end_gather(ticket, shard.dims(), &shard.device(), dtype)
+    }
+
+    /// In the backward pass: the full weight, with the previous weight's gather started while
+    /// this one's completes.
+    pub(crate) fn gather_for_backward<B: Backend, const D: usize>(
+        &self,
+        shard: Tensor<B, D>,
+        dtype: DType,
+    ) -> Tensor<B, D> {
+        let ticket = self.begin_gather(&shard);
+        self.prefetch_previous();
+        self.end_gather(ticket, shard.dims(), &shard.device(), dtype)
     }
 
     /// This rank's rows of `Σ_ranks full` for a full-size gradient `full`, in `dtype`.
@@ -188,27 +382,17 @@ impl Sharding {
         let device = full.device();
         let mut dims = full.dims();
         let cols: usize = dims[1..].iter().product();
-        let world = self.comm.world();
-        let rows = self.my_rows();
-        dims[0] = rows.len();
-        let values = to_host(full);
-        let mine = if world == 1 {
-            values
-        } else {
-            let slot = self.slot_rows() * cols;
-            let mut slots = vec![0f32; slot * world];
-            for r in 0..world {
-                let range = shard_rows(self.rows, world, r);
-                slots[r * slot..r * slot + range.len() * cols]
-                    .copy_from_slice(&values[range.start * cols..range.end * cols]);
-            }
-            let mut mine = vec![0f32; slot];
-            if let Err(e) = self.comm.reduce_scatter_sum(&slots, &mut mine) {
-                self.fail(e);
-            }
-            mine.truncate(rows.len() * cols);
-            mine
+        dims[0] = self.my_rows().len();
+        let job = Job::ReduceScatter {
+            full: to_host(full),
+            rows: self.rows,
+            cols,
         };
+        let n: usize = dims.iter().product();
+        let mine = self.shared.start(job).wait().unwrap_or_else(|e| {
+            self.fail(e);
+            vec![0.0; n]
+        });
         Tensor::from_data(TensorData::new(mine, dims), (&device, dtype))
     }
 }

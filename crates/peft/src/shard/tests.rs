@@ -135,7 +135,7 @@ fn sharded_matmul_forward_and_reduced_gradient_match_the_dense_product() {
                     let x = Tensor::<Ad, 2>::from_data(x, &dev).require_grad();
                     let y = sharded_matmul_t(x.clone(), shard.clone(), &sh);
                     let g = y.clone().powi_scalar(2).sum().backward();
-                    assert!(group.take_error().is_none());
+                    assert!(group.settle().is_none());
                     (
                         sh.my_rows(),
                         values(y.inner()),
