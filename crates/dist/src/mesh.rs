@@ -113,7 +113,7 @@ fn check_grid(table: &[[usize; 3]], members: &[usize]) -> Option<String> {
             members[r], table[r][2], members[0]
         ));
     }
-    if world % local != 0 {
+    if !world.is_multiple_of(local) {
         return Some(format!(
             "world size {world} is not a multiple of local_world_size {local}"
         ));
@@ -157,13 +157,25 @@ mod tests {
     #[test]
     fn bad_layouts_name_the_global_rank_at_fault() {
         let uneven = grid(&[[0, 0, 2], [0, 1, 2], [1, 0, 1]]).expect("uneven nodes");
-        assert!(uneven.contains("rank 12 reports local_world_size 1 but rank 10 reports 2"), "{uneven}");
+        assert!(
+            uneven.contains("rank 12 reports local_world_size 1 but rank 10 reports 2"),
+            "{uneven}"
+        );
         let indivisible = grid(&[[0, 0, 2], [0, 1, 2], [1, 0, 2]]).expect("3 % 2");
-        assert!(indivisible.contains("world size 3 is not a multiple of local_world_size 2"), "{indivisible}");
+        assert!(
+            indivisible.contains("world size 3 is not a multiple of local_world_size 2"),
+            "{indivisible}"
+        );
         let twice = grid(&[[0, 0, 2], [0, 0, 2], [1, 0, 2], [1, 1, 2]]).expect("same slot");
-        assert!(twice.contains("ranks 10 and 11 both claim node 0, slot 0"), "{twice}");
+        assert!(
+            twice.contains("ranks 10 and 11 both claim node 0, slot 0"),
+            "{twice}"
+        );
         let outside = grid(&[[0, 0, 2], [0, 1, 2], [2, 0, 2], [1, 1, 2]]).expect("node 2 of 2");
-        assert!(outside.contains("rank 12 is on node 2, slot 0"), "{outside}");
+        assert!(
+            outside.contains("rank 12 is on node 2, slot 0"),
+            "{outside}"
+        );
         let zero = grid(&[[0, 0, 0], [0, 1, 0]]).expect("zero");
         assert!(zero.contains("local_world_size 0"), "{zero}");
     }

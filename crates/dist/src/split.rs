@@ -121,7 +121,9 @@ impl ProcessGroup {
             Backend::Nccl(c) => {
                 Backend::Nccl(c.split(&mut store, &prefix, rank, &members, rdv.timeout)?)
             }
-            Backend::Single => unreachable!("a group with a rendezvous scope has two or more ranks"),
+            Backend::Single => {
+                unreachable!("a group with a rendezvous scope has two or more ranks")
+            }
         };
         Ok(ProcessGroup {
             rank,
