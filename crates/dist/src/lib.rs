@@ -26,6 +26,8 @@
 //! * When a rank *hangs* (alive but silent), the ranks next to it name it; in worlds above 3 ranks further
 //!   away may name the neighbour that timed out instead of the hung rank.
 //! * After a failed collective the group is broken for good: make a new one (e.g. restart via `launch`).
+//! * Sub-groups have their own connections: a failure in one breaks only that group. Errors from any
+//!   group name global ranks.
 //! * Under torchrun the store listens on `MASTER_PORT + 1`, because torchrun's own store holds `MASTER_PORT`.
 //! * The NCCL backend stages host buffers through the GPU; it is compile-checked here (no GPU on CI).
 #![warn(missing_docs)]
