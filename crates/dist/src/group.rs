@@ -1,12 +1,13 @@
 //! [`ProcessGroup`]: identity plus collectives, behind one backend enum.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::comm::{chunk_range, connect_ring, Element, ReduceOp, Ring, RingSpec};
 use crate::config::{BackendKind, DistConfig};
 use crate::env::DistEnv;
 use crate::error::{Error, Result};
+use crate::split::{Rendezvous, Scope};
 use crate::store::{StoreClient, StoreServer};
 
 /// The store token used when the launcher did not provide one (`BELLOWS_JOB_TOKEN`).
@@ -14,7 +15,7 @@ const DEFAULT_TOKEN: &str = "bellows";
 /// How much longer than rank 0 the other ranks wait for rank 0's rendezvous verdict.
 const VERDICT_SLACK: Duration = Duration::from_secs(5);
 
-enum Backend {
+pub(crate) enum Backend {
     Single,
     Ring(Mutex<Ring>),
     #[cfg(feature = "cuda")]
@@ -22,6 +23,10 @@ enum Backend {
 }
 
 /// A process group: this process's rank and world size, and collectives over all ranks.
+///
+/// [`ProcessGroup::init`] makes the group of the whole job; [`ProcessGroup::split`] and
+/// [`crate::HybridMesh`] make sub-groups of it, whose ranks are renumbered `0..world_size()`
+/// ([`ProcessGroup::members`] maps them back). Errors always name *global* ranks (the job's `RANK`).
 ///
 /// Every rank must call the same collectives in the same order with the same lengths and element type;
 /// a mismatch is detected and reported as [`Error::Mismatch`]. Collectives from several threads are
@@ -37,11 +42,14 @@ enum Backend {
 /// assert_eq!(grads, [1.0, 2.0]);
 /// ```
 pub struct ProcessGroup {
-    rank: usize,
-    world: usize,
-    backend: Backend,
-    /// Rank 0 hosts the rendezvous store unless the launcher does; it lives as long as the group.
-    _store: Option<StoreServer>,
+    pub(crate) rank: usize,
+    pub(crate) world: usize,
+    pub(crate) backend: Backend,
+    /// The global rank of each group rank (`0..world` for the job's group).
+    pub(crate) members: Arc<[usize]>,
+    /// Where sub-groups meet; `None` for groups of one, whose sub-groups are groups of one.
+    /// Declared after `backend` so that the store (which rank 0 may host) outlives the connections.
+    pub(crate) scope: Option<Scope>,
 }
 
 impl std::fmt::Debug for ProcessGroup {
@@ -49,6 +57,7 @@ impl std::fmt::Debug for ProcessGroup {
         f.debug_struct("ProcessGroup")
             .field("rank", &self.rank)
             .field("world", &self.world)
+            .field("members", &self.members)
             .field("backend", &self.backend_name())
             .finish()
     }
@@ -65,11 +74,17 @@ fn bracket(host: &str) -> String {
 impl ProcessGroup {
     /// A group of one: rank 0 of 1, every collective is the identity.
     pub fn single() -> Self {
+        Self::single_member(0)
+    }
+
+    /// A group of one whose only member has global rank `global`.
+    pub(crate) fn single_member(global: usize) -> Self {
         ProcessGroup {
             rank: 0,
             world: 1,
             backend: Backend::Single,
-            _store: None,
+            members: Arc::from([global]),
+            scope: None,
         }
     }
 
@@ -84,7 +99,8 @@ impl ProcessGroup {
             rank: 0,
             world: 1,
             backend: nccl_solo_backend(device, timeout)?,
-            _store: None,
+            members: Arc::from([0]),
+            scope: None,
         })
     }
 
@@ -115,17 +131,25 @@ impl ProcessGroup {
         } else {
             None
         };
-        let mut store = StoreClient::connect(&addr, token, timeout)?;
+        let rendezvous = Rendezvous {
+            addr,
+            token: token.to_string(),
+            job_hash: job_hash.to_string(),
+            timeout,
+            _server: server,
+        };
+        let mut store = rendezvous.connect()?;
         // The n-th group created by each rank shares the prefix pg<n>, so groups and reruns against one store do not collide.
         let generation = store.add(&format!("pg/count/{}", env.rank), 1)?;
         let prefix = format!("pg{generation}");
         check_job_hash(&mut store, &prefix, env, job_hash, timeout)?;
+        let members: Arc<[usize]> = (0..env.world_size).collect();
         let backend = match kind {
             BackendKind::Nccl => nccl_backend(&mut store, &prefix, env, timeout)?,
             _ => {
                 let spec = RingSpec {
                     rank: env.rank,
-                    world: env.world_size,
+                    members: &members,
                     job_hash,
                     timeout,
                     prefix: &prefix,
@@ -137,7 +161,8 @@ impl ProcessGroup {
             rank: env.rank,
             world: env.world_size,
             backend,
-            _store: server,
+            members,
+            scope: Some(Scope::new(Arc::new(rendezvous), prefix)),
         })
     }
 
@@ -149,6 +174,12 @@ impl ProcessGroup {
     /// The number of ranks.
     pub fn world_size(&self) -> usize {
         self.world
+    }
+
+    /// The global rank (the job's `RANK`) of every member, indexed by group rank: `members()[rank()]`
+    /// is this process. `0..world_size()` for the job's group; see [`ProcessGroup::split`].
+    pub fn members(&self) -> &[usize] {
+        &self.members
     }
 
     /// `"single"`, `"cpu"` or `"nccl"`.
@@ -288,16 +319,17 @@ impl ProcessGroup {
         Ok(())
     }
 
-    fn invalid(&self, op: &'static str, message: String) -> Error {
+    /// An [`Error::InvalidArgument`] naming this process by its global rank.
+    pub(crate) fn invalid(&self, op: &'static str, message: String) -> Error {
         Error::InvalidArgument {
             op,
-            rank: self.rank,
+            rank: self.members[self.rank],
             message,
         }
     }
 }
 
-fn lock(m: &Mutex<Ring>) -> std::sync::MutexGuard<'_, Ring> {
+pub(crate) fn lock(m: &Mutex<Ring>) -> std::sync::MutexGuard<'_, Ring> {
     // A panic inside a collective leaves the ring marked broken or mid-call; the next call reports it.
     m.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -3,7 +3,9 @@
 //! [`DistEnv`] reads rank and world size from whichever launcher started us (bellows, torchrun, Slurm,
 //! Kubeflow, OpenMPI) in exactly one place. [`ProcessGroup::init`] meets the other ranks through a small
 //! TCP key-value [`store`] and connects a backend: a deterministic TCP ring on host memory (always), or
-//! NCCL (feature `cuda`). [`launch`] is the library behind `bellows launch`.
+//! NCCL (feature `cuda`). [`ProcessGroup::split`] makes sub-groups and [`HybridMesh`] the two groups
+//! of hybrid sharding (shard inside a node, replicate across nodes). [`launch`] is the library behind
+//! `bellows launch`.
 //!
 //! This crate depends on no other bellows crate; burn appears only in the host-staged tensor helpers.
 //!
@@ -24,6 +26,8 @@
 //! * When a rank *hangs* (alive but silent), the ranks next to it name it; in worlds above 3 ranks further
 //!   away may name the neighbour that timed out instead of the hung rank.
 //! * After a failed collective the group is broken for good: make a new one (e.g. restart via `launch`).
+//! * Sub-groups have their own connections: a failure in one breaks only that group. Errors from any
+//!   group name global ranks.
 //! * Under torchrun the store listens on `MASTER_PORT + 1`, because torchrun's own store holds `MASTER_PORT`.
 //! * The NCCL backend stages host buffers through the GPU; it is compile-checked here (no GPU on CI).
 #![warn(missing_docs)]
@@ -35,8 +39,10 @@ mod error;
 mod group;
 pub mod launch;
 mod local;
+mod mesh;
 #[cfg(feature = "cuda")]
 pub mod nccl;
+mod split;
 pub mod store;
 mod tensor;
 
@@ -46,6 +52,7 @@ pub use env::{DistEnv, EnvSource};
 pub use error::{Error, Result};
 pub use group::ProcessGroup;
 pub use local::run_local;
+pub use mesh::{HybridMesh, NodePlacement};
 pub use tensor::{all_reduce_tensor, broadcast_tensor};
 
 #[cfg(test)]
@@ -55,6 +62,7 @@ mod tests {
     fn public_handles_are_send_and_sync() {
         fn assert_send_sync<T: Send + Sync>() {}
         assert_send_sync::<crate::ProcessGroup>();
+        assert_send_sync::<crate::HybridMesh>();
         assert_send_sync::<crate::store::StoreServer>();
         assert_send_sync::<crate::DistEnv>();
         assert_send_sync::<crate::DistConfig>();

@@ -170,6 +170,7 @@ unsafe impl Send for SendComm {}
 
 /// A process group's NCCL communicator.
 pub(crate) struct NcclComm {
+    /// This process's global rank (for errors; NCCL itself knows the group rank).
     rank: usize,
     timeout: Duration,
     stream: Arc<CudaStream>,
@@ -185,7 +186,7 @@ fn nccl_err(op: &'static str, rank: usize, e: impl std::fmt::Debug) -> Error {
 }
 
 impl NcclComm {
-    /// Rank 0 creates the unique id and shares it through the store; every rank then joins on GPU `local_rank`.
+    /// Every rank joins the job's communicator on GPU `local_rank` (see [`Self::join`]).
     pub(crate) fn init(
         store: &mut StoreClient,
         prefix: &str,
@@ -196,23 +197,61 @@ impl NcclComm {
         let ctx = std::panic::catch_unwind(|| CudaContext::new(env.local_rank))
             .map_err(|_| nccl_err("init", rank, "creating the CUDA context panicked"))?
             .map_err(|e| nccl_err("init", rank, e))?;
-        let stream = ctx.default_stream();
+        let members: Vec<usize> = (0..env.world_size).collect();
+        Self::join(ctx.default_stream(), store, prefix, rank, &members, timeout)
+    }
+
+    /// A communicator for a sub-group (see [`crate::ProcessGroup::split`]) on this communicator's GPU
+    /// and stream: `rank` is this process's place in `members` (the sub-group's global ranks).
+    ///
+    /// A fresh `ncclCommInitRank` from a unique id in the store, not `ncclCommSplit`: cudarc 0.19
+    /// binds `ncclCommSplit` only in its raw `sys` layer and does not expose the safe `Comm`'s handle.
+    pub(crate) fn split(
+        &self,
+        store: &mut StoreClient,
+        prefix: &str,
+        rank: usize,
+        members: &[usize],
+        timeout: Duration,
+    ) -> Result<Self> {
+        Self::join(self.stream.clone(), store, prefix, rank, members, timeout)
+    }
+
+    /// Group rank 0 creates the unique id and shares it through the store under `prefix`; every member
+    /// then joins. `members[r]` is the global rank of group rank `r`, which errors name.
+    fn join(
+        stream: Arc<CudaStream>,
+        store: &mut StoreClient,
+        prefix: &str,
+        rank: usize,
+        members: &[usize],
+        timeout: Duration,
+    ) -> Result<Self> {
+        let me = members[rank];
         let key = format!("{prefix}/nccl_id");
         let id = if rank == 0 {
-            let id = Id::new().map_err(|e| nccl_err("get_unique_id", rank, e))?;
+            let id = Id::new().map_err(|e| nccl_err("get_unique_id", me, e))?;
             let bytes: Vec<u8> = id.internal().iter().map(|&c| c as u8).collect();
             store.set(&key, &bytes)?;
             id
         } else {
-            let bytes = store.get(&key, timeout)?;
+            let bytes = store.get(&key, timeout).map_err(|e| match e {
+                Error::StoreTimeout { secs, .. } => Error::Timeout {
+                    op: "init",
+                    rank: me,
+                    peer: members[0],
+                    secs,
+                },
+                e => e,
+            })?;
             let internal: [std::ffi::c_char; 128] =
                 std::array::from_fn(|i| bytes.get(i).copied().unwrap_or(0) as std::ffi::c_char);
             Id::uninit(internal)
         };
-        let comm = Comm::from_rank(stream.clone(), rank, env.world_size, id)
-            .map_err(|e| nccl_err("comm_init_rank", rank, e))?;
+        let comm = Comm::from_rank(stream.clone(), rank, members.len(), id)
+            .map_err(|e| nccl_err("comm_init_rank", me, e))?;
         Ok(NcclComm {
-            rank,
+            rank: me,
             timeout,
             stream,
             comm: Mutex::new(Some(SendComm(comm))),

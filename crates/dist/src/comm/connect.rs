@@ -1,6 +1,8 @@
 //! Building the ring: every rank listens, publishes its address in the store, connects to `rank + 1`
 //! and accepts `rank - 1`. Both ends exchange a hello with the rank and job hash; anything else that
 //! connects to the listener is dropped.
+//!
+//! Hellos carry ring positions; errors name global ranks (`RingSpec::members`).
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -16,8 +18,10 @@ const MAX_HASH: usize = 1024;
 
 /// Everything needed to join a ring.
 pub(crate) struct RingSpec<'a> {
+    /// This process's position in the ring, `0..members.len()`.
     pub rank: usize,
-    pub world: usize,
+    /// The global rank at each ring position (`0..world` for a whole job); at least two.
+    pub members: &'a [usize],
     pub job_hash: &'a str,
     pub timeout: Duration,
     /// Store key prefix for this group's addresses.
@@ -29,7 +33,18 @@ fn io_err(what: &'static str, addr: impl ToString) -> impl FnOnce(std::io::Error
     move |source| Error::Io { what, addr, source }
 }
 
-/// Connects this rank into the ring; `world >= 2`.
+impl RingSpec<'_> {
+    fn world(&self) -> usize {
+        self.members.len()
+    }
+
+    /// The global rank at ring position `pos`.
+    fn global(&self, pos: usize) -> usize {
+        self.members[pos]
+    }
+}
+
+/// Connects this rank into the ring; `spec.members.len() >= 2`.
 pub(crate) fn connect_ring(store: &mut StoreClient, spec: &RingSpec) -> Result<Ring> {
     let deadline = Instant::now() + spec.timeout;
     let ip = store.local_ip().unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
@@ -42,15 +57,16 @@ pub(crate) fn connect_ring(store: &mut StoreClient, spec: &RingSpec) -> Result<R
         local.to_string().as_bytes(),
     )?;
 
-    let next = (spec.rank + 1) % spec.world;
-    let prev = (spec.rank + spec.world - 1) % spec.world;
+    let next = (spec.rank + 1) % spec.world();
+    let prev = (spec.rank + spec.world() - 1) % spec.world();
+    let (me, next_global) = (spec.global(spec.rank), spec.global(next));
     let next_addr = store
         .get(&format!("{}/addr/{next}", spec.prefix), spec.timeout)
         .map_err(|e| match e {
             Error::StoreTimeout { secs, .. } => Error::Timeout {
                 op: "init",
-                rank: spec.rank,
-                peer: next,
+                rank: me,
+                peer: next_global,
                 secs,
             },
             e => e,
@@ -60,9 +76,9 @@ pub(crate) fn connect_ring(store: &mut StoreClient, spec: &RingSpec) -> Result<R
             .parse()
             .map_err(|_| Error::Store {
                 addr: store.addr().to_string(),
-                message: format!("rank {next} published an invalid ring address"),
+                message: format!("rank {next_global} published an invalid ring address"),
             })?;
-    let mut out = connect_with_retry(next_addr, deadline, spec.rank, next)?;
+    let mut out = connect_with_retry(next_addr, deadline, me, next_global)?;
     let mut hello = MAGIC.to_vec();
     hello.extend_from_slice(&(spec.rank as u32).to_le_bytes());
     hello.extend_from_slice(&(spec.job_hash.len() as u32).to_le_bytes());
@@ -71,13 +87,19 @@ pub(crate) fn connect_ring(store: &mut StoreClient, spec: &RingSpec) -> Result<R
         .map_err(io_err("configure ring connection to", next_addr))?;
     out.write_all(&hello).map_err(|e| Error::Peer {
         op: "init",
-        rank: spec.rank,
-        peer: next,
+        rank: me,
+        peer: next_global,
         message: format!("sending hello to {next_addr} failed: {e}"),
     })?;
 
     let inbound = accept_prev(&listener, spec, prev, deadline)?;
-    Ok(Ring::new(spec.rank, spec.world, spec.timeout, out, inbound))
+    Ok(Ring::new(
+        spec.rank,
+        spec.members.to_vec(),
+        spec.timeout,
+        out,
+        inbound,
+    ))
 }
 
 fn connect_with_retry(
@@ -102,7 +124,7 @@ fn connect_with_retry(
     }
 }
 
-/// Accepts connections until one presents a valid hello from `prev`; strangers are dropped.
+/// Accepts connections until one presents a valid hello from ring position `prev`; strangers are dropped.
 fn accept_prev(
     listener: &TcpListener,
     spec: &RingSpec,
@@ -122,8 +144,8 @@ fn accept_prev(
                     }
                     Some((rank, hash)) if rank == prev => {
                         return Err(Error::JobHashMismatch {
-                            rank: spec.rank,
-                            peer: prev,
+                            rank: spec.global(spec.rank),
+                            peer: spec.global(prev),
                             ours: spec.job_hash.into(),
                             theirs: hash,
                         })
@@ -135,8 +157,8 @@ fn accept_prev(
                 if Instant::now() >= deadline {
                     return Err(Error::Timeout {
                         op: "init",
-                        rank: spec.rank,
-                        peer: prev,
+                        rank: spec.global(spec.rank),
+                        peer: spec.global(prev),
                         secs: spec.timeout.as_secs_f64(),
                     });
                 }
@@ -145,8 +167,8 @@ fn accept_prev(
             Err(e) => {
                 return Err(Error::Peer {
                     op: "init",
-                    rank: spec.rank,
-                    peer: prev,
+                    rank: spec.global(spec.rank),
+                    peer: spec.global(prev),
                     message: format!("accept failed: {e}"),
                 })
             }

@@ -10,6 +10,7 @@ use std::ops::Range;
 pub(crate) use connect::{connect_ring, RingSpec};
 pub use element::{DeviceElement, Element, ReduceOp};
 pub(crate) use ring::Ring;
+pub(crate) use wire::Op;
 
 /// The chunk of a `len`-element buffer that rank `rank` of `world` owns in reduce-scatter.
 ///

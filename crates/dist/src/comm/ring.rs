@@ -5,6 +5,9 @@
 //! buffer. Chunks are cut into segments of [`SEGMENT_BYTES`] that are forwarded as soon as they are
 //! reduced, so the steps pipeline.
 //!
+//! Ranks here are positions in the ring (group ranks); errors and abort messages name the *global*
+//! ranks of [`Ring::members`], so a sub-group's failure points at the process a user can find.
+//!
 //! Determinism: chunk `c` (see [`chunk_range`]) is reduced exactly once, along the ring starting at rank
 //! `c + 1`: `((x[c+1] + x[c+2]) + ...) + x[c]`, then copied to every rank. Every rank therefore ends with
 //! the same bits, and a rerun with the same inputs gives the same bits.
@@ -24,9 +27,11 @@ pub(crate) const SEGMENT_BYTES: usize = 256 << 10;
 
 /// A connected ring of `world >= 2` ranks.
 pub(crate) struct Ring {
-    pub rank: usize,
-    pub world: usize,
-    pub timeout: Duration,
+    rank: usize,
+    world: usize,
+    timeout: Duration,
+    /// The global rank of each ring position, for error messages.
+    members: Vec<usize>,
     next: TcpStream,
     prev: TcpStream,
     seq: u64,
@@ -46,9 +51,10 @@ fn segments<T: Element>(range: Range<usize>) -> impl Iterator<Item = Range<usize
 }
 
 impl Ring {
+    /// `members[i]` is the global rank at ring position `i`; `members.len()` is the ring's size.
     pub(crate) fn new(
         rank: usize,
-        world: usize,
+        members: Vec<usize>,
         timeout: Duration,
         next: TcpStream,
         prev: TcpStream,
@@ -57,8 +63,9 @@ impl Ring {
         let _ = prev.set_nodelay(true);
         Ring {
             rank,
-            world,
+            world: members.len(),
             timeout,
+            members,
             next,
             prev,
             seq: 0,
@@ -67,12 +74,18 @@ impl Ring {
         }
     }
 
-    fn next_rank(&self) -> usize {
-        (self.rank + 1) % self.world
+    /// The global rank of the next ring position.
+    fn next_global(&self) -> usize {
+        self.members[(self.rank + 1) % self.world]
     }
 
-    fn prev_rank(&self) -> usize {
-        (self.rank + self.world - 1) % self.world
+    /// The global rank of the previous ring position.
+    fn prev_global(&self) -> usize {
+        self.members[(self.rank + self.world - 1) % self.world]
+    }
+
+    fn global(&self) -> usize {
+        self.members[self.rank]
     }
 
     /// Runs one collective: `body` queues sends and performs receives; on failure the ring aborts
@@ -86,7 +99,7 @@ impl Ring {
     ) -> Result<R> {
         if let Some(first) = &self.broken {
             return Err(Error::Broken {
-                rank: self.rank,
+                rank: self.global(),
                 first: first.clone(),
             });
         }
@@ -96,9 +109,9 @@ impl Ring {
             dtype,
             seq: self.seq,
             total: total as u64,
-            rank: self.rank,
-            prev: self.prev_rank(),
-            next: self.next_rank(),
+            rank: self.global(),
+            prev: self.prev_global(),
+            next: self.next_global(),
             deadline: Instant::now() + self.timeout,
             timeout: self.timeout,
         };
@@ -122,7 +135,7 @@ impl Ring {
             (Ok(_), SendEnd::Failed) => {
                 Err(lock(&send_error).take().unwrap_or_else(|| Error::Peer {
                     op: op.name(),
-                    rank: self.rank,
+                    rank: call.rank,
                     peer: call.next,
                     message: "send failed".into(),
                 }))
@@ -138,7 +151,7 @@ impl Ring {
             send_abort(
                 &call,
                 &self.next,
-                &format!("rank {} failed: {text}", self.rank),
+                &format!("rank {} failed: {text}", call.rank),
             );
         }
         let _ = self.next.shutdown(Shutdown::Both);
@@ -174,9 +187,20 @@ impl Ring {
 
     /// All-gather of equal-length blocks: `out[i * len..(i + 1) * len]` is rank `i`'s `local`.
     pub(crate) fn all_gather<T: Element>(&mut self, local: &[T], out: &mut [T]) -> Result<()> {
+        self.all_gather_as(Op::AllGather, local, out)
+    }
+
+    /// [`Self::all_gather`] under another op id, so that a peer calling a different collective is
+    /// reported as a mismatch naming the op this rank is in (e.g. `split`).
+    pub(crate) fn all_gather_as<T: Element>(
+        &mut self,
+        op: Op,
+        local: &[T],
+        out: &mut [T],
+    ) -> Result<()> {
         let (r, w, len) = (self.rank, self.world, local.len());
         out[r * len..(r + 1) * len].copy_from_slice(local);
-        self.exchange(Op::AllGather, T::DTYPE, len, |io| {
+        self.exchange(op, T::DTYPE, len, |io| {
             all_gather_phase(io, out, r, w, |c| c * len..(c + 1) * len)
         })
     }
@@ -192,7 +216,7 @@ impl Ring {
         self.broadcast_as(Op::BroadcastLen, &mut len, root)?;
         let len = usize::try_from(len[0]).map_err(|_| Error::InvalidArgument {
             op: "broadcast",
-            rank: self.rank,
+            rank: self.global(),
             message: format!("root sent a negative length {}", len[0]),
         })?;
         data.resize(len, 0);

@@ -48,6 +48,8 @@ pub(crate) enum Op {
     Broadcast = 4,
     BroadcastLen = 5,
     Barrier = 6,
+    /// The all-gather of colours and keys that starts every sub-group split.
+    Split = 7,
 }
 
 impl Op {
@@ -58,7 +60,24 @@ impl Op {
             Op::ReduceScatter => "reduce_scatter",
             Op::Broadcast | Op::BroadcastLen => "broadcast",
             Op::Barrier => "barrier",
+            Op::Split => "split",
         }
+    }
+
+    /// The name of the op whose wire id is `id`, for messages about what a peer sent.
+    fn name_of(id: u8) -> String {
+        [
+            Op::AllReduce,
+            Op::AllGather,
+            Op::ReduceScatter,
+            Op::Broadcast,
+            Op::BroadcastLen,
+            Op::Barrier,
+            Op::Split,
+        ]
+        .into_iter()
+        .find(|op| *op as u8 == id)
+        .map_or_else(|| format!("unknown op {id}"), |op| op.name().to_string())
     }
 }
 
@@ -175,9 +194,9 @@ impl<'a> Io<'a> {
             || len != want
         {
             let message = format!(
-                "it sent collective #{seq} (op {}, dtype {}, {total} elements, {len}-byte message) but this rank \
+                "it sent collective #{seq} ({}, dtype {}, {total} elements, {len}-byte message) but this rank \
                  expects #{} ({}, {}, {} elements, {want}-byte message)",
-                h[1], h[2], c.seq, c.op.name(), T::NAME, c.total
+                Op::name_of(h[1]), h[2], c.seq, c.op.name(), T::NAME, c.total
             );
             return Err(Error::Mismatch {
                 op: c.op.name(),

@@ -16,6 +16,7 @@
 mod slurm;
 
 use crate::error::{Error, Result};
+use crate::mesh::NodePlacement;
 
 /// Which launcher the rank and world size came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,6 +120,28 @@ impl DistEnv {
         };
         env.check()?;
         Ok(env)
+    }
+
+    /// Where this rank runs (node, slot, ranks on the node), for [`crate::HybridMesh::new`].
+    ///
+    /// Whether every node runs the same number of ranks cannot be seen from one rank's variables (Slurm
+    /// allows `SLURM_TASKS_PER_NODE=2,1`); `HybridMesh::new` checks the whole job's placements.
+    ///
+    /// ```
+    /// use bellows_dist::DistEnv;
+    /// let vars = [("RANK", "3"), ("WORLD_SIZE", "4"), ("LOCAL_RANK", "1"), ("LOCAL_WORLD_SIZE", "2"),
+    ///     ("GROUP_RANK", "1"), ("MASTER_ADDR", "node0")];
+    /// let env = DistEnv::from_vars(|k| vars.iter().find(|v| v.0 == k).map(|v| v.1.to_string()))?;
+    /// let p = env.placement();
+    /// assert_eq!((p.node_rank, p.local_rank, p.local_world_size), (1, 1, 2));
+    /// # Ok::<(), bellows_dist::Error>(())
+    /// ```
+    pub fn placement(&self) -> NodePlacement {
+        NodePlacement {
+            node_rank: self.node_rank,
+            local_rank: self.local_rank,
+            local_world_size: self.local_world_size,
+        }
     }
 
     /// The port the bellows rendezvous store listens on.
