@@ -762,3 +762,69 @@ fn fsdp_on_a_pretrained_checkpoint_matches_ddp_with_dora_and_full_fine_tuning() 
         );
     }
 }
+
+/// Issue 9: hybrid sharding (HSDP) on 2 nodes × 2 processes — weights sharded within each node,
+/// replicated across nodes — ends where DDP on 4 processes ends (full fine-tuning), and its
+/// sharded checkpoint holds one copy of the shards (written by the first node).
+#[test]
+fn hybrid_sharding_on_two_nodes_matches_ddp_on_four_processes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = job(dir.path());
+    let full = ["--set", "peft.method=none"];
+    let ddp = dir.path().join("ddp4");
+    check(&launch(&cfg, &ddp, 4, &full), "ddp x 4");
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+        l.local_addr().expect("addr").port()
+    };
+    let out = dir.path().join("hybrid");
+    let node = |r: usize| {
+        bellows()
+            .arg("launch")
+            .args(["--nproc-per-node", "2", "--nnodes", "2"])
+            .args(["--node-rank", &r.to_string()])
+            .args(["--master-addr", "127.0.0.1"])
+            .args(["--master-port", &port.to_string(), "--job-token", "hyb"])
+            .arg(&cfg)
+            .args(full)
+            .args([
+                "--set",
+                "dist.strategy=hybrid",
+                "--set",
+                "checkpoint.every_steps=4",
+            ])
+            .args(["--set", &format!("run.output_dir={}", out.display())])
+            .output()
+            .expect("node")
+    };
+    let (o0, o1) = std::thread::scope(|s| {
+        let n1 = s.spawn(|| node(1));
+        let o0 = node(0);
+        (o0, n1.join().expect("node 1 thread"))
+    });
+    check(&o0, "hybrid node 0");
+    check(&o1, "hybrid node 1");
+    assert_same_model(&out, &ddp, "hybrid 2x2 vs ddp x 4");
+    // Each node's 2 ranks hold half of the weights.
+    let held = fsdp_held(&o0);
+    assert_eq!(held.len(), 2, "node 0 reports its two ranks");
+    for (mine, full) in held {
+        assert!(mine * 2 <= full + full / 8, "a rank holds {mine} of {full}");
+    }
+    let ck = out.join("checkpoints/checkpoint-4");
+    assert!(ck.join("model-rank-1.safetensors").is_file());
+    assert!(
+        !ck.join("model-rank-2.safetensors").exists(),
+        "one copy of the shards"
+    );
+    let exported = dir.path().join("exported");
+    let o = bellows()
+        .arg("export")
+        .arg(&ck)
+        .arg("--out")
+        .arg(&exported)
+        .output()
+        .expect("export");
+    check(&o, "export");
+    assert_same_model(&exported, &out, "exported hybrid checkpoint vs final model");
+}

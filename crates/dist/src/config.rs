@@ -28,7 +28,8 @@ pub enum Strategy {
     Zero2,
     /// ZeRO stage 3 / FSDP: parameters sharded too, gathered per layer for use.
     Fsdp,
-    /// FSDP within a node, replicas across nodes (not available yet).
+    /// FSDP within a node, replicas across nodes (HSDP): weights sharded over the ranks of a
+    /// node, gradients reduce-scattered in the node and all-reduced between nodes.
     Hybrid,
 }
 
@@ -61,8 +62,7 @@ pub struct DistConfig {
     /// Gradient bucket size for overlapping all-reduce, in MiB. Default 25, range (0, 4096].
     #[serde(default = "default_bucket_mb")]
     pub bucket_mb: f64,
-    /// Parallelism strategy: `"ddp"` (default), `"zero1"`, `"zero2"`, `"fsdp"`; `"hybrid"` is
-    /// recognised but not available yet.
+    /// Parallelism strategy: `"ddp"` (default), `"zero1"`, `"zero2"`, `"fsdp"` or `"hybrid"`.
     #[serde(default)]
     pub strategy: Strategy,
     /// FSDP: gather the next layer's weights (and in the backward pass the previous layer's) on
@@ -104,12 +104,6 @@ impl DistConfig {
             out.push((
                 key("bucket_mb"),
                 format!("must be in (0, 4096], got {}", self.bucket_mb),
-            ));
-        }
-        if self.strategy == Strategy::Hybrid {
-            out.push((
-                key("strategy"),
-                "\"hybrid\" (sharding within a node, replicas across nodes) is not available in this version; use \"ddp\", \"zero1\", \"zero2\" or \"fsdp\"".to_string(),
             ));
         }
         if self.backend == BackendKind::Nccl && !cfg!(feature = "cuda") {

@@ -82,6 +82,11 @@ impl Accelerator {
         }
     }
 
+    /// Where this process sits: node, rank on the node, ranks per node.
+    pub fn placement(&self) -> bellows_dist::NodePlacement {
+        self.env.placement()
+    }
+
     /// The process group, for collectives.
     pub fn process_group(&self) -> &ProcessGroup {
         &self.pg

@@ -1,44 +1,59 @@
 //! `dist.strategy = "fsdp"` (ZeRO stage 3): the model's weight matrices are sharded by rows across
 //! ranks ([`bellows_models::CausalLm::shard`]), gathered per layer for each use and reduce-scattered
 //! in the backward pass; the remaining small parameters (norms, biases, adapters) stay whole and
-//! ZeRO-2 shards their optimizer state and gradients. One [`ZeroAdamW`] updates both.
+//! ZeRO-2 shards their optimizer state and gradients. One [`crate::zero::ZeroAdamW`] updates both.
+//!
+//! `dist.strategy = "hybrid"` (HSDP): the same within each node — the shard group is the node's
+//! ranks — while the nodes hold replicas: every gradient reduce-scattered inside a node is then
+//! all-reduced between the ranks that hold the same shard on the other nodes.
 
 use std::sync::Arc;
 
-use bellows_dist::{ProcessGroup, ReduceOp};
+use bellows_dist::{HybridMesh, NodePlacement, ProcessGroup, ReduceOp};
 use bellows_models::CausalLm;
 use bellows_peft::{Collective, LoraPlan, ShardGroup};
 use burn::module::ParamId;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 
 use crate::error::Error;
+use crate::zero::{AdamWParams, ZeroAdamW};
 use crate::Result;
 
-/// [`Collective`] over a [`ProcessGroup`].
-struct GroupCollective(Arc<ProcessGroup>);
+/// [`Collective`] over the shard group, with the replicas' all-reduce after each reduce-scatter.
+struct GroupCollective {
+    shard: Arc<ProcessGroup>,
+    replica: Option<Arc<ProcessGroup>>,
+}
 
 impl Collective for GroupCollective {
     fn rank(&self) -> usize {
-        self.0.rank()
+        self.shard.rank()
     }
     fn world(&self) -> usize {
-        self.0.world_size()
+        self.shard.world_size()
     }
     fn all_gather(&self, mine: &[f32], all: &mut [f32]) -> std::result::Result<(), String> {
-        self.0.all_gather(mine, all).map_err(|e| e.to_string())
+        self.shard.all_gather(mine, all).map_err(|e| e.to_string())
     }
     fn reduce_scatter_sum(&self, all: &[f32], mine: &mut [f32]) -> std::result::Result<(), String> {
-        self.0
+        self.shard
             .reduce_scatter(all, mine, ReduceOp::Sum)
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        match &self.replica {
+            Some(r) => r.all_reduce(mine, ReduceOp::Sum).map_err(|e| e.to_string()),
+            None => Ok(()),
+        }
     }
 }
 
-/// The FSDP state of one rank: the group its sharded weights gather over.
+/// The FSDP state of one rank: the group its sharded weights gather over and, for hybrid
+/// sharding, the group of its replicas on the other nodes.
 #[derive(Debug, Clone)]
 pub struct Fsdp {
     group: ShardGroup,
     pg: Arc<ProcessGroup>,
+    shard_pg: Arc<ProcessGroup>,
+    replica: Option<Arc<ProcessGroup>>,
 }
 
 impl Fsdp {
@@ -48,7 +63,31 @@ impl Fsdp {
     /// # Errors
     /// The communication thread cannot be started.
     pub fn new(pg: Arc<ProcessGroup>, prefetch: bool) -> Result<Self> {
-        let comm: Arc<dyn Collective> = Arc::new(GroupCollective(pg.clone()));
+        Self::build(pg.clone(), pg, None, prefetch)
+    }
+
+    /// Hybrid sharding: weights sharded over the ranks of each node (placed as `at` says),
+    /// replicated across nodes.
+    ///
+    /// # Errors
+    /// The nodes do not all run the same number of ranks (named on every rank), a collective
+    /// fails, or the communication thread cannot be started.
+    pub fn hybrid(pg: Arc<ProcessGroup>, at: NodePlacement, prefetch: bool) -> Result<Self> {
+        let mesh = HybridMesh::new(&pg, at)?;
+        let replica = (mesh.replicate.world_size() > 1).then(|| Arc::new(mesh.replicate));
+        Self::build(pg, Arc::new(mesh.shard), replica, prefetch)
+    }
+
+    fn build(
+        pg: Arc<ProcessGroup>,
+        shard_pg: Arc<ProcessGroup>,
+        replica: Option<Arc<ProcessGroup>>,
+        prefetch: bool,
+    ) -> Result<Self> {
+        let comm: Arc<dyn Collective> = Arc::new(GroupCollective {
+            shard: shard_pg.clone(),
+            replica: replica.clone(),
+        });
         let group = if prefetch {
             ShardGroup::with_prefetch(comm).map_err(|e| {
                 Error::Internal(format!("fsdp: cannot start the communication thread: {e}"))
@@ -56,7 +95,26 @@ impl Fsdp {
         } else {
             ShardGroup::new(comm)
         };
-        Ok(Fsdp { group, pg })
+        Ok(Fsdp {
+            group,
+            pg,
+            shard_pg,
+            replica,
+        })
+    }
+
+    /// The ranks the weights are sharded over (the node's under hybrid sharding, else all).
+    pub fn shard_group(&self) -> &ProcessGroup {
+        &self.shard_pg
+    }
+
+    /// The optimizer for `model`: ZeRO over the shard group, updating the sharded weights in
+    /// place, all-reducing between replicas under hybrid sharding.
+    pub fn optimizer<B: Backend>(&self, hp: AdamWParams, model: &CausalLm<B>) -> ZeroAdamW {
+        let (rank, world) = (self.shard_pg.rank(), self.shard_pg.world_size());
+        ZeroAdamW::new(hp, true, rank, world)
+            .with_presharded(Self::presharded(model))
+            .with_replicas(self.replica.clone())
     }
 
     /// The group the sharded weights gather over.

@@ -25,6 +25,7 @@ use crate::precision::{cast_params, compute_dtype, LossScaler};
 use crate::progress::Progress;
 use crate::zero::{AdamWParams, ZeroAdamW};
 use crate::{schedule, update, Accelerator, Error, Result};
+use bellows_dist::Strategy;
 use bellows_peft::ShardGroup;
 
 /// What a finished run reports.
@@ -196,8 +197,10 @@ pub fn train_on<B: AutodiffBackend>(
         });
     }
     // FSDP: the model is built sharded, and only its whole parameters are broadcast.
+    let prefetch = cfg.dist.prefetch;
     let fsdp = match cfg.dist.strategy {
-        bellows_dist::Strategy::Fsdp => Some(Fsdp::new(acc.shared_group(), cfg.dist.prefetch)?),
+        Strategy::Fsdp => Some(Fsdp::new(acc.shared_group(), prefetch)?),
+        Strategy::Hybrid => Some(Fsdp::hybrid(acc.shared_group(), acc.placement(), prefetch)?),
         _ => None,
     };
     let (arch, model) =
@@ -233,12 +236,10 @@ pub fn train_on<B: AutodiffBackend>(
         weight_decay: o.weight_decay as f32,
     };
     let (rank, world) = (acc.rank(), acc.world_size());
-    let mut zero = match cfg.dist.strategy {
-        bellows_dist::Strategy::Zero1 => Some(ZeroAdamW::new(hp, false, rank, world)),
-        bellows_dist::Strategy::Zero2 => Some(ZeroAdamW::new(hp, true, rank, world)),
-        bellows_dist::Strategy::Fsdp => {
-            Some(ZeroAdamW::new(hp, true, rank, world).with_presharded(Fsdp::presharded(&model)))
-        }
+    let mut zero = match (cfg.dist.strategy, &fsdp) {
+        (_, Some(f)) => Some(f.optimizer(hp, &model)),
+        (Strategy::Zero1, None) => Some(ZeroAdamW::new(hp, false, rank, world)),
+        (Strategy::Zero2, None) => Some(ZeroAdamW::new(hp, true, rank, world)),
         _ => None,
     };
     let spec = LoaderSpec {
@@ -344,7 +345,8 @@ pub fn train_on<B: AutodiffBackend>(
                 } else {
                     acc.sync_grads(&model, g)?
                 };
-                let pg = acc.process_group();
+                // FSDP's optimizer works over the shard group (the node's, for hybrid).
+                let pg = fsdp.as_ref().map_or(acc.process_group(), Fsdp::shard_group);
                 (model, up) =
                     update::apply_zero(model, z, &g, pg, lr, o.max_grad_norm, scaler.as_mut())?;
             }

@@ -12,6 +12,7 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
+use std::sync::Arc;
 
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
@@ -62,6 +63,9 @@ pub struct ZeroAdamW {
     /// FSDP: parameters whose value and gradient are already this rank's rows, by id, with the
     /// full shape.
     presharded: HashMap<ParamId, Vec<usize>>,
+    /// Hybrid sharding: the ranks holding the same shard on other nodes; reduce-scattered
+    /// gradients are summed over them too.
+    replicas: Option<Arc<ProcessGroup>>,
 }
 
 /// A trainable parameter as the optimizer sees it (host copies).
@@ -128,6 +132,7 @@ struct Collect<'a> {
     pg: &'a ProcessGroup,
     stage2: bool,
     presharded: &'a HashMap<ParamId, Vec<usize>>,
+    replicas: Option<&'a ProcessGroup>,
     items: Vec<Item>,
     err: Option<bellows_dist::Error>,
 }
@@ -163,11 +168,18 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Collect<'_> {
         let shape = g.dims().to_vec();
         let range = shard_range(&shape, world, rank);
         // One parameter at a time, so at most one full gradient is on the host.
-        let grad = if self.stage2 && world > 1 {
+        let grad = if self.stage2 && (world > 1 || self.replicas.is_some()) {
             let (slots, slot) = to_slots(&host(g), &shape, world);
             let mut mine = vec![0f32; slot];
             if self.err.is_none() {
-                if let Err(e) = self.pg.reduce_scatter(&slots, &mut mine, ReduceOp::Sum) {
+                let summed = self
+                    .pg
+                    .reduce_scatter(&slots, &mut mine, ReduceOp::Sum)
+                    .and_then(|()| match self.replicas {
+                        Some(r) => r.all_reduce(&mut mine, ReduceOp::Sum),
+                        None => Ok(()),
+                    });
+                if let Err(e) = summed {
                     self.err = Some(e);
                 }
             }
@@ -214,7 +226,31 @@ impl ZeroAdamW {
             world,
             state: HashMap::new(),
             presharded: HashMap::new(),
+            replicas: None,
         }
+    }
+
+    /// Hybrid sharding: after each reduce-scatter over the shard group, gradients are summed over
+    /// `replicas` (the ranks with the same shard on the other nodes); `None` for no replicas.
+    pub fn with_replicas(mut self, replicas: Option<Arc<ProcessGroup>>) -> Self {
+        self.replicas = replicas;
+        self
+    }
+
+    /// This rank within the shard group.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// Ranks in the shard group.
+    pub fn world(&self) -> usize {
+        self.world
+    }
+
+    /// Whether this rank writes its shards in sharded checkpoints: the first replica (every rank
+    /// without hybrid sharding).
+    pub fn writes_shards(&self) -> bool {
+        self.replicas.as_ref().is_none_or(|r| r.rank() == 0)
     }
 
     /// FSDP: `shapes` (parameter id → full shape) name parameters the model already holds as
@@ -252,6 +288,7 @@ impl ZeroAdamW {
             pg,
             stage2: self.stage2,
             presharded: &self.presharded,
+            replicas: self.replicas.as_deref(),
             items: Vec::new(),
             err: None,
         };

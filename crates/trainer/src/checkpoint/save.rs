@@ -181,7 +181,8 @@ fn write_rank_files<B: AutodiffBackend>(
     zero: &crate::zero::ZeroAdamW,
     tmp: &Path,
 ) -> Result<ShardLayout> {
-    let (rank, main) = (ctx.acc.rank(), ctx.acc.is_main());
+    // Shard-group rank (the node's under hybrid sharding); only the first replica writes.
+    let (rank, main) = (zero.rank(), ctx.acc.is_main());
     let paths = param_paths(model);
     let mut split = BTreeMap::new();
     for p in model.sharded_params() {
@@ -203,11 +204,13 @@ fn write_rank_files<B: AutodiffBackend>(
         }
         optim.push((name, data));
     }
-    for (file, tensors) in [(model_file(rank), weights), (optimizer_file(rank), optim)] {
-        let path = tmp.join(file);
-        write_synced(&path, &serialize(&path, &tensors)?)?;
+    if zero.writes_shards() {
+        for (file, tensors) in [(model_file(rank), weights), (optimizer_file(rank), optim)] {
+            let path = tmp.join(file);
+            write_synced(&path, &serialize(&path, &tensors)?)?;
+        }
     }
-    Ok(ShardLayout::new(ctx.acc.world_size(), split))
+    Ok(ShardLayout::new(zero.world(), split))
 }
 
 /// Full fine-tuning saves every parameter; adapter training only the trainable ones.
