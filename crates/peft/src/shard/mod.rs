@@ -261,17 +261,14 @@ impl Sharding {
         let Ok(mut pending) = self.shared.pending.lock() else {
             return;
         };
-        if pending.contains_key(&self.key) {
-            return;
-        }
-        let dims = shard.dims();
-        let cols: usize = dims[1..].iter().product();
-        let job = Job::Gather {
-            mine: to_host(shard),
-            rows: self.rows,
-            cols,
-        };
-        pending.insert(self.key, thread.submit(job));
+        pending.entry(self.key).or_insert_with(|| {
+            let cols: usize = shard.dims()[1..].iter().product();
+            thread.submit(Job::Gather {
+                mine: to_host(shard),
+                rows: self.rows,
+                cols,
+            })
+        });
     }
 
     /// Remembers this weight's use in the forward pass (with its `shard`), so the backward pass
@@ -309,14 +306,13 @@ impl Sharding {
             return;
         };
         if let Ok(mut pending) = self.shared.pending.lock() {
-            if !pending.contains_key(&key) {
-                let job = Job::Gather {
+            pending.entry(key).or_insert_with(|| {
+                thread.submit(Job::Gather {
                     mine: host(),
                     rows,
                     cols,
-                };
-                pending.insert(key, thread.submit(job));
-            }
+                })
+            });
         }
     }
 
