@@ -583,6 +583,22 @@ fn fsdp_matches_ddp_and_each_rank_holds_a_shard_of_the_weights() {
             } else {
                 assert_same_model(&out, &ddp, &what);
             }
+            // Prefetching (the default) only changes when gathers run, never their results.
+            let plain = dir.path().join(format!("fsdp-noprefetch-{tag}-{nproc}"));
+            let p = [
+                "--set",
+                &m,
+                "--set",
+                "dist.strategy=fsdp",
+                "--set",
+                "dist.prefetch=false",
+            ];
+            check(&launch(&cfg, &plain, nproc, &p), "fsdp without prefetch");
+            if method == "lora" {
+                assert_same_adapter(&plain, &out, "fsdp without vs with prefetch");
+            } else {
+                assert_same_model(&plain, &out, "fsdp without vs with prefetch");
+            }
             let held = fsdp_held(&o);
             assert_eq!(held.len(), nproc, "one line per rank");
             let total: u64 = held.iter().map(|h| h.0).sum();
