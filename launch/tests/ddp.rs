@@ -844,3 +844,46 @@ fn hybrid_sharding_on_two_nodes_matches_ddp_on_four_processes() {
     check(&o, "export");
     assert_same_model(&exported, &out, "exported hybrid checkpoint vs final model");
 }
+
+/// Issue 9: QLoRA under FSDP — the frozen NF4 bases sharded at quantization-block boundaries
+/// (packed codes and block scales by rows), gathered as bytes for each use — ends where QLoRA
+/// under DDP ends, with double quantization and with plain block scales, on 2 and 3 processes.
+#[test]
+fn qlora_under_fsdp_shards_the_nf4_storage_and_matches_ddp() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = job(dir.path());
+    for (double, nproc) in [("true", 2usize), ("false", 3)] {
+        let q = [
+            "--set",
+            "peft.method=\"qlora\"",
+            "--set",
+            "peft.quantization.block_size=32",
+            "--set",
+        ];
+        let dq = format!("peft.quantization.double_quant={double}");
+        let ddp = dir.path().join(format!("ddp-{double}"));
+        let mut args: Vec<&str> = q.to_vec();
+        args.push(&dq);
+        check(&launch(&cfg, &ddp, nproc, &args), "qlora ddp");
+        let out = dir.path().join(format!("fsdp-{double}"));
+        args.extend(["--set", "dist.strategy=fsdp"]);
+        let o = launch(&cfg, &out, nproc, &args);
+        check(&o, "qlora fsdp");
+        assert_same_adapter(&out, &ddp, &format!("qlora fsdp x {nproc} vs ddp"));
+        // Every rank holds about 1/N of the packed NF4 codes.
+        let text = String::from_utf8_lossy(&o.stderr).to_string();
+        let held: Vec<(u64, u64)> = text
+            .lines()
+            .filter_map(|l| {
+                let rest = l.split("NF4 bases: ").nth(1)?;
+                let mut w = rest.split_whitespace();
+                Some((w.next()?.parse().ok()?, w.nth(1)?.parse().ok()?))
+            })
+            .collect();
+        assert_eq!(held.len(), nproc, "one line per rank:\n{text}");
+        assert_eq!(held.iter().map(|h| h.0).sum::<u64>(), held[0].1);
+        for (mine, full) in held {
+            assert!(mine * nproc as u64 <= full + full / 8, "{mine} of {full}");
+        }
+    }
+}

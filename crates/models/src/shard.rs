@@ -107,6 +107,14 @@ impl<B: Backend> CausalLm<B> {
         }
     }
 
+    /// NF4 bases (QLoRA): packed bytes this rank holds and the whole model's.
+    pub fn sharded_nf4_bytes(&self) -> (usize, usize) {
+        self.linears()
+            .filter_map(|l| Some((l.nf4.as_ref()?, l.sharding.as_ref()?)))
+            .map(|(q, s)| (q.packed.dims()[0], s.rows * q.d_in / 2))
+            .fold((0, 0), |(a, b), (c, d)| (a + c, b + d))
+    }
+
     /// Whether the model is sharded ([`CausalLm::shard`]).
     pub fn is_sharded(&self) -> bool {
         self.model.embed_sharding.is_some()

@@ -11,7 +11,8 @@ use crate::config::{LoraInit, LoraSpec};
 use crate::dora;
 use crate::init::InitRng;
 use crate::nf4::{quantize_nf4, Nf4Data, Nf4Options, Nf4Weight};
-use crate::shard::{sharded_matmul_t, ShardGroup, Sharding};
+use crate::shard::{gather_nf4, shard_nf4, sharded_matmul_t, sharded_nf4_matmul_t};
+use crate::shard::{ShardGroup, Sharding};
 
 /// A LoRA adapter: `ΔW = scale · B · A` (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models").
 ///
@@ -197,7 +198,10 @@ impl<B: Backend> Linear<B> {
                 }
                 None => w.val(),
             },
-            (None, Some(q)) => q.dequantize(),
+            (None, Some(q)) => match &self.sharding {
+                Some(s) => gather_nf4(q, s).dequantize(),
+                None => q.dequantize(),
+            },
             (None, None) => unreachable!("a Linear has a dense or a quantized weight"),
         }
     }
@@ -214,17 +218,30 @@ impl<B: Backend> Linear<B> {
                     x.matmul(in_dtype(w.val(), dt).transpose())
                 }
             },
-            (None, Some(q)) => q.matmul_t(x),
+            (None, Some(q)) => match &self.sharding {
+                Some(s) => sharded_nf4_matmul_t(x, q, s),
+                None => q.matmul_t(x),
+            },
             (None, None) => unreachable!("a Linear has a dense or a quantized weight"),
         }
     }
 
     /// FSDP: keeps only this rank's rows of the dense base weight (same parameter id, same
     /// trainability); the forward pass gathers it ([`crate::shard`]). Bias and adapter stay whole.
-    /// A no-op for an NF4 base or an already sharded layer. Merging, quantizing and DoRA's
-    /// magnitude init expect an unsharded layer: call [`Linear::unshard`] first.
+    /// An NF4 base (QLoRA) is sharded at quantization-block boundaries and stays whole when rows
+    /// do not fall on them ([`crate::shard`]). A no-op for an already sharded layer. Merging,
+    /// quantizing and DoRA's magnitude init expect an unsharded layer: call [`Linear::unshard`]
+    /// first.
     pub fn shard(mut self, group: &ShardGroup) -> Self {
-        if self.sharding.is_some() || self.nf4.is_some() {
+        if self.sharding.is_some() {
+            return self;
+        }
+        if let Some(q) = &self.nf4 {
+            let sharding = group.sharding(q.d_out);
+            if let Some(mine) = shard_nf4(q, sharding.my_rows()) {
+                self.nf4 = Some(mine);
+                self.sharding = Some(sharding);
+            }
             return self;
         }
         if let Some(w) = self.weight.take() {
@@ -240,7 +257,7 @@ impl<B: Backend> Linear<B> {
     /// FSDP: starts gathering the sharded base weight ahead of its use ([`Sharding::prefetch`]);
     /// a no-op for an unsharded layer or a group without prefetching.
     pub fn prefetch(&self) {
-        if let (Some(s), Some(w)) = (&self.sharding, &self.weight) {
+        if let (Some(s), Some(w), None) = (&self.sharding, &self.weight, &self.nf4) {
             s.prefetch(w.val());
         }
     }
@@ -251,6 +268,10 @@ impl<B: Backend> Linear<B> {
         let Some(s) = self.sharding.take() else {
             return self;
         };
+        if let Some(q) = self.nf4.take() {
+            self.nf4 = Some(gather_nf4(&q, &s));
+            return self;
+        }
         if let Some(w) = self.weight.take() {
             let grad = w.is_require_grad();
             let mine = w.val();
@@ -301,7 +322,7 @@ impl<B: Backend> Linear<B> {
     /// Output width.
     pub fn d_out(&self) -> usize {
         match (&self.weight, &self.nf4) {
-            (Some(_), _) if self.sharding.is_some() => self.sharding.as_ref().map_or(0, |s| s.rows),
+            _ if self.sharding.is_some() => self.sharding.as_ref().map_or(0, |s| s.rows),
             (Some(w), _) => w.dims()[0],
             (None, Some(q)) => q.d_out,
             (None, None) => unreachable!("a Linear has a dense or a quantized weight"),

@@ -35,6 +35,9 @@ impl Collective for GroupCollective {
     fn all_gather(&self, mine: &[f32], all: &mut [f32]) -> std::result::Result<(), String> {
         self.shard.all_gather(mine, all).map_err(|e| e.to_string())
     }
+    fn all_gather_bytes(&self, mine: &[u8], all: &mut [u8]) -> std::result::Result<(), String> {
+        self.shard.all_gather(mine, all).map_err(|e| e.to_string())
+    }
     fn reduce_scatter_sum(&self, all: &[f32], mine: &mut [f32]) -> std::result::Result<(), String> {
         self.shard
             .reduce_scatter(all, mine, ReduceOp::Sum)
@@ -183,8 +186,14 @@ impl Fsdp {
         let shapes = model.sharded_params();
         let full: usize = shapes.iter().map(|p| p.shape[0] * p.shape[1]).sum();
         let mine: usize = shapes.iter().map(|p| p.rows.len() * p.shape[1]).sum();
+        let (nf4_mine, nf4_full) = model.sharded_nf4_bytes();
+        let nf4 = if nf4_full > 0 {
+            format!("; NF4 bases: {nf4_mine} of {nf4_full} packed bytes")
+        } else {
+            String::new()
+        };
         format!(
-            "fsdp: {} weight matrices sharded over {} ranks; rank {} holds {mine} of their {full} elements",
+            "fsdp: {} weight matrices sharded over {} ranks; rank {} holds {mine} of their {full} elements{nf4}",
             shapes.len(),
             self.group.world(),
             self.group.rank()

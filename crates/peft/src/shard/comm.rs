@@ -15,6 +15,12 @@ pub(crate) enum Job {
         rows: usize,
         cols: usize,
     },
+    /// This rank's rows of bytes (unpadded) → the whole byte tensor (NF4 storage).
+    GatherBytes {
+        mine: Vec<u8>,
+        rows: usize,
+        cols: usize,
+    },
     /// The whole gradient → this rank's rows of its sum over ranks.
     ReduceScatter {
         full: Vec<f32>,
@@ -25,32 +31,53 @@ pub(crate) enum Job {
     Fence,
 }
 
-/// The reply to a job: values, or the failed collective's message.
-pub(crate) type Reply = Result<Vec<f32>, String>;
+/// What a job gives back.
+pub(crate) enum Payload {
+    /// Values.
+    F32(Vec<f32>),
+    /// Bytes.
+    U8(Vec<u8>),
+}
+
+/// The reply to a job, or the failed collective's message.
+pub(crate) type Reply = Result<Payload, String>;
+
+/// Gathers equal-size rows split by [`shard_rows`]: pads `mine` to the largest rank's rows,
+/// all-gathers with `gather`, and drops the padding.
+fn gather_rows<T: Copy + Default>(
+    mut mine: Vec<T>,
+    rows: usize,
+    cols: usize,
+    world: usize,
+    gather: impl FnOnce(&[T], &mut [T]) -> Result<(), String>,
+) -> Result<Vec<T>, String> {
+    let slot = shard_rows(rows, world, 0).len() * cols;
+    mine.resize(slot, T::default());
+    let mut all = vec![T::default(); slot * world];
+    gather(&mine, &mut all)?;
+    let mut out = Vec::with_capacity(rows * cols);
+    for r in 0..world {
+        let n = shard_rows(rows, world, r).len() * cols;
+        out.extend_from_slice(&all[r * slot..r * slot + n]);
+    }
+    Ok(out)
+}
 
 /// Runs `job` now, on this thread.
 pub(crate) fn run(comm: &dyn Collective, job: Job) -> Reply {
     let world = comm.world();
     let slot = |rows: usize, cols: usize| shard_rows(rows, world, 0).len() * cols;
     match job {
-        Job::Fence => Ok(Vec::new()),
-        Job::Gather { mine, .. } if world == 1 => Ok(mine),
-        Job::ReduceScatter { full, .. } if world == 1 => Ok(full),
-        Job::Gather {
-            mut mine,
-            rows,
-            cols,
-        } => {
-            let slot = slot(rows, cols);
-            mine.resize(slot, 0.0);
-            let mut all = vec![0f32; slot * world];
-            comm.all_gather(&mine, &mut all)?;
-            let mut out = Vec::with_capacity(rows * cols);
-            for r in 0..world {
-                let n = shard_rows(rows, world, r).len() * cols;
-                out.extend_from_slice(&all[r * slot..r * slot + n]);
-            }
-            Ok(out)
+        Job::Fence => Ok(Payload::F32(Vec::new())),
+        Job::Gather { mine, .. } if world == 1 => Ok(Payload::F32(mine)),
+        Job::GatherBytes { mine, .. } if world == 1 => Ok(Payload::U8(mine)),
+        Job::ReduceScatter { full, .. } if world == 1 => Ok(Payload::F32(full)),
+        Job::Gather { mine, rows, cols } => {
+            gather_rows(mine, rows, cols, world, |a, b| comm.all_gather(a, b)).map(Payload::F32)
+        }
+        Job::GatherBytes { mine, rows, cols } => {
+            gather_rows(mine, rows, cols, world, |a, b| comm.all_gather_bytes(a, b))
+                .map(Payload::U8)
         }
         Job::ReduceScatter { full, rows, cols } => {
             let slot = slot(rows, cols);
@@ -63,7 +90,7 @@ pub(crate) fn run(comm: &dyn Collective, job: Job) -> Reply {
             let mut mine = vec![0f32; slot];
             comm.reduce_scatter_sum(&slots, &mut mine)?;
             mine.truncate(shard_rows(rows, world, comm.rank()).len() * cols);
-            Ok(mine)
+            Ok(Payload::F32(mine))
         }
     }
 }

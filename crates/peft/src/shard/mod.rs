@@ -18,6 +18,7 @@
 mod comm;
 mod embedding;
 mod matmul;
+mod nf4;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -26,12 +27,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 
-use comm::{CommThread, Job, Reply};
+use comm::{CommThread, Job, Payload, Reply};
 
 use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
 
 pub use embedding::sharded_embedding;
 pub use matmul::sharded_matmul_t;
+pub(crate) use nf4::{gather_nf4, shard_nf4, sharded_nf4_matmul_t};
 
 /// Equal-chunk collectives over `f32` host buffers, summed in a fixed order on every rank.
 pub trait Collective: Send + Sync {
@@ -49,6 +51,11 @@ pub trait Collective: Send + Sync {
     /// # Errors
     /// A message naming the failed collective and the rank.
     fn reduce_scatter_sum(&self, all: &[f32], mine: &mut [f32]) -> Result<(), String>;
+    /// [`Collective::all_gather`] for bytes (NF4 storage).
+    ///
+    /// # Errors
+    /// A message naming the failed collective and the rank.
+    fn all_gather_bytes(&self, mine: &[u8], all: &mut [u8]) -> Result<(), String>;
 }
 
 /// The rows of a `rows`-row weight that `rank` of `world` keeps: contiguous, in rank order, the
@@ -108,6 +115,20 @@ impl Ticket {
         match self {
             Ticket::Done(r) => r,
             Ticket::Queued(rx) => comm::wait(rx),
+        }
+    }
+
+    fn values(self) -> Result<Vec<f32>, String> {
+        match self.wait()? {
+            Payload::F32(v) => Ok(v),
+            Payload::U8(_) => Err("a collective returned bytes where values were due".into()),
+        }
+    }
+
+    fn bytes(self) -> Result<Vec<u8>, String> {
+        match self.wait()? {
+            Payload::U8(v) => Ok(v),
+            Payload::F32(_) => Err("a collective returned values where bytes were due".into()),
         }
     }
 }
@@ -340,7 +361,7 @@ impl Sharding {
     ) -> Tensor<B, D> {
         dims[0] = self.rows;
         let n: usize = dims.iter().product();
-        let values = ticket.wait().unwrap_or_else(|e| {
+        let values = ticket.values().unwrap_or_else(|e| {
             self.fail(e);
             vec![0.0; n]
         });
@@ -369,6 +390,20 @@ impl Sharding {
         self.end_gather(ticket, shard.dims(), &shard.device(), dtype)
     }
 
+    /// The whole byte tensor of `rows × cols` bytes from this rank's rows `mine` (every rank must
+    /// call it).
+    pub(crate) fn gather_bytes(&self, mine: Vec<u8>, cols: usize) -> Vec<u8> {
+        let job = Job::GatherBytes {
+            mine,
+            rows: self.rows,
+            cols,
+        };
+        self.shared.start(job).bytes().unwrap_or_else(|e| {
+            self.fail(e);
+            vec![0; self.rows * cols]
+        })
+    }
+
     /// This rank's rows of `Σ_ranks full` for a full-size gradient `full`, in `dtype`.
     pub fn reduce_scatter<B: Backend, const D: usize>(
         &self,
@@ -385,7 +420,7 @@ impl Sharding {
             cols,
         };
         let n: usize = dims.iter().product();
-        let mine = self.shared.start(job).wait().unwrap_or_else(|e| {
+        let mine = self.shared.start(job).values().unwrap_or_else(|e| {
             self.fail(e);
             vec![0.0; n]
         });

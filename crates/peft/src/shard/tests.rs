@@ -56,6 +56,16 @@ impl Collective for Threads {
         }
         Ok(())
     }
+    fn all_gather_bytes(&self, mine: &[u8], all: &mut [u8]) -> Result<(), String> {
+        let as_f32: Vec<f32> = mine.iter().map(|&b| f32::from(b)).collect();
+        let parts = self.exchange(&as_f32);
+        for (r, p) in parts.iter().enumerate() {
+            for (i, v) in p.iter().enumerate() {
+                all[r * mine.len() + i] = *v as u8;
+            }
+        }
+        Ok(())
+    }
     fn reduce_scatter_sum(&self, all: &[f32], mine: &mut [f32]) -> Result<(), String> {
         let parts = self.exchange(all);
         let n = mine.len();
@@ -236,4 +246,42 @@ fn a_frozen_shard_gets_no_gradient_but_the_input_does() {
             .collect()
     };
     close(&dx, &[colsum.clone(), colsum].concat(), "dx");
+}
+
+#[test]
+fn nf4_shards_fall_on_block_boundaries_and_gather_back_bit_exactly() {
+    use crate::nf4::{quantize_nf4, Nf4Options, Nf4Weight};
+    let (out, inp) = (7usize, 128usize);
+    let raw: Vec<f32> = (0..out * inp)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0)
+        .collect();
+    for double_quant in [true, false] {
+        let opts = Nf4Options {
+            block_size: 64,
+            double_quant,
+        };
+        let data = quantize_nf4(&raw, &[out, inp], opts);
+        let whole = values(Nf4Weight::<Flex>::from_data(&data, &Default::default()).dequantize());
+        let handles: Vec<_> = Threads::group(3)
+            .into_iter()
+            .map(|c| {
+                let data = data.clone();
+                std::thread::spawn(move || {
+                    let group = ShardGroup::new(Arc::new(c));
+                    let q = Nf4Weight::<Flex>::from_data(&data, &Default::default());
+                    let sh = group.sharding(out);
+                    let mine = shard_nf4(&q, sh.my_rows()).expect("128 = 2 blocks per row");
+                    assert_eq!(mine.packed.dims()[0], sh.my_rows().len() * inp / 2);
+                    values(gather_nf4(&mine, &sh).dequantize())
+                })
+            })
+            .collect();
+        for h in handles {
+            assert_eq!(
+                h.join().expect("rank thread"),
+                whole,
+                "double_quant {double_quant}"
+            );
+        }
+    }
 }
