@@ -14,9 +14,10 @@ for s in ${STRATEGIES:-ddp zero1 zero2 fsdp}; do
     "$BIN" launch --nproc-per-node "$N" configs/bench/zero-small.toml \
         --set dist.strategy=$s --set run.output_dir="\"$OUT/$s\"" > "$log" 2>&1
     tps=$(grep -o 'tok/s [0-9]*' "$log" | tail -n +3 | awk '{s+=$2; n++} END {printf "%.0f", s/n}')
-    rss=$(grep -o 'peak RSS [0-9]* MiB' "$log" | awk '{print $3}' | sort -n | tr '\n' ' ')
+    rss=$(grep -o 'rank [0-9]*: peak RSS [0-9]* MiB while training' "$log" | sort | awk '{print $5}' | tr '\n' ' ')
+    end=$(grep -o 'done: .*peak RSS [0-9]* MiB' "$log" | grep -o 'RSS [0-9]*' | awk '{print $2}' | tr '\n' ' ')
     held=$(grep -o 'holds [0-9]* bytes' "$log" | awk '{printf "%.1f ", $2/1048576}' || true)
-    weights=$(grep -o 'rank [0-9]* holds [0-9]* of their [0-9]* elements' "$log" | awk '{printf "%.1f/%.1f ", $4*4/1048576, $8*4/1048576}' || true)
-    echo "$s: tokens/s (steps 3-6, all ranks) $tps; peak RSS per rank MiB: $rss; optimizer MiB per rank: ${held:-whole state on every rank}; sharded weights MiB per rank (of whole): ${weights:-not sharded}"
+    weights=$(grep -o 'rank [0-9]* holds [0-9]* of their [0-9]* elements' "$log" | awk '{printf "%.1f/%.1f ", $4*4/1048576, $7*4/1048576}' || true)
+    echo "$s: tokens/s (steps 3-6, all ranks) $tps; peak RSS per rank while training MiB (rank 0, 1, ...): $rss(with the final save: $end); optimizer MiB per rank: ${held:-whole state on every rank}; sharded weights MiB per rank (of whole): ${weights:-not sharded}"
 done
 rm -rf "$OUT"

@@ -115,6 +115,18 @@ impl<B: Backend> CausalLm<B> {
             .fold((0, 0), |(a, b), (c, d)| (a + c, b + d))
     }
 
+    /// Takes part in [`CausalLm::unshard`] without keeping the result: the other ranks' gathers
+    /// complete, this rank's model stays sharded and no whole weight outlives its gather.
+    pub fn unshard_elsewhere(&self) {
+        for l in self.linears() {
+            drop(l.clone().unshard());
+        }
+        if let Some(s) = &self.model.embed_sharding {
+            let w = self.model.embed_tokens.weight.val();
+            drop(s.gather(w.clone().detach(), w.dtype()));
+        }
+    }
+
     /// Whether the model is sharded ([`CausalLm::shard`]).
     pub fn is_sharded(&self) -> bool {
         self.model.embed_sharding.is_some()

@@ -160,22 +160,26 @@ impl Fsdp {
 }
 
 impl Fsdp {
-    /// The model as checkpoints and exports need it: whole weights, gathered one tensor at a time
-    /// (a collective: every rank must call it; every rank ends up holding the whole model until
-    /// the result is dropped). With adapters and nothing trained in full, the trainable
-    /// parameters are already whole, so the sharded model is returned as is.
+    /// The model as the final export needs it: whole weights on the main rank, gathered one
+    /// tensor at a time (a collective: every rank must call it; the other ranks take part and
+    /// keep their shards). With adapters and nothing trained in full, the trainable parameters
+    /// are already whole, so the sharded model is returned as is.
     ///
     /// # Errors
     /// A collective failed.
     pub fn for_saving<B: Backend>(
         &self,
-        model: &CausalLm<B>,
+        model: CausalLm<B>,
         plan: &LoraPlan,
+        main: bool,
     ) -> Result<CausalLm<B>> {
         let whole = if plan.uses_adapters() && !plan.has_modules_to_save() {
-            model.clone()
+            model
+        } else if main {
+            model.unshard()
         } else {
-            model.clone().unshard()
+            model.unshard_elsewhere();
+            model
         };
         self.check()?;
         Ok(whole)

@@ -466,6 +466,12 @@ pub fn train_on<B: AutodiffBackend>(
         }
     }
     progress.finish();
+    if world > 1 {
+        eprintln!(
+            "rank {rank}: peak RSS {:.0} MiB while training (before the final save)",
+            crate::peak_rss_mib()
+        );
+    }
     if let Some(z) = &zero {
         let full = 8 * crate::plan::count_params(&arch, &plan).trainable;
         eprintln!(
@@ -478,7 +484,7 @@ pub fn train_on<B: AutodiffBackend>(
         return Ok(report);
     }
     let model = match &fsdp {
-        Some(f) => f.for_saving(&model, &plan)?,
+        Some(f) => f.for_saving(model, &plan, acc.is_main())?,
         None => model,
     };
     if acc.is_main() {
