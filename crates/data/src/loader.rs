@@ -7,7 +7,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::batch::BatchBuf;
 use crate::doc::{Doc, DocBuilder};
-use crate::plan::{mix_seed, plan_epoch, TAG_ROW_SHUFFLE};
+use crate::plan::{mix_seed, plan_epoch, EpochPlan, TAG_ROW_SHUFFLE};
 use crate::source::{ChunkReader, Dataset};
 use crate::{
     Batch, Carry, ChunkTail, DataConfig, EpochRemainder, Error, LoaderSpec, LoaderState, OnError,
@@ -73,7 +73,7 @@ pub struct TokenLoader {
     /// Units per chunk (padded rows or tokens, see [`crate::units`]).
     pub(crate) units: Vec<u64>,
     pub(crate) units_per_batch: u64,
-    empty: bool,
+    pub(crate) empty: bool,
     // The current epoch's plan: what this rank reads and how many batches every rank yields.
     epoch: u64,
     chunks: Vec<ChunkTail>,
@@ -398,7 +398,11 @@ impl TokenLoader {
         })
     }
 
-    fn start_epoch(&mut self, epoch: u64) -> Result<()> {
+    /// Plans `epoch` for this rank.
+    ///
+    /// # Errors
+    /// [`Error::NotEnoughData`] when, on the train split, some rank cannot get one full batch.
+    pub(crate) fn plan(&self, epoch: u64) -> Result<EpochPlan> {
         let Shard { rank, world } = self.spec.shard;
         let plan = plan_epoch(
             &self.units,
@@ -426,6 +430,12 @@ impl TokenLoader {
                 ),
             });
         }
+        Ok(plan)
+    }
+
+    fn start_epoch(&mut self, epoch: u64) -> Result<()> {
+        let plan = self.plan(epoch)?;
+        let rank = self.spec.shard.rank;
         let chunks = plan
             .chunks
             .iter()
@@ -440,14 +450,17 @@ impl TokenLoader {
 
     /// Starts the rest of `epoch` as a reshard left it (see [`crate::reshard`]).
     fn start_remainder(&mut self, epoch: u64, rem: &EpochRemainder) -> Result<()> {
-        for t in &rem.chunks {
-            match self.ds.chunks.get(t.chunk) {
-                Some(c) if t.start <= c.rows => {}
-                _ => return Err(Error::BadState(format!(
-                    "the resharded epoch names row {} of chunk {}, which the data does not have",
-                    t.start, t.chunk
-                ))),
-            }
+        let fits = |t: &&ChunkTail| {
+            self.ds
+                .chunks
+                .get(t.chunk)
+                .is_some_and(|c| t.start <= c.rows)
+        };
+        if let Some(t) = rem.chunks.iter().find(|t| !fits(t)) {
+            let (row, chunk) = (t.start, t.chunk);
+            return Err(Error::BadState(format!(
+                "the resharded epoch names row {row} of chunk {chunk}, which the data does not have"
+            )));
         }
         self.begin(epoch, rem.chunks.clone(), rem.steps, rem.rng_seed);
         self.remainder = Some(rem.clone());

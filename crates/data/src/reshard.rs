@@ -1,45 +1,38 @@
 //! Elastic resume: the loader states of every rank of a job turned into the state of one rank of
-//! a job with another world size.
-//!
-//! At a checkpoint all ranks stand at the same batch `k` of the same epoch. What the epoch has left
-//! is, for each old rank: its partly emitted documents (the carry, and documents still pending from
-//! an earlier reshard), the documents waiting in its shuffle buffer, the unread rows of its current
-//! chunk, and the chunks it has not opened yet. [`reshard`] lists these pieces in a fixed order —
-//! partial documents by old rank, then buffered documents by old rank in buffer order, then the
-//! unread chunk tails and chunks taken in turn from each old rank's list — and deals them out
-//! largest first (Graham's LPT rule; ties in list order), each to the new rank that so far holds
-//! the fewest units (ties to the lowest rank). Every new rank computes the same assignment from the
-//! same states and keeps its own pieces, in list order:
-//!
-//! - partial documents are finished first ([`LoaderState::pending`]);
-//! - buffered documents form its shuffle buffer (which drains down to its capacity);
-//! - chunk tails and chunks become its reading list ([`EpochRemainder::chunks`]).
-//!
-//! Every new rank then yields `min over new ranks of floor(units / units per batch)` more batches
-//! in the epoch (units: padded rows in pad mode, tokens in pack mode, as in the plan), so no row is
-//! yielded twice in the epoch and only the usual remainder that does not fill a batch is dropped:
-//! at most one piece's units plus one batch per new rank. The following epochs are planned
-//! normally for the new world size.
+//! a job with another world size ([`reshard`]).
 
-use crate::plan::{mix_seed, plan_epoch};
+use crate::plan::{mix_seed, plan_epoch, TAG_RESHARD_SHUFFLE};
 use crate::units::{count_from, doc_units};
 use crate::{
     Carry, ChunkTail, DataConfig, EpochRemainder, Error, LoaderSpec, LoaderState, Result, RowRef,
     Shard, Split, TokenLoader,
 };
 
-/// Purpose tag for the shuffle buffer stream of a resharded epoch (see [`mix_seed`]).
-const TAG_RESHARD_SHUFFLE: u64 = 3;
-
 /// The state of rank `spec.shard.rank` of `spec.shard.world` ranks that continues the train run
-/// whose ranks saved `states` (one per old rank, in rank order).
+/// whose ranks saved `states` (one per old rank, in rank order, all at the same batch of the same
+/// epoch, as they are at a checkpoint).
 ///
 /// With as many states as `spec.shard.world` this is simply `states[rank]` (a plain resume).
-/// Otherwise it distributes what is left of the current epoch over the new ranks as the
-/// [module docs](self) describe: across all old and new ranks together, no row of the epoch is
-/// yielded twice, and none is lost beyond the remainder that does not fill a batch. Every new rank
-/// must pass the same `states`; the result is deterministic. Resume a loader from it with
-/// [`TokenLoader::resume`].
+/// Otherwise what the epoch has left is redistributed. For each old rank that is: its partly
+/// emitted documents (the carry, and documents still pending from an earlier reshard), the
+/// documents waiting in its shuffle buffer, the unread rows of its current chunk, and the chunks it
+/// has not opened yet. These pieces are listed in a fixed order — partial documents by old rank,
+/// then buffered documents by old rank in buffer order, then the unread chunk tails and chunks taken
+/// in turn from each old rank's list — and dealt out largest first (Graham's LPT rule; ties in list
+/// order), each to the new rank that so far holds the fewest units (padded rows in pad mode, tokens
+/// in pack mode; ties to the lowest rank). Each new rank keeps its own pieces, in list order:
+///
+/// - partial documents are finished first ([`LoaderState::pending`]);
+/// - buffered documents form its shuffle buffer (which drains down to its capacity), drawn from a
+///   new stream ([`EpochRemainder::rng_seed`]);
+/// - chunk tails and chunks become its reading list ([`EpochRemainder::chunks`]).
+///
+/// Every new rank then yields `min over new ranks of floor(units / units per batch)` more batches
+/// in the epoch. So, across all old and new ranks together, no row of the epoch is yielded twice,
+/// and none is lost beyond the remainder that does not fill a batch at the epoch's end (at most one
+/// piece plus one batch per new rank). The following epochs are planned normally for the new world
+/// size. Every new rank must pass the same `states`; the result is deterministic. Resume a loader
+/// from it with [`TokenLoader::resume`].
 ///
 /// Cost: it opens the split as [`TokenLoader::new`] does, and reads every old rank's buffered and
 /// partly emitted documents; outside pad mode with plain token rows it also reads the unread tail
@@ -69,7 +62,8 @@ const TAG_RESHARD_SHUFFLE: u64 = 3;
 ///
 /// # Errors
 /// [`Error::Reshard`] when a state does not fit the others (rank order, world size, epoch, batch
-/// count, split) or the data; the errors of [`TokenLoader::new`] for the new shard.
+/// count, split) or the data; the errors of [`TokenLoader::new`] for the new shard, including
+/// [`Error::NotEnoughData`] when the next epoch cannot give every new rank a full batch.
 pub fn reshard(cfg: &DataConfig, spec: LoaderSpec, states: &[LoaderState]) -> Result<LoaderState> {
     check_states(spec, states)?;
     if states.len() == spec.shard.world {
@@ -98,6 +92,13 @@ impl Piece {
 
 /// The states must be all the ranks of one job, at the same point of the same train epoch.
 fn check_states(spec: LoaderSpec, states: &[LoaderState]) -> Result<()> {
+    let Shard { rank, world } = spec.shard;
+    if rank >= world {
+        return Err(Error::Config(vec![(
+            "shard".into(),
+            format!("rank {rank} is not below world {world}"),
+        )]));
+    }
     let Some(first) = states.first() else {
         return Err(Error::BadState("no loader states to reshard".into()));
     };
@@ -177,6 +178,10 @@ fn resharded(
             .steps
         }
     };
+    // Fail now rather than at the end of the epoch if the new world size is too large for the data.
+    if !loader.empty {
+        loader.plan(first.epoch + 1)?;
+    }
     let k = first.batches_in_epoch;
     if k > old_steps {
         return Err(Error::Reshard {
@@ -224,7 +229,7 @@ fn resharded(
         pending,
         remainder: Some(EpochRemainder {
             chunks,
-            steps: k + more,
+            steps: k.saturating_add(more),
             rng_seed,
         }),
     })

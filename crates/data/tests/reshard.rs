@@ -393,3 +393,24 @@ fn states_that_do_not_belong_together_are_refused_naming_the_rank() {
     let err = reshard(&cfg, new, &[]).unwrap_err().to_string();
     assert!(err.contains("no loader states"), "{err}");
 }
+
+#[test]
+fn a_world_size_too_large_for_the_data_fails_at_the_reshard_not_at_the_epoch_end() {
+    let dir = tmp();
+    let cfg = Mode {
+        packing: Packing::Pad,
+        truncation: Truncation::Truncate,
+        shuffle: Shuffle::Seeded,
+    }
+    .config(&dataset(&dir));
+    let mut l = TokenLoader::new(&cfg, spec(Split::Train, 0, 1, VOCAB)).unwrap();
+    let state = take(&mut l, 2).pop().unwrap().state_after;
+    // 29 chunks cannot give 40 ranks a batch each.
+    let err = reshard(&cfg, spec(Split::Train, 0, 40, VOCAB), &[state])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("train data is too small") && err.contains("smallest of 40 rank shares"),
+        "{err}"
+    );
+}
