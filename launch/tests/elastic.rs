@@ -1,6 +1,7 @@
 //! Elastic resume (issue #9) through `bellows launch` on loopback: a checkpoint written by 2 ranks
-//! resumes on 3 (and a 3-rank checkpoint on 2) with exactly the saved weights, from the saved step,
-//! and continues the uninterrupted run's loss curve.
+//! resumes on 3 and on 1 (and a 3-rank checkpoint on 2) with exactly the saved weights, from the
+//! saved step, and continues the uninterrupted run's loss curve; ZeRO-1 and FSDP (sharded
+//! checkpoint) make the same first update after the reshard as DDP.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -167,6 +168,21 @@ fn adapter(dir: &Path) -> Vec<(String, Vec<f32>)> {
         .collect()
 }
 
+/// The adapters in `a` and `b` agree to DDP-vs-ZeRO/FSDP summation-order noise (as in `ddp.rs`).
+fn assert_close_adapter(a: &Path, b: &Path, what: &str) {
+    let (x, y) = (adapter(a), adapter(b));
+    assert_eq!(x.len(), y.len(), "{what}: tensor count");
+    for ((n1, v1), (n2, v2)) in x.iter().zip(&y) {
+        assert_eq!(n1, n2);
+        for (i, (p, q)) in v1.iter().zip(v2).enumerate() {
+            assert!(
+                (p - q).abs() <= 1e-6 + 1e-5 * q.abs(),
+                "{what}: {n1}[{i}] {p} vs {q}"
+            );
+        }
+    }
+}
+
 /// The resumed run's losses after `from` stay on the reference curve: within `tol` of the
 /// reference loss at each step.
 fn assert_continues(got: &[(u64, f64)], want: &[(u64, f64)], from: u64, tol: f64, what: &str) {
@@ -256,15 +272,33 @@ fn a_two_rank_checkpoint_resumes_on_three_ranks_and_back_on_the_same_curve() {
     sets.push("dist.strategy=\"zero1\"".into());
     launch(&cfg, &zero, 3, &sets);
     let ddp = part.join(format!("checkpoints/checkpoint-{}", SAVED + 1));
-    for ((n1, v1), (n2, v2)) in adapter(&zero).iter().zip(&adapter(&ddp)) {
-        assert_eq!(n1, n2);
-        for (i, (p, q)) in v1.iter().zip(v2).enumerate() {
-            assert!(
-                (p - q).abs() <= 1e-6 + 1e-5 * q.abs(),
-                "zero1 vs ddp after resharding: {n1}[{i}] {p} vs {q}"
-            );
-        }
-    }
+    assert_close_adapter(&zero, &ddp, "zero1 vs ddp after resharding");
+
+    // FSDP writes sharded checkpoints (each rank its rows); 2 ranks' resume on 3 with exactly the
+    // saved weights, and make the same first update as DDP on 3 ranks.
+    let fsdp = "dist.strategy=\"fsdp\"".to_string();
+    let fsdp_part = dir.path().join("fsdp-part");
+    let mut sets = first.clone();
+    sets.push(fsdp.clone());
+    launch(&cfg, &fsdp_part, 2, &sets);
+    let fckpt = fsdp_part.join(format!("checkpoints/checkpoint-{SAVED}"));
+    assert!(
+        fckpt.join("model-rank-1.safetensors").is_file(),
+        "a sharded checkpoint"
+    );
+    let fsdp_same = dir.path().join("fsdp-same");
+    let mut sets = resume_from(&fckpt, SAVED);
+    sets.push(fsdp.clone());
+    launch(&cfg, &fsdp_same, 3, &sets);
+    assert!(
+        adapter_bytes(&fsdp_same) == adapter_bytes(&fckpt),
+        "fsdp: the resumed weights differ from the saved ones"
+    );
+    let fsdp_three = dir.path().join("fsdp-three");
+    let mut sets = resume_from(&fckpt, SAVED + 1);
+    sets.push(fsdp);
+    launch(&cfg, &fsdp_three, 3, &sets);
+    assert_close_adapter(&fsdp_three, &ddp, "fsdp vs ddp after resharding");
 
     // Down to one process.
     let one = dir.path().join("one");

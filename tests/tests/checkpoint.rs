@@ -157,17 +157,19 @@ fn another_config_or_an_unshardable_world_size_is_refused_saying_what_differs() 
         !err.contains("run.max_steps:"),
         "max_steps may change: {err}"
     );
-    // Issue #9: a ddp/zero checkpoint holds whole tensors, so another world size may resume it
-    // (the loader is resharded); a strategy whose checkpoints would be sharded may not.
+    // Issue #9: a ddp checkpoint holds whole tensors, so another world size may resume it (the
+    // loader is resharded); hybrid sharding may not.
     let same = job(dir.path(), &["run.max_steps=9"]);
     verify_checkpoint(&latest, &same, 2).expect("a ddp checkpoint resumes on 2 ranks");
     let mut sharded = same.clone();
-    sharded.dist.strategy = bellows_dist::Strategy::Fsdp;
+    sharded.dist.strategy = bellows_dist::Strategy::Hybrid;
     let err = verify_checkpoint(&latest, &sharded, 2)
         .expect_err("world size")
         .to_string();
     assert!(
-        err.contains("written by 1 ranks with dist.strategy = ddp, this job has 2 ranks with fsdp"),
+        err.contains(
+            "written by 1 ranks with dist.strategy = ddp, this job has 2 ranks with hybrid"
+        ),
         "{err}"
     );
     verify_checkpoint(&latest, &sharded, 1).expect("the same world size needs no resharding");

@@ -1,10 +1,11 @@
 //! Resuming: find the checkpoint, verify it (format, every file's size and SHA-256, config hash,
 //! world size) before reading anything from it, then restore weights, optimizer and progress.
 //!
-//! A checkpoint written by another number of ranks resumes when both its job and this one use a
-//! strategy whose checkpoints hold whole tensors (`ddp`, `zero1`, `zero2`): weights and optimizer
-//! state are world-size independent, and the data loader states of all old ranks are resharded
-//! ([`bellows_data::reshard`]) so that the rest of the epoch is neither repeated nor skipped.
+//! A checkpoint written by another number of ranks resumes when both its job and this one use
+//! `ddp`, `zero1`, `zero2` or `fsdp`: their weights and optimizer state are stored whole, or (FSDP)
+//! by rows that any world size reads back, and the data loader states of all old ranks are
+//! resharded ([`bellows_data::reshard`]) so that the rest of the epoch is neither repeated nor
+//! skipped. `hybrid` is refused.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -51,8 +52,8 @@ pub fn resolve_resume(cfg: &RunConfig) -> Result<Option<PathBuf>> {
 /// Reads `<dir>/manifest.json` and checks it against this job and the files on disk.
 ///
 /// A different world size is accepted when the checkpoint's job and this one both use `ddp`,
-/// `zero1` or `zero2` (their checkpoints hold whole tensors; [`load_checkpoint`] reshards the data
-/// loader).
+/// `zero1`, `zero2` or `fsdp` (their checkpoints hold whole tensors, or rows any world size reads;
+/// [`load_checkpoint`] reshards the data loader).
 ///
 /// # Errors
 /// A different format or config (naming the keys that differ), a missing, truncated or altered
@@ -125,7 +126,7 @@ pub fn verify_checkpoint(dir: &Path, cfg: &RunConfig, world_size: usize) -> Resu
         if !(reshardable(saved) && reshardable(now)) {
             return Err(mismatch(format!(
                 "written by {} ranks with dist.strategy = {}, this job has {world_size} ranks with {}; \
-                 only ddp, zero1 and zero2 checkpoints can resume on another number of ranks",
+                 only ddp, zero1, zero2 and fsdp checkpoints can resume on another number of ranks",
                 m.world_size,
                 strategy_name(saved),
                 strategy_name(now)
@@ -142,9 +143,14 @@ pub fn verify_checkpoint(dir: &Path, cfg: &RunConfig, world_size: usize) -> Resu
     Ok(m)
 }
 
-/// Strategies whose checkpoints hold whole (consolidated) tensors, so any world size can load them.
+/// Strategies whose checkpoints any world size can load: whole (consolidated) tensors for DDP and
+/// ZeRO, which takes its rows on load; rows by global index for FSDP, read back for the new shards
+/// (`TensorReader`).
 fn reshardable(s: Strategy) -> bool {
-    matches!(s, Strategy::Ddp | Strategy::Zero1 | Strategy::Zero2)
+    matches!(
+        s,
+        Strategy::Ddp | Strategy::Zero1 | Strategy::Zero2 | Strategy::Fsdp
+    )
 }
 
 fn strategy_name(s: Strategy) -> String {

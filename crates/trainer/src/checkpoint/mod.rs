@@ -16,13 +16,14 @@
 //! Resuming verifies every hash and refuses another config (see [`HASH_EXCLUDED`]).
 //!
 //! Elastic resume: a checkpoint written by another number of ranks resumes when the job that wrote
-//! it and this one both use `dist.strategy` `ddp`, `zero1` or `zero2`, whose weights and optimizer
-//! state are stored whole (ZeRO gathers its shards on save and takes its own rows on load). Every
+//! it and this one both use `dist.strategy` `ddp`, `zero1`, `zero2` or `fsdp`: DDP and ZeRO store
+//! weights and optimizer state whole (ZeRO gathers its shards on save and takes its own rows on
+//! load), FSDP stores rows by global index, which any world size reads back. Every
 //! rank reads the loader states of all old ranks and reshards them ([`bellows_data::reshard`]):
 //! what was left of the current data epoch is dealt out to the new ranks, so no row of the epoch is
 //! repeated or skipped (beyond the usual remainder that does not fill a batch), and later epochs are
 //! planned for the new world size. Rank 0 prints `resharded the run from N to M ranks at step S`.
-//! Any other strategy refuses another world size, naming both sizes. The global batch changes with
+//! `hybrid` refuses another world size, naming both sizes. The global batch changes with
 //! the world size, so such a run continues the loss curve but is not bitwise equal to the original.
 //!
 //! Exactness: the learning rate is a function of the step, the loader resumes from its saved
