@@ -102,6 +102,14 @@ pub enum Error {
     /// A [`LoaderState`](crate::LoaderState) does not fit this data or configuration.
     #[error("cannot resume: {0}")]
     BadState(String),
+    /// The loader states given to [`reshard`](crate::reshard) do not fit together or the data.
+    #[error("cannot reshard the data loader: the state of old rank {rank}: {message}")]
+    Reshard {
+        /// The old rank whose state is at fault.
+        rank: usize,
+        /// What is wrong with it.
+        message: String,
+    },
     /// The prefetch thread died without reporting an error.
     #[error("prefetch thread stopped: {0}")]
     Prefetch(String),

@@ -12,7 +12,7 @@
 //! - seeded shuffling of chunk order per epoch plus a row shuffle buffer;
 //! - padding or packing ([`Packing`]) with positions and segment ids, and labels in the Hugging Face
 //!   convention (unshifted, -100 ignored);
-//! - exact resume from a small [`LoaderState`];
+//! - exact resume from a small [`LoaderState`], and [`reshard`] to resume on another number of ranks;
 //! - a background [`Prefetcher`].
 //!
 //! ```
@@ -40,6 +40,7 @@ mod files;
 mod loader;
 mod plan;
 mod prefetch;
+mod reshard;
 mod rows;
 mod source;
 mod state;
@@ -55,8 +56,9 @@ pub use doc::IGNORE_INDEX;
 pub use error::{Error, Result};
 pub use loader::TokenLoader;
 pub use prefetch::Prefetcher;
+pub use reshard::reshard;
 pub use source::JSONL_BLOCK_ROWS;
-pub use state::{Carry, LoaderSpec, LoaderState, RowRef, Shard, Split};
+pub use state::{Carry, ChunkTail, EpochRemainder, LoaderSpec, LoaderState, RowRef, Shard, Split};
 pub use synth::{
     synthetic_rows, write_synthetic_parquet, SynthSpec, SYNTH_MAX_STEP, SYNTH_ROW_GROUP_ROWS,
 };

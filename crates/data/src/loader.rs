@@ -1,5 +1,7 @@
 //! [`TokenLoader`]: a sharded, shuffled, resumable stream of fixed-shape token batches.
 
+use std::collections::VecDeque;
+
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -8,8 +10,8 @@ use crate::doc::{Doc, DocBuilder};
 use crate::plan::{mix_seed, plan_epoch, EpochPlan, TAG_ROW_SHUFFLE};
 use crate::source::{ChunkReader, Dataset};
 use crate::{
-    Batch, Carry, DataConfig, Error, LoaderSpec, LoaderState, OnError, Packing, Result, RowRef,
-    Shard, Shuffle, Split, Truncation,
+    Batch, Carry, ChunkTail, DataConfig, EpochRemainder, Error, LoaderSpec, LoaderState, OnError,
+    Packing, Result, RowRef, Shard, Shuffle, Split, Truncation,
 };
 
 /// A document taken from the stream, with where it came from.
@@ -33,6 +35,10 @@ type Taken = (RowRef, Doc);
 /// stream seeded by (`seed`, epoch, rank), and refills from the input. The whole stream is a pure
 /// function of the files, the config, the seed and the shard. The eval split is read in order.
 ///
+/// **Resharding.** [`reshard`](crate::reshard) turns the states of all ranks into the state of a rank
+/// of another world size: the rest of the current epoch is redistributed, later epochs are planned
+/// for the new world size.
+///
 /// **Rows.** Each document is checked (token ids in `0..vocab_size`, lengths), gets its EOS if
 /// `add_eos`, is truncated per [`Truncation`], then padded or packed per [`Packing`]. In pack mode
 /// (and pad mode with `truncation = "split"`) a partly written document carries over to the next row
@@ -54,22 +60,27 @@ type Taken = (RowRef, Doc);
 /// # Ok::<(), bellows_data::Error>(())
 /// ```
 pub struct TokenLoader {
-    ds: Dataset,
-    builder: DocBuilder,
-    spec: LoaderSpec,
+    pub(crate) ds: Dataset,
+    pub(crate) builder: DocBuilder,
+    pub(crate) spec: LoaderSpec,
     seq_len: usize,
     batch_size: usize,
     packing: Packing,
     on_error: OnError,
     pad: u32,
     buffer_cap: usize,
-    shuffled: Option<u64>,
-    units: Vec<u64>,
-    units_per_batch: u64,
-    empty: bool,
-    // Position.
+    pub(crate) shuffled: Option<u64>,
+    /// Units per chunk (padded rows or tokens, see [`crate::units`]).
+    pub(crate) units: Vec<u64>,
+    pub(crate) units_per_batch: u64,
+    pub(crate) empty: bool,
+    // The current epoch's plan: what this rank reads and how many batches every rank yields.
     epoch: u64,
-    plan: EpochPlan,
+    chunks: Vec<ChunkTail>,
+    steps: u64,
+    /// Set when the epoch's plan came from a reshard (saved in the state as is).
+    remainder: Option<EpochRemainder>,
+    // Position.
     batches_in_epoch: u64,
     chunk_pos: usize,
     row_in_chunk: u64,
@@ -77,6 +88,7 @@ pub struct TokenLoader {
     rng: ChaCha8Rng,
     buffer: Vec<Taken>,
     carry: Option<(RowRef, Doc, usize)>,
+    pending: VecDeque<(RowRef, Doc, usize)>,
     finished: bool,
 }
 
@@ -131,43 +143,73 @@ impl TokenLoader {
         if l.empty {
             return Ok(l);
         }
-        l.start_epoch(state.epoch)?;
+        l.restore(state)?;
+        Ok(l)
+    }
+
+    /// Moves a freshly opened loader to `state` (already checked to be for this split and shard).
+    fn restore(&mut self, state: &LoaderState) -> Result<()> {
         let bad = |what: &str| Error::BadState(format!("{what} is out of range for this data"));
+        if state.remainder.is_none() && !state.pending.is_empty() {
+            return Err(Error::BadState(
+                "pending documents belong to a resharded epoch, and the state has none".into(),
+            ));
+        }
+        match &state.remainder {
+            None => self.start_epoch(state.epoch)?,
+            Some(_) if self.spec.split == Split::Eval => {
+                return Err(Error::BadState(
+                    "an eval state cannot hold a resharded epoch".into(),
+                ))
+            }
+            Some(rem) => self.start_remainder(state.epoch, rem)?,
+        }
         // The eval split reads its whole share, so it may go past the train step count.
-        let step_limit = if spec.split == Split::Eval {
+        let step_limit = if self.spec.split == Split::Eval {
             u64::MAX
         } else {
-            l.plan.steps
+            self.steps
         };
-        if state.chunk_pos > l.plan.chunks.len() || state.batches_in_epoch > step_limit {
+        if state.chunk_pos > self.chunks.len() || state.batches_in_epoch > step_limit {
             return Err(bad("chunk position or batch count"));
         }
-        l.batches_in_epoch = state.batches_in_epoch;
-        l.chunk_pos = state.chunk_pos;
-        l.row_in_chunk = state.row_in_chunk;
-        l.rng.set_word_pos(u128::from(state.rng_word_pos));
-        l.finished = state.finished;
+        self.batches_in_epoch = state.batches_in_epoch;
+        self.chunk_pos = state.chunk_pos;
+        self.row_in_chunk = state.row_in_chunk;
+        self.rng.set_word_pos(u128::from(state.rng_word_pos));
+        self.finished = state.finished;
         let mut wanted: Vec<RowRef> = state.buffer.clone();
-        wanted.extend(state.carry.map(|c| c.row));
-        if wanted.iter().any(|r| r.chunk >= l.ds.chunks.len()) {
+        let partial: Vec<Carry> = state.carry.iter().chain(&state.pending).copied().collect();
+        wanted.extend(partial.iter().map(|c| c.row));
+        if wanted.iter().any(|r| r.chunk >= self.ds.chunks.len()) {
             return Err(bad("a buffered row"));
         }
-        let mut docs = l.fetch_rows(&wanted)?;
-        if let Some(c) = state.carry {
-            let doc = docs.pop().ok_or_else(|| bad("the carried document"))?;
+        let mut docs = self.fetch_rows(&wanted)?;
+        let partial_docs = docs.split_off(state.buffer.len().min(docs.len()));
+        if partial_docs.len() != partial.len() {
+            return Err(bad("a carried document"));
+        }
+        let mut carried = VecDeque::with_capacity(partial.len());
+        for (c, doc) in partial.into_iter().zip(partial_docs) {
             // A damaged state may claim more of the document than it has (found by the
             // `loader_state` fuzz target: this used to panic slicing the document).
             if c.offset > doc.tokens.len() {
                 return Err(Error::BadState(format!(
-                    "the carried document has {} tokens, the state says {} were emitted",
+                    "the carried document (chunk {}, row {}) has {} tokens, the state says {} were emitted",
+                    c.row.chunk,
+                    c.row.row,
                     doc.tokens.len(),
                     c.offset
                 )));
             }
-            l.carry = Some((c.row, doc, c.offset));
+            carried.push_back((c.row, doc, c.offset));
         }
-        l.buffer = state.buffer.iter().copied().zip(docs).collect();
-        Ok(l)
+        if state.carry.is_some() {
+            self.carry = carried.pop_front();
+        }
+        self.pending = carried;
+        self.buffer = state.buffer.iter().copied().zip(docs).collect();
+        Ok(())
     }
 
     /// The next batch, or `None`: never for the train split (epochs repeat, reshuffled from
@@ -182,11 +224,7 @@ impl TokenLoader {
         if self.spec.split == Split::Eval {
             return self.next_eval_batch();
         }
-        if self.batches_in_epoch >= self.plan.steps {
-            if self.spec.split == Split::Eval {
-                self.finished = true;
-                return Ok(None);
-            }
+        if self.batches_in_epoch >= self.steps {
             self.start_epoch(self.epoch + 1)?;
         }
         let mut buf = BatchBuf::new(self.batch_size, self.seq_len);
@@ -198,9 +236,6 @@ impl TokenLoader {
             buf.pad_to_rows(row, self.pad);
         }
         self.batches_in_epoch += 1;
-        if self.spec.split == Split::Eval && self.batches_in_epoch >= self.plan.steps {
-            self.finished = true;
-        }
         Ok(Some(buf.finish(self.batch_size, self.state())))
     }
 
@@ -272,15 +307,26 @@ impl TokenLoader {
                 offset: *o,
             }),
             finished: self.finished,
+            pending: self
+                .pending
+                .iter()
+                .map(|(r, _, o)| Carry {
+                    row: *r,
+                    offset: *o,
+                })
+                .collect(),
+            remainder: self.remainder.clone(),
         }
     }
 
-    /// Batches every rank yields in the current epoch.
+    /// Batches every rank yields in the current epoch (counted from the epoch's start, also after
+    /// a reshard).
     pub fn steps_in_epoch(&self) -> u64 {
-        self.plan.steps
+        self.steps
     }
 
-    fn open(cfg: &DataConfig, spec: LoaderSpec) -> Result<Self> {
+    /// Opens and indexes the split's files without planning an epoch.
+    pub(crate) fn open(cfg: &DataConfig, spec: LoaderSpec) -> Result<Self> {
         cfg.validated()?;
         let mut issues = Vec::new();
         if spec.shard.world == 0 || spec.shard.rank >= spec.shard.world {
@@ -336,11 +382,9 @@ impl TokenLoader {
             units_per_batch,
             empty,
             epoch: 0,
-            plan: EpochPlan {
-                chunks: Vec::new(),
-                steps: 0,
-                min_units: 0,
-            },
+            chunks: Vec::new(),
+            steps: 0,
+            remainder: None,
             batches_in_epoch: 0,
             chunk_pos: 0,
             row_in_chunk: 0,
@@ -348,14 +392,19 @@ impl TokenLoader {
             rng: ChaCha8Rng::seed_from_u64(0),
             buffer: Vec::new(),
             carry: None,
+            pending: VecDeque::new(),
             finished: false,
             ds,
         })
     }
 
-    fn start_epoch(&mut self, epoch: u64) -> Result<()> {
+    /// Plans `epoch` for this rank.
+    ///
+    /// # Errors
+    /// [`Error::NotEnoughData`] when, on the train split, some rank cannot get one full batch.
+    pub(crate) fn plan(&self, epoch: u64) -> Result<EpochPlan> {
         let Shard { rank, world } = self.spec.shard;
-        self.plan = plan_epoch(
+        let plan = plan_epoch(
             &self.units,
             self.units_per_batch,
             self.shuffled,
@@ -364,7 +413,7 @@ impl TokenLoader {
             world,
         );
         // The eval split reads whatever its share holds, down to a single partial batch.
-        if self.plan.steps == 0 && self.spec.split == Split::Train {
+        if plan.steps == 0 && self.spec.split == Split::Train {
             let unit = match self.packing {
                 Packing::Pad => "rows",
                 Packing::Pack => "tokens",
@@ -375,23 +424,62 @@ impl TokenLoader {
                     "in epoch {epoch} the smallest of {world} rank shares holds {} {unit}, one batch needs {}; \
                      the {} chunks (row groups / record batches) are given whole to ranks, so use more data, \
                      a smaller batch, or files with smaller row groups",
-                    self.plan.min_units,
+                    plan.min_units,
                     self.units_per_batch,
                     self.units.len()
                 ),
             });
         }
+        Ok(plan)
+    }
+
+    fn start_epoch(&mut self, epoch: u64) -> Result<()> {
+        let plan = self.plan(epoch)?;
+        let rank = self.spec.shard.rank;
+        let chunks = plan
+            .chunks
+            .iter()
+            .map(|&chunk| ChunkTail { chunk, start: 0 })
+            .collect();
+        let seed = self.shuffled.unwrap_or(0);
+        let rng_seed = mix_seed(&[seed, epoch, rank as u64, TAG_ROW_SHUFFLE]);
+        self.begin(epoch, chunks, plan.steps, rng_seed);
+        self.remainder = None;
+        Ok(())
+    }
+
+    /// Starts the rest of `epoch` as a reshard left it (see [`crate::reshard`]).
+    fn start_remainder(&mut self, epoch: u64, rem: &EpochRemainder) -> Result<()> {
+        let fits = |t: &&ChunkTail| {
+            self.ds
+                .chunks
+                .get(t.chunk)
+                .is_some_and(|c| t.start <= c.rows)
+        };
+        if let Some(t) = rem.chunks.iter().find(|t| !fits(t)) {
+            let (row, chunk) = (t.start, t.chunk);
+            return Err(Error::BadState(format!(
+                "the resharded epoch names row {row} of chunk {chunk}, which the data does not have"
+            )));
+        }
+        self.begin(epoch, rem.chunks.clone(), rem.steps, rem.rng_seed);
+        self.remainder = Some(rem.clone());
+        Ok(())
+    }
+
+    /// Sets the epoch's plan and puts the cursor at its start.
+    fn begin(&mut self, epoch: u64, chunks: Vec<ChunkTail>, steps: u64, rng_seed: u64) {
         self.epoch = epoch;
+        self.row_in_chunk = chunks.first().map_or(0, |t| t.start);
+        self.chunks = chunks;
+        self.steps = steps;
         self.batches_in_epoch = 0;
         self.chunk_pos = 0;
-        self.row_in_chunk = 0;
         self.reader = None;
         self.buffer.clear();
         self.carry = None;
-        let seed = self.shuffled.unwrap_or(0);
-        self.rng =
-            ChaCha8Rng::seed_from_u64(mix_seed(&[seed, epoch, rank as u64, TAG_ROW_SHUFFLE]));
-        Ok(())
+        self.pending.clear();
+        self.rng = ChaCha8Rng::seed_from_u64(rng_seed);
     }
 
     /// One padded row: the next document (or the next `seq_len` piece of a split one).
@@ -420,6 +508,9 @@ impl TokenLoader {
     /// Up to `max` tokens of the current document, fetching the next one when none is in progress.
     fn take(&mut self, max: usize) -> Result<(Vec<u32>, Vec<i64>)> {
         if self.carry.is_none() {
+            self.carry = self.pending.pop_front();
+        }
+        if self.carry.is_none() {
             let (r, d) = self.next_doc()?.ok_or_else(|| {
                 Error::BadState(
                     "ran out of rows before the planned step count; did the files change?".into(),
@@ -443,7 +534,9 @@ impl TokenLoader {
 
     /// The next document after the shuffle buffer.
     fn next_doc(&mut self) -> Result<Option<Taken>> {
-        if self.buffer_cap == 0 {
+        // A resharded buffer may be larger than the capacity (it drains down to it) or, on a
+        // damaged state, present without one.
+        if self.buffer_cap == 0 && self.buffer.is_empty() {
             return self.read_doc();
         }
         while self.buffer.len() < self.buffer_cap {
@@ -462,17 +555,16 @@ impl TokenLoader {
     /// The next good document of this rank's chunks, in file order.
     fn read_doc(&mut self) -> Result<Option<Taken>> {
         loop {
+            let Some(&ChunkTail { chunk, .. }) = self.chunks.get(self.chunk_pos) else {
+                return Ok(None);
+            };
             if self.reader.is_none() {
-                let Some(&c) = self.plan.chunks.get(self.chunk_pos) else {
-                    return Ok(None);
-                };
-                self.reader = Some(self.ds.open_chunk(c, self.row_in_chunk)?);
+                self.reader = Some(self.ds.open_chunk(chunk, self.row_in_chunk)?);
             }
-            let chunk = self.plan.chunks[self.chunk_pos];
             let reader = self.reader.as_mut().expect("reader was just opened");
             let Some(row) = reader.next_row()? else {
                 self.chunk_pos += 1;
-                self.row_in_chunk = 0;
+                self.row_in_chunk = self.chunks.get(self.chunk_pos).map_or(0, |t| t.start);
                 self.reader = None;
                 continue;
             };
@@ -493,7 +585,7 @@ impl TokenLoader {
     ///
     /// Rows are read in runs: a new seek starts whenever the next wanted row is in another chunk or
     /// more than [`RESUME_GAP_ROWS`] rows further on, so little consumed data is read again.
-    fn fetch_rows(&self, refs: &[RowRef]) -> Result<Vec<Doc>> {
+    pub(crate) fn fetch_rows(&self, refs: &[RowRef]) -> Result<Vec<Doc>> {
         let mut sorted: Vec<(RowRef, usize)> = refs.iter().copied().zip(0..).collect();
         sorted.sort();
         let mut out: Vec<Option<Doc>> = vec![None; refs.len()];

@@ -12,6 +12,9 @@
 //!    exactly `steps` batches in the epoch and drops the rest of its share (the remainder is dropped,
 //!    never wrapped, so no row is seen twice in one epoch; with shuffling a different remainder is
 //!    dropped each epoch).
+//!
+//! After a change of world size in the middle of an epoch, [`reshard`](crate::reshard) replaces
+//! this plan for the rest of that epoch only ([`EpochRemainder`](crate::EpochRemainder)).
 
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -35,6 +38,7 @@ pub(crate) fn mix_seed(parts: &[u64]) -> u64 {
 /// Purpose tags for [`mix_seed`], so different random streams never coincide.
 pub(crate) const TAG_CHUNK_ORDER: u64 = 1;
 pub(crate) const TAG_ROW_SHUFFLE: u64 = 2;
+pub(crate) const TAG_RESHARD_SHUFFLE: u64 = 3;
 
 /// One rank's share of one epoch.
 #[derive(Clone, Debug, PartialEq)]

@@ -76,7 +76,8 @@ pub struct Carry {
 pub struct LoaderState {
     /// The split it belongs to.
     pub split: Split,
-    /// The shard it belongs to (resuming under another world size is refused).
+    /// The shard it belongs to. [`TokenLoader::resume`](crate::TokenLoader::resume) refuses another
+    /// shard; [`reshard`](crate::reshard) turns the states of all ranks into one for another world size.
     pub shard: Shard,
     /// Number of chunks in the split when the state was taken (a guard against changed data).
     pub num_chunks: usize,
@@ -84,9 +85,9 @@ pub struct LoaderState {
     pub epoch: u64,
     /// Batches already yielded in this epoch.
     pub batches_in_epoch: u64,
-    /// Position in this rank's chunk list for the epoch.
+    /// Position in this rank's chunk list for the epoch (the epoch plan's, or `remainder.chunks`).
     pub chunk_pos: usize,
-    /// Rows already read from the chunk at `chunk_pos`.
+    /// Next row to read of the chunk at `chunk_pos`, counted from the chunk's first row.
     pub row_in_chunk: u64,
     /// Words drawn from the shuffle buffer's ChaCha8 stream this epoch.
     pub rng_word_pos: u64,
@@ -96,4 +97,36 @@ pub struct LoaderState {
     pub carry: Option<Carry>,
     /// The eval pass is over.
     pub finished: bool,
+    /// Partly emitted documents handed over by a reshard, finished in order after `carry` and before
+    /// any other row. Empty unless the state comes from [`reshard`](crate::reshard).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending: Vec<Carry>,
+    /// The rest of the current epoch after a reshard, replacing the epoch's planned chunk list and
+    /// step count; `None` (and absent from older checkpoints) for a planned epoch. The next epoch is
+    /// planned normally.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remainder: Option<EpochRemainder>,
+}
+
+/// Rows `start..` of chunk `chunk`: one entry of a resharded epoch's reading list.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkTail {
+    /// Chunk id.
+    pub chunk: usize,
+    /// First row to read (0 for a whole chunk).
+    pub start: u64,
+}
+
+/// One rank's share of what was left of an epoch when its job was resharded to another world size.
+///
+/// Made by [`reshard`](crate::reshard); it replaces the planned chunk list of the current epoch
+/// only. Its shuffle buffer stream is seeded by `rng_seed` rather than by (seed, epoch, rank).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct EpochRemainder {
+    /// What this rank reads for the rest of the epoch, in order (after the buffer and pending documents).
+    pub chunks: Vec<ChunkTail>,
+    /// The epoch ends when `batches_in_epoch` reaches this value, on every rank.
+    pub steps: u64,
+    /// Seed of this rank's shuffle buffer stream for the rest of the epoch.
+    pub rng_seed: u64,
 }

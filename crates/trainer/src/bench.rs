@@ -202,6 +202,8 @@ fn random_batch(vocab: usize, batch: usize, seq: usize, seed: u64) -> Batch {
             buffer: Vec::new(),
             carry: None,
             finished: false,
+            pending: Vec::new(),
+            remainder: None,
         },
     }
 }

@@ -272,6 +272,9 @@ pub fn train_on<B: AutodiffBackend>(
             let loader = TokenLoader::resume(&cfg.data, spec, &p.loader)?;
             if acc.is_main() {
                 truncate_metrics(out, p.step)?;
+                if let Some(from) = r.resharded_from {
+                    eprintln!("resharded the run from {from} to {world} ranks at step {}: the rest of the data epoch is redistributed", p.step);
+                }
                 eprintln!(
                     "resumed from {} at step {} in {:.3}s",
                     dir.display(),

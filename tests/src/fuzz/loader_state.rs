@@ -1,5 +1,6 @@
 //! Target `loader_state`: a checkpoint's `loader-rank-<r>.json` (the data loader's resume cursor)
-//! through JSON decoding and [`TokenLoader::resume`] over a small fixed dataset, then a few batches.
+//! through JSON decoding and [`TokenLoader::resume`] over a small fixed dataset, then a few batches;
+//! and, as the state of a one-rank job, through [`bellows_data::reshard`] onto two ranks.
 
 use std::path::{Path, PathBuf};
 
@@ -64,9 +65,24 @@ pub fn run(data: &[u8], scratch: &Path) {
     if spec.split == Split::Eval {
         cfg.eval = Some(cfg.train.clone());
     }
-    let Ok(mut loader) = TokenLoader::resume(&cfg, spec, &state) else {
-        return;
-    };
+    if let Ok(loader) = TokenLoader::resume(&cfg, spec, &state) {
+        take_a_few(loader, &cfg);
+    }
+    // The same state as the only rank of a job, resharded onto two ranks (elastic resume).
+    if spec.split == Split::Train {
+        let two = LoaderSpec {
+            shard: bellows_data::Shard { rank: 1, world: 2 },
+            ..spec
+        };
+        if let Ok(s) = bellows_data::reshard(&cfg, two, std::slice::from_ref(&state)) {
+            if let Ok(loader) = TokenLoader::resume(&cfg, two, &s) {
+                take_a_few(loader, &cfg);
+            }
+        }
+    }
+}
+
+fn take_a_few(mut loader: TokenLoader, cfg: &DataConfig) {
     for _ in 0..3 {
         match loader.next_batch() {
             Ok(Some(b)) => assert!(b.label_tokens() <= cfg.batch_size * cfg.seq_len),

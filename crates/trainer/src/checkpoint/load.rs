@@ -1,11 +1,19 @@
-//! Resuming: find the checkpoint, verify it (format, world size, config hash, every file's size
-//! and SHA-256) before reading anything from it, then restore weights, optimizer and progress.
+//! Resuming: find the checkpoint, verify it (format, every file's size and SHA-256, config hash,
+//! world size) before reading anything from it, then restore weights, optimizer and progress.
+//!
+//! A checkpoint written by another number of ranks resumes when both its job and this one use
+//! `ddp`, `zero1`, `zero2` or `fsdp`: their weights and optimizer state are stored whole, or (FSDP)
+//! by rows that any world size reads back, and the data loader states of all old ranks are
+//! resharded ([`bellows_data::reshard`]) so that the rest of the epoch is neither repeated nor
+//! skipped. `hybrid` is refused.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{backend::AutodiffBackend, TensorData};
 
+use bellows_data::{LoaderSpec, LoaderState, Split};
+use bellows_dist::Strategy;
 use bellows_models::CausalLm;
 
 use super::manifest::{
@@ -43,9 +51,14 @@ pub fn resolve_resume(cfg: &RunConfig) -> Result<Option<PathBuf>> {
 
 /// Reads `<dir>/manifest.json` and checks it against this job and the files on disk.
 ///
+/// A different world size is accepted when the checkpoint's job and this one both use `ddp`,
+/// `zero1`, `zero2` or `fsdp` (their checkpoints hold whole tensors, or rows any world size reads;
+/// [`load_checkpoint`] reshards the data loader).
+///
 /// # Errors
-/// A different format, world size or config (naming the keys that differ), or a missing,
-/// truncated or altered file (naming it).
+/// A different format or config (naming the keys that differ), a missing, truncated or altered
+/// file (naming it), or a different world size under a strategy that cannot be resharded (naming
+/// both sizes and the strategies).
 pub fn verify_checkpoint(dir: &Path, cfg: &RunConfig, world_size: usize) -> Result<Manifest> {
     let m = Manifest::read(dir)?;
     let mismatch = |message: String| Error::CheckpointMismatch {
@@ -56,12 +69,6 @@ pub fn verify_checkpoint(dir: &Path, cfg: &RunConfig, world_size: usize) -> Resu
         return Err(mismatch(format!(
             "format version {} (written by bellows {}), this bellows reads version {FORMAT_VERSION}",
             m.format_version, m.bellows_version
-        )));
-    }
-    if m.world_size != world_size {
-        return Err(mismatch(format!(
-            "written by {} ranks, this job has {world_size} (resharding is not supported yet)",
-            m.world_size
         )));
     }
     for (rel, entry) in &m.files {
@@ -113,7 +120,87 @@ pub fn verify_checkpoint(dir: &Path, cfg: &RunConfig, world_size: usize) -> Resu
             m.config_hash_excludes.join(", ")
         )));
     }
+    if m.world_size != world_size {
+        let saved = saved_strategy(dir)?;
+        let now = cfg.dist.strategy;
+        if !(reshardable(saved) && reshardable(now)) {
+            return Err(mismatch(format!(
+                "written by {} ranks with dist.strategy = {}, this job has {world_size} ranks with {}; \
+                 only ddp, zero1, zero2 and fsdp checkpoints can resume on another number of ranks",
+                m.world_size,
+                strategy_name(saved),
+                strategy_name(now)
+            )));
+        }
+        if m.loader_files.len() != m.world_size {
+            return Err(mismatch(format!(
+                "written by {} ranks but lists {} loader state files",
+                m.world_size,
+                m.loader_files.len()
+            )));
+        }
+    }
     Ok(m)
+}
+
+/// Strategies whose checkpoints any world size can load: whole (consolidated) tensors for DDP and
+/// ZeRO, which takes its rows on load; rows by global index for FSDP, read back for the new shards
+/// (`TensorReader`).
+fn reshardable(s: Strategy) -> bool {
+    matches!(
+        s,
+        Strategy::Ddp | Strategy::Zero1 | Strategy::Zero2 | Strategy::Fsdp
+    )
+}
+
+fn strategy_name(s: Strategy) -> String {
+    format!("{s:?}").to_lowercase()
+}
+
+/// `dist.strategy` of the job that wrote the checkpoint, from its (verified) `config.toml`.
+fn saved_strategy(dir: &Path) -> Result<Strategy> {
+    let path = dir.join("config.toml");
+    let bad = |message: String| Error::CheckpointCorrupt {
+        file: path.clone(),
+        message,
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let table: toml::Table = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    match table.get("dist").and_then(|d| d.get("strategy")) {
+        None => Ok(Strategy::default()),
+        Some(v) => v
+            .clone()
+            .try_into()
+            .map_err(|e| bad(format!("dist.strategy: {e}"))),
+    }
+}
+
+/// This rank's loader state: its own file when the world size is unchanged, otherwise the states
+/// of every old rank resharded onto this job's ranks.
+fn loader_state(ctx: CheckpointCtx<'_>, dir: &Path, m: &Manifest) -> Result<LoaderState> {
+    let mut states = Vec::with_capacity(m.loader_files.len());
+    for name in &m.loader_files {
+        let path = dir.join(name);
+        let text = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        let state = serde_json::from_slice(&text).map_err(|e| Error::CheckpointCorrupt {
+            file: path.clone(),
+            message: e.to_string(),
+        })?;
+        states.push(state);
+    }
+    let spec = LoaderSpec {
+        split: Split::Train,
+        shard: ctx.acc.shard(),
+        seed: ctx.cfg.run.seed,
+        vocab_size: ctx.arch.vocab_size,
+    };
+    bellows_data::reshard(&ctx.cfg.data, spec, &states).map_err(|e| match e {
+        bellows_data::Error::Reshard { rank, message } => Error::CheckpointCorrupt {
+            file: dir.join(loader_file(rank)),
+            message: format!("cannot reshard the data loader: {message}"),
+        },
+        other => other.into(),
+    })
 }
 
 /// Restores a verified checkpoint: overwrites the saved weights of `model` (their init does not
@@ -190,12 +277,8 @@ pub fn load_checkpoint<B: AutodiffBackend>(
             .map(|k| format!("{k}: not a parameter of this model")),
     );
     check(&opath, problems)?;
-    let lpath = dir.join(loader_file(ctx.acc.rank()));
-    let text = std::fs::read(&lpath).map_err(|e| Error::io(&lpath, e))?;
-    let loader = serde_json::from_slice(&text).map_err(|e| Error::CheckpointCorrupt {
-        file: lpath.clone(),
-        message: e.to_string(),
-    })?;
+    let loader = loader_state(ctx, dir, &m)?;
+    let resharded_from = (m.world_size != ctx.acc.world_size()).then_some(m.world_size);
     if m.losses.len() as u64 != m.step {
         return Err(Error::CheckpointCorrupt {
             file: dir.join(super::manifest::MANIFEST),
@@ -214,6 +297,7 @@ pub fn load_checkpoint<B: AutodiffBackend>(
         model,
         optim,
         progress,
+        resharded_from,
     })
 }
 
@@ -223,8 +307,10 @@ pub struct Restored<B: AutodiffBackend> {
     pub model: CausalLm<B>,
     /// The optimizer with the checkpoint's state, keyed by the model's current ids.
     pub optim: AdamWOptim<CausalLm<B>, B>,
-    /// Step, tokens, loss history and this rank's loader state.
+    /// Step, tokens, loss history and this rank's loader state (resharded if the world size changed).
     pub progress: TrainProgress,
+    /// The checkpoint's world size, when it differs from this job's (the run was resharded).
+    pub resharded_from: Option<usize>,
 }
 
 fn check(file: &Path, mut problems: Vec<String>) -> Result<()> {
