@@ -843,6 +843,29 @@ fn hybrid_sharding_on_two_nodes_matches_ddp_on_four_processes() {
         .expect("export");
     check(&o, "export");
     assert_same_model(&exported, &out, "exported hybrid checkpoint vs final model");
+    // The hybrid checkpoint (2 shards, 4 loader states) resumes under fsdp on 3 processes.
+    let o = launch(
+        &cfg,
+        &out,
+        3,
+        &[
+            "--set",
+            "peft.method=none",
+            "--set",
+            "dist.strategy=fsdp",
+            "--set",
+            "run.max_steps=6",
+            "--set",
+            "checkpoint.resume=\"latest\"",
+        ],
+    );
+    check(&o, "fsdp x 3 from the hybrid checkpoint");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("resharded the run from 4 to 3 ranks at step 4"),
+        "{err}"
+    );
+    assert!(err.contains("step 6/6"), "{err}");
 }
 
 /// Issue 9: QLoRA under FSDP — the frozen NF4 bases sharded at quantization-block boundaries

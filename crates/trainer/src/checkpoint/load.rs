@@ -1,11 +1,10 @@
 //! Resuming: find the checkpoint, verify it (format, every file's size and SHA-256, config hash,
 //! world size) before reading anything from it, then restore weights, optimizer and progress.
 //!
-//! A checkpoint written by another number of ranks resumes when both its job and this one use
-//! `ddp`, `zero1`, `zero2` or `fsdp`: their weights and optimizer state are stored whole, or (FSDP)
-//! by rows that any world size reads back, and the data loader states of all old ranks are
-//! resharded ([`bellows_data::reshard`]) so that the rest of the epoch is neither repeated nor
-//! skipped. `hybrid` is refused.
+//! A checkpoint written by another number of ranks (or strategy) resumes: weights and optimizer
+//! state are stored whole (DDP, ZeRO) or by rows that any world size reads back (FSDP, hybrid),
+//! and the data loader states of all old ranks are resharded ([`bellows_data::reshard`]) so that
+//! the rest of the epoch is neither repeated nor skipped.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -13,7 +12,6 @@ use std::path::{Path, PathBuf};
 use burn::tensor::{backend::AutodiffBackend, TensorData};
 
 use bellows_data::{LoaderSpec, LoaderState, Split};
-use bellows_dist::Strategy;
 use bellows_models::CausalLm;
 
 use super::manifest::{
@@ -120,18 +118,10 @@ pub fn verify_checkpoint(dir: &Path, cfg: &RunConfig, world_size: usize) -> Resu
             m.config_hash_excludes.join(", ")
         )));
     }
+    // Any strategy's checkpoint resumes on any number of ranks: DDP and ZeRO checkpoints hold
+    // whole tensors (ZeRO takes its rows on load), FSDP / hybrid ones rows by global index, read
+    // back for the new shards (`TensorReader`); the loader states are resharded.
     if m.world_size != world_size {
-        let saved = saved_strategy(dir)?;
-        let now = cfg.dist.strategy;
-        if !(reshardable(saved) && reshardable(now)) {
-            return Err(mismatch(format!(
-                "written by {} ranks with dist.strategy = {}, this job has {world_size} ranks with {}; \
-                 only ddp, zero1, zero2 and fsdp checkpoints can resume on another number of ranks",
-                m.world_size,
-                strategy_name(saved),
-                strategy_name(now)
-            )));
-        }
         if m.loader_files.len() != m.world_size {
             return Err(mismatch(format!(
                 "written by {} ranks but lists {} loader state files",
@@ -141,38 +131,6 @@ pub fn verify_checkpoint(dir: &Path, cfg: &RunConfig, world_size: usize) -> Resu
         }
     }
     Ok(m)
-}
-
-/// Strategies whose checkpoints any world size can load: whole (consolidated) tensors for DDP and
-/// ZeRO, which takes its rows on load; rows by global index for FSDP, read back for the new shards
-/// (`TensorReader`).
-fn reshardable(s: Strategy) -> bool {
-    matches!(
-        s,
-        Strategy::Ddp | Strategy::Zero1 | Strategy::Zero2 | Strategy::Fsdp
-    )
-}
-
-fn strategy_name(s: Strategy) -> String {
-    format!("{s:?}").to_lowercase()
-}
-
-/// `dist.strategy` of the job that wrote the checkpoint, from its (verified) `config.toml`.
-fn saved_strategy(dir: &Path) -> Result<Strategy> {
-    let path = dir.join("config.toml");
-    let bad = |message: String| Error::CheckpointCorrupt {
-        file: path.clone(),
-        message,
-    };
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    let table: toml::Table = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
-    match table.get("dist").and_then(|d| d.get("strategy")) {
-        None => Ok(Strategy::default()),
-        Some(v) => v
-            .clone()
-            .try_into()
-            .map_err(|e| bad(format!("dist.strategy: {e}"))),
-    }
 }
 
 /// This rank's loader state: its own file when the world size is unchanged, otherwise the states

@@ -23,7 +23,7 @@
 //! what was left of the current data epoch is dealt out to the new ranks, so no row of the epoch is
 //! repeated or skipped (beyond the usual remainder that does not fill a batch), and later epochs are
 //! planned for the new world size. Rank 0 prints `resharded the run from N to M ranks at step S`.
-//! `hybrid` refuses another world size, naming both sizes. The global batch changes with
+//! The global batch changes with
 //! the world size, so such a run continues the loss curve but is not bitwise equal to the original.
 //!
 //! Exactness: the learning rate is a function of the step, the loader resumes from its saved
