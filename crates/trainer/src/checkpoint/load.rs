@@ -121,14 +121,12 @@ pub fn verify_checkpoint(dir: &Path, cfg: &RunConfig, world_size: usize) -> Resu
     // Any strategy's checkpoint resumes on any number of ranks: DDP and ZeRO checkpoints hold
     // whole tensors (ZeRO takes its rows on load), FSDP / hybrid ones rows by global index, read
     // back for the new shards (`TensorReader`); the loader states are resharded.
-    if m.world_size != world_size {
-        if m.loader_files.len() != m.world_size {
-            return Err(mismatch(format!(
-                "written by {} ranks but lists {} loader state files",
-                m.world_size,
-                m.loader_files.len()
-            )));
-        }
+    if m.world_size != world_size && m.loader_files.len() != m.world_size {
+        return Err(mismatch(format!(
+            "written by {} ranks but lists {} loader state files",
+            m.world_size,
+            m.loader_files.len()
+        )));
     }
     Ok(m)
 }
