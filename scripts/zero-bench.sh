@@ -2,7 +2,7 @@
 # Step time and peak memory per rank of DDP, ZeRO-1, ZeRO-2 and FSDP on N processes (default 2):
 # full fine-tuning of the small Llama (configs/bench/zero-small.toml). Prints one line per
 # strategy; record the results (with the load average) in docs/BENCHMARKS.md.
-# usage: scripts/zero-bench.sh [nproc] [path/to/bellows]
+# usage: [STRATEGIES="ddp fsdp"] [EXTRA="--set dist.prefetch=false"] scripts/zero-bench.sh [nproc] [path/to/bellows]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-2}
@@ -12,7 +12,7 @@ echo "load $(cut -d' ' -f1-3 /proc/loadavg); $N processes"
 for s in ${STRATEGIES:-ddp zero1 zero2 fsdp}; do
     log="$OUT/$s.log"
     "$BIN" launch --nproc-per-node "$N" configs/bench/zero-small.toml \
-        --set dist.strategy=$s --set run.output_dir="\"$OUT/$s\"" > "$log" 2>&1
+        --set dist.strategy=$s --set run.output_dir="\"$OUT/$s\"" ${EXTRA:-} > "$log" 2>&1
     tps=$(grep -o 'tok/s [0-9]*' "$log" | tail -n +3 | awk '{s+=$2; n++} END {printf "%.0f", s/n}')
     rss=$(grep -o 'rank [0-9]*: peak RSS [0-9]* MiB while training' "$log" | sort | awk '{print $5}' | tr '\n' ' ')
     end=$(grep -o 'done: .*peak RSS [0-9]* MiB' "$log" | grep -o 'RSS [0-9]*' | awk '{print $2}' | tr '\n' ' ')

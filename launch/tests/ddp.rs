@@ -583,21 +583,21 @@ fn fsdp_matches_ddp_and_each_rank_holds_a_shard_of_the_weights() {
             } else {
                 assert_same_model(&out, &ddp, &what);
             }
-            // Prefetching (the default) only changes when gathers run, never their results.
-            let plain = dir.path().join(format!("fsdp-noprefetch-{tag}-{nproc}"));
+            // Prefetching only changes when gathers run, never their results.
+            let plain = dir.path().join(format!("fsdp-prefetch-{tag}-{nproc}"));
             let p = [
                 "--set",
                 &m,
                 "--set",
                 "dist.strategy=fsdp",
                 "--set",
-                "dist.prefetch=false",
+                "dist.prefetch=true",
             ];
-            check(&launch(&cfg, &plain, nproc, &p), "fsdp without prefetch");
+            check(&launch(&cfg, &plain, nproc, &p), "fsdp with prefetch");
             if method == "lora" {
-                assert_same_adapter(&plain, &out, "fsdp without vs with prefetch");
+                assert_same_adapter(&plain, &out, "fsdp with vs without prefetch");
             } else {
-                assert_same_model(&plain, &out, "fsdp without vs with prefetch");
+                assert_same_model(&plain, &out, "fsdp with vs without prefetch");
             }
             let held = fsdp_held(&o);
             assert_eq!(held.len(), nproc, "one line per rank");
@@ -808,6 +808,8 @@ fn hybrid_sharding_on_two_nodes_matches_ddp_on_four_processes() {
                 "dist.strategy=hybrid",
                 "--set",
                 "checkpoint.every_steps=4",
+                "--set",
+                "dist.prefetch=true",
             ])
             .args(["--set", &format!("run.output_dir={}", out.display())])
             .output()

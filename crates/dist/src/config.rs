@@ -66,13 +66,16 @@ pub struct DistConfig {
     #[serde(default)]
     pub strategy: Strategy,
     /// FSDP: gather the next layer's weights (and in the backward pass the previous layer's) on
-    /// a communication thread while the current layer computes. Default true.
+    /// a communication thread while the current layer computes. Default false: on a CPU whose
+    /// cores all compute (the usual one rank per core group) the thread only competes with them —
+    /// measured 3 % slower and ~40 MiB more per rank (docs/BENCHMARKS.md); turn it on when ranks
+    /// have cores or a device to spare.
     #[serde(default = "default_prefetch")]
     pub prefetch: bool,
 }
 
 fn default_prefetch() -> bool {
-    true
+    false
 }
 
 impl Default for DistConfig {
