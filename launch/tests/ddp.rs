@@ -686,6 +686,11 @@ fn an_fsdp_checkpoint_is_sharded_per_rank_and_resumes_to_the_uninterrupted_resul
         &whole,
         "exported sharded checkpoint vs final model",
     );
+    // ... and the DDP run's result.
+    let ddp = dir.path().join("ddp");
+    let d = [z[2], z[3], z[6], z[7]];
+    check(&launch(&cfg, &ddp, 2, &d), "ddp");
+    assert_same_model(&exported, &ddp, "exported sharded checkpoint vs ddp");
     // A damaged rank file is named, not exported.
     let damaged = whole.join("checkpoints/checkpoint-4/model-rank-1.safetensors");
     let mut bytes = std::fs::read(&damaged).expect("rank file");
