@@ -3,6 +3,8 @@
 //! saved step, and continues the uninterrupted run's loss curve; ZeRO-1 and FSDP (sharded
 //! checkpoint) make the same first update after the reshard as DDP.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Arc;
@@ -12,6 +14,8 @@ use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
 use parquet::arrow::ArrowWriter;
 use parquet::file::properties::WriterProperties;
+
+use common::assert_same_adapter;
 
 const STEPS: u64 = 8;
 /// The checkpoint the 2-rank run stops at.
@@ -149,40 +153,6 @@ fn adapter_bytes(dir: &Path) -> Vec<u8> {
     std::fs::read(dir.join("adapter/adapter_model.safetensors")).expect("adapter")
 }
 
-fn adapter(dir: &Path) -> Vec<(String, Vec<f32>)> {
-    let bytes = adapter_bytes(dir);
-    let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
-    let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
-    names.sort();
-    names
-        .into_iter()
-        .map(|n| {
-            let v = st.tensor(&n).expect("tensor");
-            let vals = v
-                .data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
-            (n, vals)
-        })
-        .collect()
-}
-
-/// The adapters in `a` and `b` agree to DDP-vs-ZeRO/FSDP summation-order noise (as in `ddp.rs`).
-fn assert_close_adapter(a: &Path, b: &Path, what: &str) {
-    let (x, y) = (adapter(a), adapter(b));
-    assert_eq!(x.len(), y.len(), "{what}: tensor count");
-    for ((n1, v1), (n2, v2)) in x.iter().zip(&y) {
-        assert_eq!(n1, n2);
-        for (i, (p, q)) in v1.iter().zip(v2).enumerate() {
-            assert!(
-                (p - q).abs() <= 1e-6 + 1e-5 * q.abs(),
-                "{what}: {n1}[{i}] {p} vs {q}"
-            );
-        }
-    }
-}
-
 /// The resumed run's losses after `from` stay on the reference curve: within `tol` of the
 /// reference loss at each step.
 fn assert_continues(got: &[(u64, f64)], want: &[(u64, f64)], from: u64, tol: f64, what: &str) {
@@ -272,7 +242,7 @@ fn a_two_rank_checkpoint_resumes_on_three_ranks_and_back_on_the_same_curve() {
     sets.push("dist.strategy=\"zero1\"".into());
     launch(&cfg, &zero, 3, &sets);
     let ddp = part.join(format!("checkpoints/checkpoint-{}", SAVED + 1));
-    assert_close_adapter(&zero, &ddp, "zero1 vs ddp after resharding");
+    assert_same_adapter(&zero, &ddp, "zero1 vs ddp after resharding");
 
     // FSDP writes sharded checkpoints (each rank its rows); 2 ranks' resume on 3 with exactly the
     // saved weights, and make the same first update as DDP on 3 ranks.
@@ -298,7 +268,7 @@ fn a_two_rank_checkpoint_resumes_on_three_ranks_and_back_on_the_same_curve() {
     let mut sets = resume_from(&fckpt, SAVED + 1);
     sets.push(fsdp);
     launch(&cfg, &fsdp_three, 3, &sets);
-    assert_close_adapter(&fsdp_three, &ddp, "fsdp vs ddp after resharding");
+    assert_same_adapter(&fsdp_three, &ddp, "fsdp vs ddp after resharding");
 
     // Down to one process.
     let one = dir.path().join("one");

@@ -13,7 +13,6 @@ use crate::config::ModelArch;
 use crate::mlp::Mlp;
 use crate::norm::RmsNorm;
 use crate::rope::{inv_freq, RopeTables};
-use crate::shard::ShardingSource;
 use crate::source::{BaseSource, RandomInit};
 
 /// One pre-norm decoder layer: `x + attn(norm(x))`, then `x + mlp(norm(x))`.
@@ -138,18 +137,7 @@ impl<B: Backend> CausalLm<B> {
             quantize,
             device,
         };
-        let built = match shard {
-            Some(group) => Self::build(
-                arch,
-                plan,
-                &mut ShardingSource {
-                    inner: &mut src,
-                    group,
-                },
-                rng,
-            ),
-            None => Self::build(arch, plan, &mut src, rng),
-        };
+        let built = Self::build_sharded(arch, plan, &mut src, shard, rng);
         built.expect("the random init cannot fail")
     }
 

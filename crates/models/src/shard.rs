@@ -70,6 +70,23 @@ pub struct ShardedParam {
 }
 
 impl<B: Backend> CausalLm<B> {
+    /// [`CausalLm::build`] from `src`, through a [`ShardingSource`] when `shard` is set.
+    ///
+    /// # Errors
+    /// As [`CausalLm::build`].
+    pub fn build_sharded(
+        arch: &crate::ModelArch,
+        plan: &bellows_peft::LoraPlan,
+        src: &mut dyn BaseSource<B>,
+        shard: Option<&ShardGroup>,
+        rng: &mut InitRng,
+    ) -> Result<Self> {
+        match shard {
+            Some(group) => Self::build(arch, plan, &mut ShardingSource { inner: src, group }, rng),
+            None => Self::build(arch, plan, src, rng),
+        }
+    }
+
     /// Keeps only this rank's rows of every sharded weight (see the module docs); parameter ids
     /// and trainability are kept, so optimizer state and checkpoints find them by path.
     pub fn shard(self, group: &ShardGroup) -> Self {

@@ -11,7 +11,7 @@ use super::source::CheckpointSource;
 use super::weights::WeightFiles;
 use crate::config::ModelArch;
 use crate::params::is_adapter_path;
-use crate::{CausalLm, Error, Result, ShardingSource};
+use crate::{CausalLm, Error, Result};
 use bellows_peft::{InitRng, LoraPlan, Nf4Options, PeftConfig, ShardGroup};
 
 /// Reads and parses `<dir>/config.json`.
@@ -83,16 +83,7 @@ pub fn load_pretrained_sharded<B: Backend>(
         quantize,
         device,
     };
-    let model = match shard {
-        Some(group) => {
-            let mut sharded = ShardingSource {
-                inner: &mut src,
-                group,
-            };
-            CausalLm::build(&arch, plan, &mut sharded, rng)?
-        }
-        None => CausalLm::build(&arch, plan, &mut src, rng)?,
-    };
+    let model = CausalLm::build_sharded(&arch, plan, &mut src, shard, rng)?;
     Ok((arch, model))
 }
 
