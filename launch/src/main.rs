@@ -71,9 +71,12 @@ enum Command {
 struct PlanArgs {
     #[command(flatten)]
     job: JobArgs,
-    /// Processes (ranks) to plan for.
+    /// Processes (ranks) to plan for, in all.
     #[arg(long, default_value_t = 1)]
     nproc: usize,
+    /// Nodes the processes are spread over (for `hybrid`, which shards within a node).
+    #[arg(long, default_value_t = 1)]
+    nnodes: usize,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -117,7 +120,7 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             let planned = bellows_trainer::plan::job_arch(&cfg)
-                .and_then(|arch| bellows_trainer::plan::plan(&cfg, &arch, a.nproc));
+                .and_then(|arch| bellows_trainer::plan::plan(&cfg, &arch, a.nproc, a.nnodes));
             match planned {
                 Ok(p) if a.json => {
                     println!("{}", serde_json::to_string(&p).unwrap_or_default());

@@ -120,6 +120,8 @@ pub enum Strategy {
     Zero2,
     /// ZeRO-3 / FSDP: parameters sharded too, all-gathered per layer for forward and backward.
     Fsdp,
+    /// FSDP within each node, replicas across nodes (HSDP).
+    Hybrid,
 }
 
 /// Per-rank memory and traffic of one strategy.
@@ -174,8 +176,14 @@ fn activation_bytes(arch: &ModelArch, batch: usize, seq: usize, act_bytes: u64) 
     layers * (tokens * per_token * act_bytes + scores) + logits
 }
 
-/// The plan for `cfg` on `world_size` ranks (the config's model, adapters, precision, batch).
-pub fn plan(cfg: &RunConfig, arch: &ModelArch, world_size: usize) -> crate::Result<MemoryPlan> {
+/// The plan for `cfg` on `world_size` ranks spread evenly over `nodes` nodes (the config's model,
+/// adapters, precision, batch). `hybrid` shards within a node, so on one node it equals `fsdp`.
+pub fn plan(
+    cfg: &RunConfig,
+    arch: &ModelArch,
+    world_size: usize,
+    nodes: usize,
+) -> crate::Result<MemoryPlan> {
     let lora = cfg.peft.plan()?;
     let p = count_params(arch, &lora);
     let n = world_size.max(1) as u64;
@@ -198,11 +206,17 @@ pub fn plan(cfg: &RunConfig, arch: &ModelArch, world_size: usize) -> crate::Resu
     let optim = 2 * p.trainable * master;
     let activations = activation_bytes(arch, cfg.data.batch_size, cfg.data.seq_len, act);
     let ring = |bytes: u64| bytes * (n - 1) / n;
+    // Hybrid: `local` ranks per node shard; `m` nodes hold replicas of each shard.
+    let m = nodes.clamp(1, world_size.max(1)) as u64;
+    let local = (n / m).max(1);
+    let ring_in = |bytes: u64| bytes * (local - 1) / local;
+    let ring_across = |bytes: u64| bytes * (m - 1) / m;
     let strategies = [
         Strategy::Ddp,
         Strategy::Zero1,
         Strategy::Zero2,
         Strategy::Fsdp,
+        Strategy::Hybrid,
     ]
     .into_iter()
     .map(|s| {
@@ -216,6 +230,13 @@ pub fn plan(cfg: &RunConfig, arch: &ModelArch, world_size: usize) -> crate::Resu
                 grads / n,
                 optim / n,
                 2 * ring(base + train) + ring(grads),
+            ),
+            Strategy::Hybrid => (
+                base / local,
+                train / local,
+                grads / local,
+                optim / local,
+                2 * ring_in(base + train) + ring_in(grads) + 2 * ring_across(grads / local),
             ),
         };
         StrategyPlan {
@@ -354,8 +375,9 @@ mod tests {
         let cfg = RunConfig::from_toml_str(&text, std::path::Path::new("j.toml"), &[])
             .unwrap_or_else(|e| panic!("{e}"));
         let arch = cfg.model.init.as_ref().expect("init").arch();
-        let p1 = plan(&cfg, &arch, 1).expect("plan");
-        let p4 = plan(&cfg, &arch, 4).expect("plan");
+        let p1 = plan(&cfg, &arch, 1, 1).expect("plan");
+        let p4 = plan(&cfg, &arch, 4, 1).expect("plan");
+        let p22 = plan(&cfg, &arch, 4, 2).expect("plan");
         let row = |p: &MemoryPlan, s: Strategy| {
             p.strategies
                 .iter()
@@ -382,5 +404,11 @@ mod tests {
         assert_eq!(d.optimizer, 2 * 4 * p4.params.trainable);
         // DDP all-reduces the f32 gradients: 2·(N−1)/N of their bytes.
         assert_eq!(d.comm_per_step, 2 * (4 * p4.params.trainable) * 3 / 4);
+        // Hybrid on one node is FSDP; on 2 nodes × 2 it shards over 2 and adds the replicas' traffic.
+        let h = row(&p4, Strategy::Hybrid);
+        assert_eq!((h.total, h.comm_per_step), (f.total, f.comm_per_step));
+        let h = row(&p22, Strategy::Hybrid);
+        assert_eq!(h.optimizer, d.optimizer / 2);
+        assert!(h.total > f.total);
     }
 }
