@@ -14,6 +14,7 @@
 
 mod accelerator;
 mod bench;
+mod build;
 pub mod checkpoint;
 pub mod config;
 mod device;
@@ -36,12 +37,13 @@ pub mod zero;
 
 pub use accelerator::Accelerator;
 pub use bench::{peak_rss_mib, run_bench, BenchMode, BenchReport, BenchSpec};
+pub use build::{build_model, build_model_sharded};
 pub use config::{ConfigIssue, ConfigIssues, RunConfig};
 pub use device::{cuda_available, DeviceSpec};
 pub use error::{Error, Result};
 pub use eval::{evaluate_dir, evaluate_model, EvalOptions, EvalReport};
 pub use metrics::{MetricsSink, StepMetrics};
-pub use recipe::{batch_loss, build_model, evaluate, save_final, train_on, TrainReport};
+pub use recipe::{batch_loss, evaluate, save_final, train_on, TrainReport};
 pub use schedule::lr_at;
 
 /// The CPU training backend: burn's Flex (pure Rust, rayon + AVX-512 GEMM) under autodiff.

@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::time::Instant;
 
-use burn::module::{AutodiffModule, Module};
+use burn::module::AutodiffModule;
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams};
 use burn::tensor::{
     backend::AutodiffBackend, backend::Backend, DType, ElementConversion, Int, Tensor, TensorData,
@@ -13,6 +13,7 @@ use bellows_data::{Batch, LoaderSpec, Prefetcher, Split, TokenLoader};
 use bellows_models::{causal_lm_loss_sum, CausalLm, ForwardInput, ModelArch};
 use bellows_peft::LoraPlan;
 
+use crate::build::build_model_sharded;
 use crate::checkpoint::{
     load_checkpoint, resolve_resume, save_checkpoint, truncate_metrics, write_model_card,
     CheckpointCtx, OptimRef, StopSignal, TrainProgress,
@@ -26,7 +27,6 @@ use crate::progress::Progress;
 use crate::zero::{AdamWParams, ZeroAdamW};
 use crate::{schedule, update, Accelerator, Error, Result};
 use bellows_dist::Strategy;
-use bellows_peft::ShardGroup;
 
 /// What a finished run reports.
 #[derive(Debug, Clone, PartialEq)]
@@ -51,58 +51,6 @@ pub struct TrainReport {
     pub loss_spikes: u64,
     /// fp16's loss scale at the end (`None` for other precisions).
     pub loss_scale: Option<f64>,
-}
-
-/// Builds the model the config asks for: a Hugging Face folder or a random init, with adapters
-/// per `plan`, the base frozen when adapters are used, and NF4-quantized for `method = "qlora"`.
-///
-/// # Errors
-/// The model folder cannot be read.
-pub fn build_model<B: Backend>(
-    cfg: &RunConfig,
-    plan: &LoraPlan,
-    device: &B::Device,
-) -> Result<(ModelArch, CausalLm<B>)> {
-    build_model_sharded(cfg, plan, device, None)
-}
-
-/// [`build_model`] for FSDP: with a `shard` group every rank keeps only its rows of each sharded
-/// weight as soon as it is read or drawn, so no rank holds the whole model.
-///
-/// # Errors
-/// As [`build_model`].
-pub fn build_model_sharded<B: Backend>(
-    cfg: &RunConfig,
-    plan: &LoraPlan,
-    device: &B::Device,
-    shard: Option<&ShardGroup>,
-) -> Result<(ModelArch, CausalLm<B>)> {
-    let mut rng = bellows_peft::InitRng::new(cfg.run.seed);
-    // QLoRA: decoder linears are NF4-quantized as they are read (or drawn).
-    let quantize = cfg.peft.quant_config().map(|q| q.options());
-    let (arch, model) = match (&cfg.model.path, &cfg.model.init) {
-        (Some(dir), _) => bellows_models::load_pretrained_sharded::<B>(
-            dir, plan, quantize, shard, &mut rng, device,
-        )?,
-        (None, Some(init)) => {
-            let arch = init.arch();
-            let m = CausalLm::new_sharded(&arch, plan, quantize, shard, &mut rng, device);
-            (arch, m)
-        }
-        (None, None) => {
-            return Err(Error::Internal(
-                "validated config has neither model.path nor model.init".into(),
-            ))
-        }
-    };
-    let model = if plan.uses_adapters() {
-        model.map(&mut bellows_models::TrainableMapper::new(|p: &str| {
-            bellows_models::is_adapter_path(p) || plan.is_module_to_save(p)
-        }))
-    } else {
-        model
-    };
-    Ok((arch, model))
 }
 
 /// Token ids of a batch as a `[batch, seq]` tensor.

@@ -32,7 +32,7 @@ pub fn export_checkpoint(dir: &Path, out: &Path) -> Result<PathBuf> {
     verify_checkpoint(dir, &cfg, m.world_size)?;
     let plan = cfg.peft.plan()?;
     let device = Default::default();
-    let (arch, model) = crate::recipe::build_model::<Autodiff<Flex>>(&cfg, &plan, &device)?;
+    let (arch, model) = crate::build::build_model::<Autodiff<Flex>>(&cfg, &plan, &device)?;
     let sel = if plan.uses_adapters() {
         Selection::Trainable
     } else {
