@@ -7,16 +7,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::{assert_same_adapter, assert_same_model, bellows, check, job, launch};
-
-/// The worker processes a launcher spawned (its children, from /proc).
-fn worker_pids(launcher: u32) -> Vec<i32> {
-    std::fs::read_to_string(format!("/proc/{launcher}/task/{launcher}/children"))
-        .expect("children")
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .collect()
-}
+use common::{assert_same_adapter, assert_same_model, bellows, check, job, launch, worker_pids};
 
 fn single(cfg: &Path, out: &Path, batch: usize) {
     let o = bellows()

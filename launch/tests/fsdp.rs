@@ -5,9 +5,12 @@
 mod common;
 
 use std::path::Path;
-use std::process::Output;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 
-use common::{assert_same_adapter, assert_same_model, bellows, check, job, launch, max_diff};
+use common::{
+    assert_same_adapter, assert_same_model, bellows, check, job, launch, max_diff, worker_pids,
+};
 
 /// `fsdp: … rank R holds X of their Y elements` lines of a run, as (X, Y).
 fn fsdp_held(out: &Output) -> Vec<(u64, u64)> {
@@ -360,4 +363,56 @@ fn qlora_under_fsdp_shards_the_nf4_storage_and_matches_ddp() {
             assert!(mine * nproc as u64 <= full + full / 8, "{mine} of {full}");
         }
     }
+}
+
+/// A rank killed in the middle of FSDP training: the survivor's gathers fail inside a forward or
+/// backward pass, it reports that (naming the collective and the peer) after the pass instead of
+/// hanging or panicking, and the launch fails.
+#[test]
+fn a_killed_rank_under_fsdp_is_reported_by_the_survivor() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = job(dir.path());
+    let out = dir.path().join("killed");
+    let child = bellows()
+        .arg("launch")
+        .args(["--nproc-per-node", "2", "--stop-grace-secs", "20"])
+        .arg(&cfg)
+        .args(["--set", &format!("run.output_dir={}", out.display())])
+        .args([
+            "--set",
+            "run.max_steps=100000",
+            "--set",
+            "dist.strategy=fsdp",
+        ])
+        .args(["--set", "peft.method=none", "--set", "dist.timeout_secs=10"])
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let start = Instant::now();
+    while !out.join("metrics.jsonl").is_file() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "training never started"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let pids = worker_pids(child.id());
+    assert_eq!(pids.len(), 2, "two workers: {pids:?}");
+    let killed_at = Instant::now();
+    Command::new("kill")
+        .args(["-9", &pids[1].to_string()])
+        .status()
+        .expect("kill");
+    let o = child.wait_with_output().expect("launcher exits");
+    let took = killed_at.elapsed();
+    assert!(!o.status.success(), "launcher must fail");
+    assert!(took < Duration::from_secs(30), "took {took:?}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with("[rank 0] error:") && l.contains("rank 1")),
+        "the survivor names the dead rank:\n{err}"
+    );
+    assert!(!err.contains("panicked"), "no panic:\n{err}");
 }

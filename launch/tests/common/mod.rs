@@ -172,3 +172,12 @@ pub fn max_diff(a: &Path, b: &Path) -> f32 {
     }
     worst
 }
+
+/// The worker processes a launcher spawned (its children, from /proc).
+pub fn worker_pids(launcher: u32) -> Vec<i32> {
+    std::fs::read_to_string(format!("/proc/{launcher}/task/{launcher}/children"))
+        .expect("children")
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
