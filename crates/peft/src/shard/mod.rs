@@ -365,7 +365,14 @@ impl Sharding {
             self.fail(e);
             vec![0.0; n]
         });
-        Tensor::from_data(TensorData::new(values, dims), (device, dtype))
+        // Built in f32 and cast on the device, so a low-precision copy rounds exactly as the
+        // unsharded path's `in_dtype` cast does.
+        let full = Tensor::<B, D>::from_data(TensorData::new(values, dims), (device, DType::F32));
+        if dtype == DType::F32 {
+            full
+        } else {
+            full.cast(dtype)
+        }
     }
 
     /// The full weight `[rows, ..]` from this rank's `shard`, in `dtype` (every rank must call it).
