@@ -181,3 +181,76 @@ impl<B: Backend> DecoderLayer<B> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bellows_peft::{Collective, InitRng, ShardGroup};
+    use burn::backend::{Autodiff, Flex};
+    use burn::tensor::{Int, Tensor, TensorData};
+
+    use crate::{tiny_arch, CausalLm, ForwardInput};
+
+    /// One rank: every collective is the identity.
+    struct Alone;
+
+    impl Collective for Alone {
+        fn rank(&self) -> usize {
+            0
+        }
+        fn world(&self) -> usize {
+            1
+        }
+        fn all_gather(&self, mine: &[f32], all: &mut [f32]) -> Result<(), String> {
+            all.copy_from_slice(mine);
+            Ok(())
+        }
+        fn reduce_scatter_sum(&self, all: &[f32], mine: &mut [f32]) -> Result<(), String> {
+            mine.copy_from_slice(all);
+            Ok(())
+        }
+        fn all_gather_bytes(&self, mine: &[u8], all: &mut [u8]) -> Result<(), String> {
+            all.copy_from_slice(mine);
+            Ok(())
+        }
+    }
+
+    type B = Autodiff<Flex>;
+
+    fn logits(m: &CausalLm<B>) -> Vec<f32> {
+        let ids = Tensor::<B, 2, Int>::from_data(
+            TensorData::new(vec![1i64, 5, 9, 2], [1, 4]),
+            &Default::default(),
+        );
+        let positions = [0u32, 1, 2, 3];
+        let input = ForwardInput {
+            positions: &positions,
+            segments: None,
+            compute: None,
+        };
+        m.forward(ids, &input)
+            .into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .expect("f32")
+    }
+
+    #[test]
+    fn a_model_sharded_after_building_computes_what_it_did_and_unshards_back() {
+        let arch = tiny_arch();
+        let plan = bellows_peft::PeftConfig::default().plan().expect("plan");
+        let m = CausalLm::<B>::new(&arch, &plan, &mut InitRng::new(3), &Default::default());
+        let before = logits(&m);
+        let group = ShardGroup::new(Arc::new(Alone));
+        let sharded = m.shard(&group);
+        assert!(sharded.is_sharded());
+        // Embeddings, 7 matrices per layer and the untied head.
+        let expected = 1 + 7 * arch.num_hidden_layers + usize::from(!arch.tie_word_embeddings);
+        assert_eq!(sharded.sharded_params().len(), expected);
+        assert_eq!(logits(&sharded), before);
+        let back = sharded.unshard();
+        assert!(!back.is_sharded());
+        assert_eq!(logits(&back), before);
+    }
+}
