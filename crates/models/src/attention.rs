@@ -5,7 +5,7 @@ use bellows_peft::{InitRng, Linear, LoraPlan};
 
 use crate::source::{BaseSource, LinearShape, RandomInit};
 use burn::module::Module;
-use burn::tensor::{activation::softmax, backend::Backend, Bool, DType, Tensor, TensorData};
+use burn::tensor::{backend::Backend, Bool, DType, Tensor, TensorData};
 
 use crate::cache::LayerCache;
 use crate::config::ModelArch;
@@ -156,7 +156,7 @@ impl<B: Backend> Attention<B> {
             Some(m) => scores.mask_fill(m.expand([b, h, s, t]), f32::NEG_INFINITY),
             None => scores,
         };
-        let probs = softmax(scores, 3);
+        let probs = crate::fused::softmax::softmax_last(scores);
         let probs = if dtype == DType::F32 {
             probs
         } else {

@@ -21,6 +21,7 @@ mod attention;
 mod cache;
 mod config;
 mod error;
+mod fused;
 mod generate;
 pub mod hf;
 mod loss;

@@ -2,7 +2,7 @@
 
 use bellows_peft::{InitRng, Linear, LoraPlan};
 use burn::module::Module;
-use burn::tensor::{activation::silu, backend::Backend, Tensor};
+use burn::tensor::{backend::Backend, Tensor};
 
 use crate::attention::linear;
 use crate::config::ModelArch;
@@ -58,7 +58,8 @@ impl<B: Backend> Mlp<B> {
 
     /// Applies the block to `x: [batch, seq, hidden]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let g = silu(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(g * self.up_proj.forward(x))
+        let g = self.gate_proj.forward(x.clone());
+        let h = crate::fused::swiglu::swiglu(g, self.up_proj.forward(x));
+        self.down_proj.forward(h)
     }
 }

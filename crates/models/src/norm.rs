@@ -1,8 +1,9 @@
 //! RMSNorm (Zhang & Sennrich 2019), computed in f32 as transformers' `LlamaRMSNorm` does:
-//! `weight · (x / √(mean(x²) + ε))`.
+//! `weight · (x / √(mean(x²) + ε))`. On `Autodiff<Flex>` a fused op with a hand-written backward
+//! (`crate::fused::rms_norm`).
 
 use burn::module::{Module, Param};
-use burn::tensor::{backend::Backend, DType, Tensor};
+use burn::tensor::{backend::Backend, Tensor};
 
 /// Root-mean-square layer norm with a learned per-channel `weight` (HF name).
 #[derive(Module, Debug)]
@@ -24,21 +25,6 @@ impl<B: Backend> RmsNorm<B> {
 
     /// Normalises the last dimension of `x`.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let dtype = x.dtype();
-        let xf = if dtype == DType::F32 {
-            x
-        } else {
-            x.cast(DType::F32)
-        };
-        let var = xf.clone().powi_scalar(2).mean_dim(D - 1);
-        let normed = xf * (var + self.eps).sqrt().recip();
-        let normed = if dtype == DType::F32 {
-            normed
-        } else {
-            normed.cast(dtype)
-        };
-        let w = self.weight.val();
-        let w = if w.dtype() == dtype { w } else { w.cast(dtype) };
-        normed * w.unsqueeze()
+        crate::fused::rms_norm::rms_norm(x, self.weight.val(), self.eps)
     }
 }

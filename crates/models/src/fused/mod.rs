@@ -1,0 +1,129 @@
+//! Fused training ops with hand-written backward passes (issue 11).
+//!
+//! Each op replaces a chain of burn autodiff nodes (RMSNorm: 8, SwiGLU: 3, softmax: 4) with one
+//! node whose backward is written out, which cuts the per-node bookkeeping and the broadcast
+//! reductions of the generic backward. The ops are custom autodiff ops on `Autodiff<Flex>` only
+//! (chosen at run time by type, as in `bellows_peft`'s NF4 and sharded matmuls); every other
+//! backend, including the inference backends, runs the plain burn composition, whose forward
+//! gives the same numbers.
+
+use std::any::Any;
+
+use burn::backend::{Autodiff, Flex};
+use burn::tensor::{backend::Backend, Tensor, TensorPrimitive};
+
+pub(crate) mod rms_norm;
+pub(crate) mod softmax;
+pub(crate) mod swiglu;
+
+/// The training backend the fused ops are written for.
+pub(crate) type Ad = Autodiff<Flex>;
+
+/// Runs `f` on `input` when `In` is `AdIn` (the same value seen as the autodiff-Flex type) and
+/// returns its result as `Out`; gives `input` back otherwise.
+pub(crate) fn on_autodiff_flex<In: 'static, Out: 'static, AdIn: 'static, AdOut: 'static>(
+    input: In,
+    f: impl FnOnce(AdIn) -> AdOut,
+) -> Result<Out, In> {
+    let boxed: Box<dyn Any> = Box::new(input);
+    match boxed.downcast::<AdIn>() {
+        Ok(x) => {
+            let y: Box<dyn Any> = Box::new(f(*x));
+            Ok(*y
+                .downcast::<Out>()
+                .expect("the fused op's output has the caller's tensor type"))
+        }
+        Err(b) => Err(*b
+            .downcast::<In>()
+            .expect("a failed downcast returns the input")),
+    }
+}
+
+/// The inner-backend tensor of a primitive.
+pub(crate) fn inner<I: Backend, const D: usize>(p: I::FloatTensorPrimitive) -> Tensor<I, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(p))
+}
+
+/// The primitive of an inner-backend tensor.
+pub(crate) fn prim<I: Backend, const D: usize>(t: Tensor<I, D>) -> I::FloatTensorPrimitive {
+    t.into_primitive().tensor()
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    //! Helpers for comparing a fused op with its plain composition.
+
+    use burn::tensor::{DType, Distribution, Tensor};
+
+    use super::Ad;
+
+    /// A leaf tensor of `N(0, 1)` values in `dtype` that requires a gradient.
+    pub(crate) fn leaf<const D: usize>(
+        shape: [usize; D],
+        dtype: DType,
+        seed: u64,
+    ) -> Tensor<Ad, D> {
+        <Ad as burn::tensor::backend::Backend>::seed(&Default::default(), seed);
+        Tensor::<Ad, D>::random(shape, Distribution::Normal(0.0, 1.0), &Default::default())
+            .cast(dtype)
+            .detach()
+            .require_grad()
+    }
+
+    /// An independent leaf with the same values as `t`.
+    pub(crate) fn twin<const D: usize>(t: &Tensor<Ad, D>) -> Tensor<Ad, D> {
+        Tensor::<Ad, D>::from_data(t.to_data(), &t.device()).require_grad()
+    }
+
+    /// `Σ y·c` for fixed random `c`, so that `dy = c` is not uniform.
+    pub(crate) fn loss<const D: usize>(y: Tensor<Ad, D>) -> Tensor<Ad, 1> {
+        let c = leaf(y.dims(), DType::F32, 99).detach();
+        (y.cast(DType::F32) * c).sum()
+    }
+
+    /// Panics unless `a` and `b` have the same shape, and `|a − b| ≤ atol + rtol·|b|` everywhere.
+    pub(crate) fn assert_close<B: burn::tensor::backend::Backend, const D: usize>(
+        what: &str,
+        a: Tensor<B, D>,
+        b: Tensor<B, D>,
+        atol: f32,
+        rtol: f32,
+    ) {
+        assert_eq!(a.dims(), b.dims(), "{what}: shapes");
+        assert_eq!(a.dtype(), b.dtype(), "{what}: dtypes");
+        let a = a
+            .cast(DType::F32)
+            .into_data()
+            .to_vec::<f32>()
+            .expect("f32 data");
+        let b = b
+            .cast(DType::F32)
+            .into_data()
+            .to_vec::<f32>()
+            .expect("f32 data");
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            assert!(
+                (x - y).abs() <= atol + rtol * y.abs(),
+                "{what}: element {i}: fused {x} vs plain {y}"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::Flex;
+    use burn::tensor::Tensor;
+
+    use super::{on_autodiff_flex, Ad};
+
+    #[test]
+    fn the_fused_path_is_taken_on_autodiff_flex_only() {
+        let ad = Tensor::<Ad, 1>::zeros([2], &Default::default());
+        let r: Result<Tensor<Ad, 1>, _> = on_autodiff_flex(ad, |x: Tensor<Ad, 1>| x);
+        assert!(r.is_ok());
+        let plain = Tensor::<Flex, 1>::zeros([2], &Default::default());
+        let r: Result<Tensor<Flex, 1>, _> = on_autodiff_flex(plain, |x: Tensor<Ad, 1>| x);
+        assert!(r.is_err());
+    }
+}
