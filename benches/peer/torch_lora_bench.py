@@ -5,6 +5,7 @@
     python benches/peer/torch_lora_bench.py --mode lora --dtype bf16      # CPU autocast bf16
     python benches/peer/torch_lora_bench.py --mode full                   # full fine-tune
     python benches/peer/torch_lora_bench.py --mode tiny                   # seconds-long smoke run
+    python benches/peer/torch_lora_bench.py --mode gemm                   # torch.matmul rate, one line per product
 
 Model (lora/full): Llama, hidden 512, 8 layers, 8 heads, 4 kv heads, intermediate 1376, vocab 8192,
 seq 256, batch 4, random init (no hub). lora: PEFT LoRA r=16, alpha=32, dropout 0, all linear layers
@@ -19,7 +20,8 @@ not counted either, as in the usual 6N rule):
   full:  6 * N * tokens                       (fwd 2N, bwd activation grads 2N, bwd weight grads 2N)
   lora:  (4 * N + 6 * N_lora) * tokens         (frozen base: fwd 2N + activation grads 2N, no weight grads;
                                                 adapters: 6 * N_lora, N_lora = trainable LoRA params)
-Prints exactly one JSON line on stdout.
+Prints exactly one JSON line on stdout (gemm: one per product of GEMM_CASES, the list of
+`bellows bench --mode gemm`, crates/trainer/src/bench_gemm.rs: keep the two in step).
 """
 import argparse
 import json
@@ -34,9 +36,54 @@ import warnings
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 
+# (name, batch, m, k, n, rhs stored [n, k] and transposed)
+GEMM_CASES = [
+    ("square-2048", 1, 2048, 2048, 2048, False),
+    ("q-proj", 1, 1024, 512, 512, True),
+    ("kv-proj", 1, 1024, 512, 256, True),
+    ("up-proj", 1, 1024, 512, 1376, True),
+    ("down-proj", 1, 1024, 1376, 512, True),
+    ("lm-head", 1, 1024, 512, 8192, True),
+    ("up-proj-dx", 1, 1024, 1376, 512, False),
+    ("lm-head-dx", 1, 1024, 8192, 512, False),
+    ("lora-a", 1, 1024, 512, 16, True),
+    ("lora-b", 1, 1024, 16, 512, True),
+    ("attn-scores", 32, 256, 64, 256, True),
+    ("attn-values", 32, 256, 256, 64, False),
+]
+
+
+def gemm_bench(torch, dtype, threads):
+    """torch.matmul GFLOP/s on GEMM_CASES: 2 untimed products, then repetitions for ~0.3 s (>= 3)."""
+    dt = torch.bfloat16 if dtype == "bf16" else torch.float32
+    for name, batch, m, k, n, rhs_t in GEMM_CASES:
+        a = torch.randn(batch, m, k).to(dt)
+        b = torch.randn(batch, n, k).to(dt) if rhs_t else torch.randn(batch, k, n).to(dt)
+
+        def product():
+            bb = b.transpose(1, 2) if rhs_t else b
+            if batch == 1:
+                return a[0] @ bb[0]
+            return a @ bb
+
+        for _ in range(2):
+            product()
+        times = []
+        start = time.perf_counter()
+        while len(times) < 3 or time.perf_counter() - start < 0.3:
+            t0 = time.perf_counter()
+            product()
+            times.append(time.perf_counter() - t0)
+        flop = 2.0 * batch * m * k * n
+        print(json.dumps({"mode": "gemm", "case": name, "dtype": dtype, "shape": [batch, m, k, n],
+                          "gflops_per_sec": flop / (sum(times) / len(times)) / 1e9,
+                          "gflops_per_sec_best": flop / min(times) / 1e9,
+                          "reps": len(times), "threads": threads}))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mode", choices=["lora", "full", "tiny"], default="lora")
+    ap.add_argument("--mode", choices=["lora", "full", "tiny", "gemm"], default="lora")
     ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=2)
@@ -58,6 +105,9 @@ def main():
     except RuntimeError:
         pass
     torch.manual_seed(a.seed)
+    if a.mode == "gemm":
+        gemm_bench(torch, a.dtype, a.threads)
+        return
 
     if a.mode == "tiny":
         cfg = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

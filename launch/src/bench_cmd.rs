@@ -17,6 +17,7 @@ enum Mode {
     Forward,
     #[value(name = "lora-1b")]
     Lora1b,
+    Gemm,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -29,7 +30,7 @@ enum Prec {
 /// Options of `bellows bench`.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Workload: LoRA r16 on the small Llama, the same on its NF4-quantized base (QLoRA), full fine-tune of it, LoRA on a tiny Llama, inference forward passes of the small Llama, or LoRA on a 1.1B Llama (GPU).
+    /// Workload: LoRA r16 on the small Llama, the same on its NF4-quantized base (QLoRA), full fine-tune of it, LoRA on a tiny Llama, inference forward passes of the small Llama, LoRA on a 1.1B Llama (GPU), or the backend's matrix-product rate on the small Llama's products (one line per product).
     #[arg(long, value_enum, default_value = "lora")]
     mode: Mode,
     /// `cpu`, `cuda` or `cuda:N`.
@@ -60,6 +61,9 @@ pub struct BenchArgs {
 
 /// Runs the benchmark and prints the report.
 pub fn bench(a: BenchArgs) -> ExitCode {
+    if let Mode::Gemm = a.mode {
+        return gemm(&a);
+    }
     let spec = BenchSpec {
         mode: match a.mode {
             Mode::Lora => BenchMode::Lora,
@@ -68,6 +72,7 @@ pub fn bench(a: BenchArgs) -> ExitCode {
             Mode::Tiny => BenchMode::Tiny,
             Mode::Forward => BenchMode::Forward,
             Mode::Lora1b => BenchMode::Lora1b,
+            Mode::Gemm => unreachable!("handled above"),
         },
         warmup: a.warmup,
         steps: a.steps.max(1),
@@ -83,6 +88,27 @@ pub fn bench(a: BenchArgs) -> ExitCode {
     match bench_on(&spec, &a.device, a.threads) {
         Ok(r) => {
             println!("{}", serde_json::to_string(&r).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `--mode gemm`: one JSON line per product of `bellows_trainer::GEMM_CASES`.
+fn gemm(a: &BenchArgs) -> ExitCode {
+    let dtype = match a.precision {
+        Prec::F32 => burn::tensor::DType::F32,
+        Prec::Bf16 => burn::tensor::DType::BF16,
+        Prec::Fp16 => burn::tensor::DType::F16,
+    };
+    match bellows_trainer::gemm_bench_on(dtype, &a.device, a.threads) {
+        Ok(lines) => {
+            for r in lines {
+                println!("{}", serde_json::to_string(&r).unwrap_or_default());
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

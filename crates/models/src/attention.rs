@@ -101,70 +101,82 @@ impl<B: Backend> Attention<B> {
         mask: Option<&Tensor<B, 4, Bool>>,
         cache: Option<&mut LayerCache<B>>,
     ) -> Tensor<B, 3> {
-        let [b, s, _] = x.dims();
-        let (h, kv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = self
-            .q_proj
-            .forward(x.clone())
-            .reshape([b, s, h, hd])
-            .swap_dims(1, 2);
-        let k = self
-            .k_proj
-            .forward(x.clone())
-            .reshape([b, s, kv, hd])
-            .swap_dims(1, 2);
-        let v = self
-            .v_proj
-            .forward(x)
-            .reshape([b, s, kv, hd])
-            .swap_dims(1, 2);
-        let q = rope.apply(q);
-        let mut k = rope.apply(k);
-        let mut v = v;
-        if let Some(cache) = cache {
-            (k, v) = cache.append(k, v);
-        }
-        let t = k.dims()[2];
-        let rep = h / kv;
-        let (k, v) = if rep == 1 {
-            (k, v)
-        } else {
-            let grow = |z: Tensor<B, 4>| {
-                z.unsqueeze_dim::<5>(2)
-                    .expand([b, kv, rep, t, hd])
-                    .reshape([b, h, t, hd])
-            };
-            (grow(k), grow(v))
+        let heads = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let q = self.q_proj.forward(x.clone());
+        let k = self.k_proj.forward(x.clone());
+        let v = self.v_proj.forward(x);
+        let window = self.sliding_window;
+        let out = match cache {
+            None => {
+                match crate::fused::attention::attention((q, k, v), rope, mask, window, heads) {
+                    Ok(out) => out,
+                    Err(qkv) => attend(qkv, rope, mask, window, heads, None),
+                }
+            }
+            Some(cache) => attend((q, k, v), rope, mask, window, heads, Some(cache)),
         };
-        let dtype = q.dtype();
-        let scale = 1.0 / (hd as f64).sqrt();
-        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
-        let scores = if dtype == DType::F32 {
-            scores
-        } else {
-            scores.cast(DType::F32)
-        };
-        let band = self
-            .sliding_window
-            .and_then(|w| window_mask::<B>(s, t, w, &scores.device()));
-        let mask = match (mask, band) {
-            (Some(m), Some(w)) => Some(m.clone().bool_or(w.expand([b, 1, s, t]))),
-            (Some(m), None) => Some(m.clone()),
-            (None, band) => band,
-        };
-        let scores = match mask {
-            Some(m) => scores.mask_fill(m.expand([b, h, s, t]), f32::NEG_INFINITY),
-            None => scores,
-        };
-        let probs = crate::fused::softmax::softmax_last(scores);
-        let probs = if dtype == DType::F32 {
-            probs
-        } else {
-            probs.cast(dtype)
-        };
-        let out = probs.matmul(v).swap_dims(1, 2).reshape([b, s, h * hd]);
         self.o_proj.forward(out)
     }
+}
+
+/// The attention of projected `q: [b, s, h·hd]` over `k`, `v: [b, s, kv·hd]` as a composition
+/// of burn ops (any backend, any dtype, with a generation cache); the result is `[b, s, h·hd]`.
+/// `crate::fused::attention` computes the same in one op where it can.
+pub(crate) fn attend<B: Backend>(
+    (q, k, v): (Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>),
+    rope: &RopeTables<B>,
+    mask: Option<&Tensor<B, 4, Bool>>,
+    window: Option<usize>,
+    (h, kv, hd): (usize, usize, usize),
+    cache: Option<&mut LayerCache<B>>,
+) -> Tensor<B, 3> {
+    let [b, s, _] = q.dims();
+    let q = q.reshape([b, s, h, hd]).swap_dims(1, 2);
+    let k = k.reshape([b, s, kv, hd]).swap_dims(1, 2);
+    let v = v.reshape([b, s, kv, hd]).swap_dims(1, 2);
+    let q = rope.apply(q);
+    let mut k = rope.apply(k);
+    let mut v = v;
+    if let Some(cache) = cache {
+        (k, v) = cache.append(k, v);
+    }
+    let t = k.dims()[2];
+    let rep = h / kv;
+    let (k, v) = if rep == 1 {
+        (k, v)
+    } else {
+        let grow = |z: Tensor<B, 4>| {
+            z.unsqueeze_dim::<5>(2)
+                .expand([b, kv, rep, t, hd])
+                .reshape([b, h, t, hd])
+        };
+        (grow(k), grow(v))
+    };
+    let dtype = q.dtype();
+    let scale = 1.0 / (hd as f64).sqrt();
+    let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
+    let scores = if dtype == DType::F32 {
+        scores
+    } else {
+        scores.cast(DType::F32)
+    };
+    let band = window.and_then(|w| window_mask::<B>(s, t, w, &scores.device()));
+    let mask = match (mask, band) {
+        (Some(m), Some(w)) => Some(m.clone().bool_or(w.expand([b, 1, s, t]))),
+        (Some(m), None) => Some(m.clone()),
+        (None, band) => band,
+    };
+    let scores = match mask {
+        Some(m) => scores.mask_fill(m.expand([b, h, s, t]), f32::NEG_INFINITY),
+        None => scores,
+    };
+    let probs = crate::fused::softmax::softmax_last(scores);
+    let probs = if dtype == DType::F32 {
+        probs
+    } else {
+        probs.cast(dtype)
+    };
+    probs.matmul(v).swap_dims(1, 2).reshape([b, s, h * hd])
 }
 
 /// `[1, 1, s, t]`, true where the `s` newest of `t` positions may not see a key because it lies

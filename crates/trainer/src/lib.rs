@@ -14,6 +14,7 @@
 
 mod accelerator;
 mod bench;
+mod bench_gemm;
 mod build;
 pub mod checkpoint;
 pub mod config;
@@ -37,6 +38,7 @@ pub mod zero;
 
 pub use accelerator::Accelerator;
 pub use bench::{peak_rss_mib, run_bench, BenchMode, BenchReport, BenchSpec};
+pub use bench_gemm::{run_gemm_bench, GemmCase, GemmReport, GEMM_CASES};
 pub use build::{build_model, build_model_sharded};
 pub use config::{ConfigIssue, ConfigIssues, RunConfig};
 pub use device::{cuda_available, DeviceSpec};
@@ -118,6 +120,42 @@ pub fn bench_on(spec: &BenchSpec, device: &str, threads: usize) -> Result<BenchR
             Ok(run_bench::<burn::backend::Autodiff<burn::backend::Cuda>>(
                 spec, &d,
             ))
+        }
+        #[cfg(not(feature = "cuda"))]
+        DeviceSpec::Cuda(_) => Err(err(
+            "this bellows was built without CUDA support; rebuild with `--features cuda`".into(),
+        )),
+    }
+}
+
+/// Runs `bellows bench --mode gemm` on `device`: every product of [`GEMM_CASES`] in `dtype`.
+///
+/// # Errors
+/// An invalid or unavailable device.
+pub fn gemm_bench_on(
+    dtype: burn::tensor::DType,
+    device: &str,
+    threads: usize,
+) -> Result<Vec<GemmReport>> {
+    let err = |m: String| Error::Device {
+        device: device.to_string(),
+        message: m,
+    };
+    match DeviceSpec::parse(device).map_err(err)? {
+        DeviceSpec::Cpu => {
+            init_threads(threads, 1);
+            Ok(run_gemm_bench::<burn::backend::Flex>(
+                dtype,
+                &Default::default(),
+            ))
+        }
+        #[cfg(feature = "cuda")]
+        DeviceSpec::Cuda(index) => {
+            if !cuda_available() {
+                return Err(err("no CUDA driver (libcuda) found on this machine".into()));
+            }
+            let d = burn::backend::cuda::CudaDevice::new(index.unwrap_or(0));
+            Ok(run_gemm_bench::<burn::backend::Cuda>(dtype, &d))
         }
         #[cfg(not(feature = "cuda"))]
         DeviceSpec::Cuda(_) => Err(err(

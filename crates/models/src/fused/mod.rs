@@ -12,6 +12,8 @@ use std::any::Any;
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::{backend::Backend, Tensor, TensorPrimitive};
 
+pub(crate) mod attention;
+mod attention_kernel;
 pub(crate) mod rms_norm;
 pub(crate) mod softmax;
 pub(crate) mod swiglu;
