@@ -36,7 +36,6 @@ pub fn count_label_tokens(labels: &[i64], batch: usize, seq: usize) -> usize {
 pub fn causal_lm_loss_sum<B: Backend>(logits: Tensor<B, 3>, labels: &[i64]) -> LossSum<B> {
     let [b, s, v] = logits.dims();
     assert_eq!(labels.len(), b * s, "labels must be [batch, seq]");
-    let device = logits.device();
     let n = b * (s - 1);
     let mut targets = Vec::with_capacity(n);
     let mut weights = Vec::with_capacity(n);
@@ -57,6 +56,23 @@ pub fn causal_lm_loss_sum<B: Backend>(logits: Tensor<B, 3>, labels: &[i64]) -> L
         }
     }
     let tokens = weights.iter().filter(|&&w| w > 0.0).count();
+    let sum = match crate::fused::cross_entropy::cross_entropy_sum(logits, &targets, &weights) {
+        Ok(sum) => sum,
+        Err(logits) => composed_sum(logits, targets, weights),
+    };
+    LossSum { sum, tokens }
+}
+
+/// `Σ w·(−log_softmax(logits)[target])` over the first `s − 1` positions, as burn ops (the
+/// path of backends and dtypes `crate::fused::cross_entropy` does not take).
+pub(crate) fn composed_sum<B: Backend>(
+    logits: Tensor<B, 3>,
+    targets: Vec<i64>,
+    weights: Vec<f32>,
+) -> Tensor<B, 1> {
+    let [b, s, v] = logits.dims();
+    let device = logits.device();
+    let n = b * (s - 1);
     let logits = logits.slice([0..b, 0..s - 1, 0..v]).reshape([n, v]);
     let logits = if logits.dtype() == DType::F32 {
         logits
@@ -67,6 +83,5 @@ pub fn causal_lm_loss_sum<B: Backend>(logits: Tensor<B, 3>, labels: &[i64]) -> L
     let idx = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [n, 1]), &device);
     let picked = logp.gather(1, idx).reshape([n]);
     let w = Tensor::<B, 1>::from_data(TensorData::new(weights, [n]), &device);
-    let sum = (picked * w).sum().neg();
-    LossSum { sum, tokens }
+    (picked * w).sum().neg()
 }

@@ -14,6 +14,7 @@ use burn::tensor::{backend::Backend, Tensor, TensorPrimitive};
 
 pub(crate) mod attention;
 mod attention_kernel;
+pub(crate) mod cross_entropy;
 pub(crate) mod rms_norm;
 pub(crate) mod softmax;
 pub(crate) mod swiglu;

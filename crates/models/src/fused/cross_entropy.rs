@@ -1,0 +1,242 @@
+//! The causal-LM cross-entropy sum as one op on `Autodiff<Flex>` and `Flex`: per counted
+//! position `w·(logsumexp(x) − x[label])`, summed. One parallel pass over the logits forward
+//! (max and sum of exponentials per row) and one backward (`dx = g·w·(softmax(x) − onehot)`)
+//! replace the composition's slice copy, log-softmax, gather, weighting and their backward nodes
+//! — about fifteen single-threaded passes over a `[batch, seq, vocab]` tensor.
+
+use std::any::TypeId;
+use std::sync::Arc;
+
+use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::NoCheckpointing};
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::Flex;
+use burn::tensor::{backend::Backend, DType, Tensor, TensorData, TensorPrimitive};
+use burn_flex::FlexTensor;
+use rayon::prelude::*;
+
+use super::{on_autodiff_flex, Ad};
+
+/// Targets of one call: position `t < s − 1` of sequence `bi` predicts `targets[bi·(s−1) + t]`
+/// with weight `weights[..]` (0 = ignored).
+#[derive(Debug)]
+struct Targets {
+    b: usize,
+    s: usize,
+    v: usize,
+    targets: Vec<usize>,
+    weights: Vec<f32>,
+}
+
+impl Targets {
+    /// The logits row of prediction `p` (sequence `p / (s−1)`, position `p % (s−1)`).
+    fn row(&self, p: usize) -> usize {
+        (p / (self.s - 1)) * self.s + p % (self.s - 1)
+    }
+}
+
+/// `logsumexp` of every counted row (f32, max-shifted) and the weighted sum of
+/// `lse − x[label]` (accumulated in f64).
+fn forward(x: &[f32], t: &Targets) -> (Vec<f32>, f64) {
+    let v = t.v;
+    let lse: Vec<f32> = (0..t.targets.len())
+        .into_par_iter()
+        .map(|p| {
+            let row = &x[t.row(p) * v..(t.row(p) + 1) * v];
+            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let z: f32 = row.iter().map(|&a| (a - m).exp()).sum();
+            m + z.ln()
+        })
+        .collect();
+    let sum = (0..t.targets.len())
+        .map(|p| {
+            let w = t.weights[p];
+            if w == 0.0 {
+                0.0
+            } else {
+                f64::from(w) * f64::from(lse[p] - x[t.row(p) * v + t.targets[p]])
+            }
+        })
+        .sum();
+    (lse, sum)
+}
+
+/// `d logits` for the upstream gradient `g` of the sum: `g·w·(softmax(x) − onehot(label))` on
+/// counted rows, 0 elsewhere (the last position of each sequence, ignored labels).
+fn backward(x: &[f32], t: &Targets, lse: &[f32], g: f32) -> Vec<f32> {
+    let (s, v) = (t.s, t.v);
+    let mut dx = vec![0.0f32; t.b * s * v];
+    dx.par_chunks_mut(v).enumerate().for_each(|(r, out)| {
+        let (bi, pos) = (r / s, r % s);
+        if pos == s - 1 {
+            return;
+        }
+        let p = bi * (s - 1) + pos;
+        let gw = g * t.weights[p];
+        if gw == 0.0 {
+            return;
+        }
+        let row = &x[r * v..(r + 1) * v];
+        for (o, &a) in out.iter_mut().zip(row) {
+            *o = gw * (a - lse[p]).exp();
+        }
+        out[t.targets[p]] -= gw;
+    });
+    dx
+}
+
+#[derive(Debug)]
+struct State {
+    logits: FlexTensor,
+    targets: Targets,
+    lse: Vec<f32>,
+}
+
+#[derive(Debug)]
+struct CrossEntropyBackward;
+
+impl Backward<Flex, 1> for CrossEntropyBackward {
+    type State = Arc<State>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [parent] = ops.parents;
+        let grad = grads.consume::<Flex>(&ops.node).to_contiguous();
+        if let Some(parent) = parent {
+            let st = ops.state;
+            let g = slice(&grad)[0];
+            let dx = backward(slice(&st.logits), &st.targets, &st.lse, g);
+            let t = &st.targets;
+            let dx = FlexTensor::from_data(TensorData::new(dx, [t.b, t.s, t.v]));
+            grads.register::<Flex>(parent.id, dx);
+        }
+    }
+}
+
+fn slice(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>()
+        .expect("the fused cross-entropy's tensors are contiguous f32")
+}
+
+fn scalar(sum: f64) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(vec![sum as f32], [1]))
+}
+
+fn primitive<B: Backend, const D: usize>(t: Tensor<B, D>) -> B::FloatTensorPrimitive {
+    match t.into_primitive() {
+        TensorPrimitive::Float(p) => p,
+        TensorPrimitive::QFloat(_) => unreachable!("logits are a float tensor"),
+    }
+}
+
+/// `Σ w·(logsumexp(logits[bi, t]) − logits[bi, t, target])` over `t < s − 1`, as a `[1]` f32
+/// tensor, for f32 `logits: [b, s, v]` on `Autodiff<Flex>` or `Flex`; `targets` and `weights`
+/// are `[b, s − 1]` (targets inside the vocabulary). Other backends and dtypes get `logits`
+/// back as `Err`.
+pub(crate) fn cross_entropy_sum<B: Backend>(
+    logits: Tensor<B, 3>,
+    targets: &[i64],
+    weights: &[f32],
+) -> Result<Tensor<B, 1>, Tensor<B, 3>> {
+    let ty = TypeId::of::<B>();
+    let [b, s, v] = logits.dims();
+    if logits.dtype() != DType::F32
+        || s < 2
+        || (ty != TypeId::of::<Ad>() && ty != TypeId::of::<Flex>())
+    {
+        return Err(logits);
+    }
+    let t = Targets {
+        b,
+        s,
+        v,
+        targets: targets.iter().map(|&l| l.max(0) as usize).collect(),
+        weights: weights.to_vec(),
+    };
+    if ty == TypeId::of::<Ad>() {
+        on_autodiff_flex(logits, move |x: Tensor<Ad, 3>| tracked(x, t))
+    } else {
+        on_autodiff_flex(logits, |x: Tensor<Flex, 3>| {
+            let x = primitive(x).to_contiguous();
+            let (_, sum) = forward(slice(&x), &t);
+            Tensor::<Flex, 1>::from_primitive(TensorPrimitive::Float(scalar(sum)))
+        })
+    }
+}
+
+fn tracked(x: Tensor<Ad, 3>, t: Targets) -> Tensor<Ad, 1> {
+    let xp = primitive(x);
+    let logits = xp.primitive.to_contiguous();
+    let (lse, sum) = forward(slice(&logits), &t);
+    let y = scalar(sum);
+    let out = match CrossEntropyBackward
+        .prepare::<NoCheckpointing>([xp.node])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish(
+            Arc::new(State {
+                logits,
+                targets: t,
+                lse,
+            }),
+            y,
+        ),
+        OpsKind::UnTracked(prep) => prep.finish(y),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::Flex;
+    use burn::tensor::{DType, Tensor};
+
+    use super::super::testing::{assert_close, leaf, twin};
+    use super::cross_entropy_sum;
+    use crate::loss::composed_sum;
+
+    /// `[2, 7]` positions over a vocabulary of 11, every third label ignored (weight 0).
+    fn targets() -> (Vec<i64>, Vec<f32>) {
+        let n = 2 * 6;
+        let t = (0..n).map(|p| (p * 5 % 11) as i64).collect();
+        let w = (0..n).map(|p| if p % 3 == 2 { 0.0 } else { 1.0 }).collect();
+        (t, w)
+    }
+
+    #[test]
+    fn fused_cross_entropy_matches_the_composition_and_its_gradient() {
+        let x = leaf([2, 7, 11], DType::F32, 4)
+            .mul_scalar(3.0)
+            .detach()
+            .require_grad();
+        let (xa, xb) = (twin(&x), twin(&x));
+        let (t, w) = targets();
+        let fused = cross_entropy_sum(xa.clone(), &t, &w)
+            .unwrap_or_else(|_| panic!("the fused path is taken for f32 on Autodiff<Flex>"));
+        let plain = composed_sum(xb.clone(), t, w);
+        assert_close("sum", fused.clone(), plain.clone(), 1e-5, 1e-6);
+        // A non-unit upstream gradient.
+        let (ga, gb) = (
+            fused.mul_scalar(0.37).backward(),
+            plain.mul_scalar(0.37).backward(),
+        );
+        let (da, db) = (xa.grad(&ga).expect("dx"), xb.grad(&gb).expect("dx"));
+        assert_close("dx", da, db, 1e-6, 1e-5);
+    }
+
+    #[test]
+    fn fused_cross_entropy_without_autodiff_matches_the_composition() {
+        let data = leaf([2, 7, 11], DType::F32, 4).into_data();
+        let x = Tensor::<Flex, 3>::from_data(data, &Default::default());
+        let (t, w) = targets();
+        let fused = cross_entropy_sum(x.clone(), &t, &w)
+            .unwrap_or_else(|_| panic!("the fused path is taken for f32 on Flex"));
+        assert_close("sum", fused, composed_sum(x, t, w), 1e-5, 1e-6);
+        let low = leaf([2, 7, 11], DType::F32, 4).cast(DType::BF16);
+        let (t, w) = targets();
+        assert!(
+            cross_entropy_sum(low, &t, &w).is_err(),
+            "bf16 logits keep the composition"
+        );
+    }
+}
