@@ -21,6 +21,7 @@ mod config;
 mod dora;
 mod dtype;
 mod error;
+pub mod fused;
 mod init;
 mod io;
 mod linear;

@@ -351,6 +351,42 @@ impl<B: Backend> Linear<B> {
         let d_in = dims[D - 1];
         let n = dims[..D - 1].iter().product::<usize>();
         let x2: Tensor<B, 2> = x.reshape([n, d_in]);
+        let mut y = match self.fused_forward(x2) {
+            Ok(y) => y,
+            Err(x2) => self.composed_forward(x2),
+        };
+        if let Some(b) = &self.bias {
+            let dt = y.dtype();
+            y = y + in_dtype(b.val(), dt).unsqueeze_dim(0);
+        }
+        let mut out = dims;
+        out[D - 1] = self.d_out();
+        y.reshape(out)
+    }
+
+    /// Base product and plain LoRA side path as one op ([`crate::fused::linear_lora`]) where the
+    /// backend and dtype allow: a dense, unsharded weight and no DoRA or adapter dropout.
+    fn fused_forward(&self, x2: Tensor<B, 2>) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
+        let Some(w) = &self.weight else {
+            return Err(x2);
+        };
+        if self.sharding.is_some() {
+            return Err(x2);
+        }
+        let side = match &self.lora {
+            Some(l) if !self.merged => {
+                if l.magnitude.is_some() || l.dropout.prob != 0.0 {
+                    return Err(x2);
+                }
+                Some((l.lora_a.val(), l.lora_b.val(), l.scale))
+            }
+            _ => None,
+        };
+        crate::fused::linear_lora(x2, w.val(), side).map_err(|(x, _, _)| x)
+    }
+
+    /// The forward pass without bias as a composition of burn ops (every case).
+    fn composed_forward(&self, x2: Tensor<B, 2>) -> Tensor<B, 2> {
         let dt = x2.dtype();
         let mut y = self.base_forward(x2.clone());
         match &self.lora {
@@ -372,12 +408,7 @@ impl<B: Backend> Linear<B> {
             },
             _ => {}
         }
-        if let Some(b) = &self.bias {
-            y = y + in_dtype(b.val(), dt).unsqueeze_dim(0);
-        }
-        let mut out = dims;
-        out[D - 1] = self.d_out();
-        y.reshape(out)
+        y
     }
 
     /// The merged weight: `W + s·B·A` (LoRA) or `(m/n)·(W + s·B·A)` (DoRA), with DoRA's norms.

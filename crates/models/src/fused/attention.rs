@@ -16,7 +16,7 @@ use burn::tensor::{backend::Backend, Bool, DType, Tensor, TensorData, TensorPrim
 use burn_flex::FlexTensor;
 
 use super::attention_kernel::{self as kernel, Dims, Mask, Rope, Saved};
-use super::{on_autodiff_flex, Ad};
+use super::{on_backend, primitive, Ad};
 use crate::rope::RopeTables;
 
 /// Everything the backward pass reads.
@@ -122,20 +122,13 @@ pub(crate) fn attention<B: Backend>(
     };
     let scale = (1.0 / (hd as f64).sqrt()) as f32;
     if ty == TypeId::of::<Ad>() {
-        on_autodiff_flex((q, k, v), move |(q, k, v): Qkv<Ad>| {
+        on_backend((q, k, v), move |(q, k, v): Qkv<Ad>| {
             autodiff(q, k, v, host, scale)
         })
     } else {
-        on_autodiff_flex((q, k, v), |(q, k, v): Qkv<Flex>| {
+        on_backend((q, k, v), |(q, k, v): Qkv<Flex>| {
             plain(q, k, v, &host, scale)
         })
-    }
-}
-
-fn primitive<B: Backend, const D: usize>(t: Tensor<B, D>) -> B::FloatTensorPrimitive {
-    match t.into_primitive() {
-        TensorPrimitive::Float(p) => p,
-        TensorPrimitive::QFloat(_) => unreachable!("attention inputs are float tensors"),
     }
 }
 

@@ -15,7 +15,7 @@ use burn::tensor::{backend::Backend, DType, Tensor, TensorData, TensorPrimitive}
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use super::{on_autodiff_flex, Ad};
+use super::{on_backend, primitive, Ad};
 
 /// Targets of one call: position `t < s − 1` of sequence `bi` predicts `targets[bi·(s−1) + t]`
 /// with weight `weights[..]` (0 = ignored).
@@ -121,13 +121,6 @@ fn scalar(sum: f64) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(vec![sum as f32], [1]))
 }
 
-fn primitive<B: Backend, const D: usize>(t: Tensor<B, D>) -> B::FloatTensorPrimitive {
-    match t.into_primitive() {
-        TensorPrimitive::Float(p) => p,
-        TensorPrimitive::QFloat(_) => unreachable!("logits are a float tensor"),
-    }
-}
-
 /// `Σ w·(logsumexp(logits[bi, t]) − logits[bi, t, target])` over `t < s − 1`, as a `[1]` f32
 /// tensor, for f32 `logits: [b, s, v]` on `Autodiff<Flex>` or `Flex`; `targets` and `weights`
 /// are `[b, s − 1]` (targets inside the vocabulary). Other backends and dtypes get `logits`
@@ -153,9 +146,9 @@ pub(crate) fn cross_entropy_sum<B: Backend>(
         weights: weights.to_vec(),
     };
     if ty == TypeId::of::<Ad>() {
-        on_autodiff_flex(logits, move |x: Tensor<Ad, 3>| tracked(x, t))
+        on_backend(logits, move |x: Tensor<Ad, 3>| tracked(x, t))
     } else {
-        on_autodiff_flex(logits, |x: Tensor<Flex, 3>| {
+        on_backend(logits, |x: Tensor<Flex, 3>| {
             let x = primitive(x).to_contiguous();
             let (_, sum) = forward(slice(&x), &t);
             Tensor::<Flex, 1>::from_primitive(TensorPrimitive::Float(scalar(sum)))

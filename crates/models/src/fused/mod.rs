@@ -1,16 +1,17 @@
 //! Fused training ops with hand-written backward passes (issue 11).
 //!
-//! Each op replaces a chain of burn autodiff nodes (RMSNorm: 8, SwiGLU: 3, softmax: 4) with one
-//! node whose backward is written out, which cuts the per-node bookkeeping and the broadcast
-//! reductions of the generic backward. The ops are custom autodiff ops on `Autodiff<Flex>` only
-//! (chosen at run time by type, as in `bellows_peft`'s NF4 and sharded matmuls); every other
-//! backend, including the inference backends, runs the plain burn composition, whose forward
-//! gives the same numbers.
+//! Each op replaces a chain of burn autodiff nodes with one node whose backward is written out,
+//! which cuts the per-node bookkeeping, the allocations and the single-threaded element-wise
+//! passes of the generic backward: RMSNorm (8 nodes), SwiGLU (3), softmax (4), attention with
+//! its rotary embedding (about 25, [`attention`]) and the causal-LM cross-entropy (about 10,
+//! [`cross_entropy`]). The linear layers' fused op lives in `bellows_peft::fused`, whose
+//! run-time dispatch ([`on_backend`]) these use: the fused path on `Autodiff<Flex>` (attention
+//! and cross-entropy also on `Flex`, for evaluation), the plain burn composition on every other
+//! backend, which computes the same numbers to rounding.
 
-use std::any::Any;
-
-use burn::backend::{Autodiff, Flex};
 use burn::tensor::{backend::Backend, Tensor, TensorPrimitive};
+
+pub(crate) use bellows_peft::fused::{on_backend, primitive, Ad};
 
 pub(crate) mod attention;
 mod attention_kernel;
@@ -18,29 +19,6 @@ pub(crate) mod cross_entropy;
 pub(crate) mod rms_norm;
 pub(crate) mod softmax;
 pub(crate) mod swiglu;
-
-/// The training backend the fused ops are written for.
-pub(crate) type Ad = Autodiff<Flex>;
-
-/// Runs `f` on `input` when `In` is `AdIn` (the same value seen as the autodiff-Flex type) and
-/// returns its result as `Out`; gives `input` back otherwise.
-pub(crate) fn on_autodiff_flex<In: 'static, Out: 'static, AdIn: 'static, AdOut: 'static>(
-    input: In,
-    f: impl FnOnce(AdIn) -> AdOut,
-) -> Result<Out, In> {
-    let boxed: Box<dyn Any> = Box::new(input);
-    match boxed.downcast::<AdIn>() {
-        Ok(x) => {
-            let y: Box<dyn Any> = Box::new(f(*x));
-            Ok(*y
-                .downcast::<Out>()
-                .expect("the fused op's output has the caller's tensor type"))
-        }
-        Err(b) => Err(*b
-            .downcast::<In>()
-            .expect("a failed downcast returns the input")),
-    }
-}
 
 /// The inner-backend tensor of a primitive.
 pub(crate) fn inner<I: Backend, const D: usize>(p: I::FloatTensorPrimitive) -> Tensor<I, D> {
@@ -118,15 +96,15 @@ mod tests {
     use burn::backend::Flex;
     use burn::tensor::Tensor;
 
-    use super::{on_autodiff_flex, Ad};
+    use super::{on_backend, Ad};
 
     #[test]
-    fn the_fused_path_is_taken_on_autodiff_flex_only() {
+    fn the_fused_path_is_taken_on_backend_only() {
         let ad = Tensor::<Ad, 1>::zeros([2], &Default::default());
-        let r: Result<Tensor<Ad, 1>, _> = on_autodiff_flex(ad, |x: Tensor<Ad, 1>| x);
+        let r: Result<Tensor<Ad, 1>, _> = on_backend(ad, |x: Tensor<Ad, 1>| x);
         assert!(r.is_ok());
         let plain = Tensor::<Flex, 1>::zeros([2], &Default::default());
-        let r: Result<Tensor<Flex, 1>, _> = on_autodiff_flex(plain, |x: Tensor<Ad, 1>| x);
+        let r: Result<Tensor<Flex, 1>, _> = on_backend(plain, |x: Tensor<Ad, 1>| x);
         assert!(r.is_err());
     }
 }

@@ -11,7 +11,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
 use burn::tensor::{backend::Backend, DType, Tensor, TensorPrimitive};
 
-use super::{inner, on_autodiff_flex, prim, Ad};
+use super::{inner, on_backend, prim, Ad};
 
 /// `(n, r)` for `x`: the normalised rows and `1/√(mean(x²) + ε)`, `[.., 1]`.
 fn normalize<I: Backend, const D: usize>(
@@ -130,7 +130,7 @@ fn normalize_autodiff<I: Backend, C: CheckpointStrategy, const D: usize>(
 
 /// `x / √(mean(x²) + ε)` over the last dimension, for an f32 `x`.
 fn normalize_f32<B: Backend, const D: usize>(x: Tensor<B, D>, eps: f64) -> Tensor<B, D> {
-    match on_autodiff_flex(x, |x: Tensor<Ad, D>| normalize_autodiff(x, eps)) {
+    match on_backend(x, |x: Tensor<Ad, D>| normalize_autodiff(x, eps)) {
         Ok(n) => n,
         Err(x) => x.clone() * (x.powi_scalar(2).mean_dim(D - 1) + eps).sqrt().recip(),
     }
@@ -149,7 +149,7 @@ pub(crate) fn rms_norm<B: Backend, const D: usize>(
 ) -> Tensor<B, D> {
     let dtype = x.dtype();
     if dtype == DType::F32 && weight.dtype() == DType::F32 {
-        let fused = on_autodiff_flex((x, weight), |(x, w): (Tensor<Ad, D>, Tensor<Ad, 1>)| {
+        let fused = on_backend((x, weight), |(x, w): (Tensor<Ad, D>, Tensor<Ad, 1>)| {
             rms_norm_autodiff(x, w, eps)
         });
         return match fused {

@@ -7,7 +7,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
 use burn::tensor::{activation, backend::Backend, Tensor, TensorPrimitive};
 
-use super::{inner, on_autodiff_flex, prim, Ad};
+use super::{inner, on_backend, prim, Ad};
 
 #[derive(Debug)]
 struct SoftmaxBackward<const D: usize>;
@@ -51,7 +51,7 @@ fn softmax_autodiff<I: Backend, C: CheckpointStrategy, const D: usize>(
 ///
 /// On `Autodiff<Flex>` one fused node; elsewhere burn's `softmax`.
 pub(crate) fn softmax_last<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    match on_autodiff_flex(x, |x: Tensor<Ad, D>| softmax_autodiff(x)) {
+    match on_backend(x, |x: Tensor<Ad, D>| softmax_autodiff(x)) {
         Ok(y) => y,
         Err(x) => activation::softmax(x, D - 1),
     }

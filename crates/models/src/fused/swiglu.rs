@@ -7,7 +7,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
 use burn::tensor::{activation, backend::Backend, Tensor, TensorPrimitive};
 
-use super::{inner, on_autodiff_flex, prim, Ad};
+use super::{inner, on_backend, prim, Ad};
 
 #[derive(Debug)]
 struct SwigluBackward<const D: usize>;
@@ -71,7 +71,7 @@ pub(crate) fn swiglu<B: Backend, const D: usize>(g: Tensor<B, D>, u: Tensor<B, D
     if g.dtype() != burn::tensor::DType::F32 {
         return activation::silu(g) * u;
     }
-    match on_autodiff_flex((g, u), |(g, u): (Tensor<Ad, D>, Tensor<Ad, D>)| {
+    match on_backend((g, u), |(g, u): (Tensor<Ad, D>, Tensor<Ad, D>)| {
         swiglu_autodiff(g, u)
     }) {
         Ok(y) => y,

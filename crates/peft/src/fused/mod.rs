@@ -1,0 +1,50 @@
+//! Fused CPU training ops on `Autodiff<Flex>` (issue 11), and the run-time dispatch that picks
+//! them: a generic op runs the fused path only when its backend *is* `Autodiff<Flex>` (or `Flex`
+//! for inference), and the plain burn composition everywhere else. `bellows_models::fused` builds
+//! its own ops on [`on_backend`].
+
+use std::any::Any;
+
+use burn::backend::{Autodiff, Flex};
+use burn::tensor::{backend::Backend, Tensor, TensorPrimitive};
+
+mod linear;
+
+pub use linear::linear_lora;
+
+/// The training backend the fused ops are written for.
+pub type Ad = Autodiff<Flex>;
+
+/// Runs `f` on `input` when `In` is `Want` (the same value seen as the concrete backend's type)
+/// and returns its result as `Out`; gives `input` back otherwise.
+///
+/// # Panics
+/// If `f`'s result is not an `Out` (a caller's type mistake, not a run-time condition).
+pub fn on_backend<In: 'static, Out: 'static, Want: 'static, Got: 'static>(
+    input: In,
+    f: impl FnOnce(Want) -> Got,
+) -> Result<Out, In> {
+    let boxed: Box<dyn Any> = Box::new(input);
+    match boxed.downcast::<Want>() {
+        Ok(x) => {
+            let y: Box<dyn Any> = Box::new(f(*x));
+            Ok(*y
+                .downcast::<Out>()
+                .expect("the fused op's output has the caller's tensor type"))
+        }
+        Err(b) => Err(*b
+            .downcast::<In>()
+            .expect("a failed downcast returns the input")),
+    }
+}
+
+/// The float primitive of a tensor.
+///
+/// # Panics
+/// On a quantized tensor (the fused ops take dense float tensors).
+pub fn primitive<B: Backend, const D: usize>(t: Tensor<B, D>) -> B::FloatTensorPrimitive {
+    match t.into_primitive() {
+        TensorPrimitive::Float(p) => p,
+        TensorPrimitive::QFloat(_) => panic!("the fused ops take dense float tensors"),
+    }
+}
