@@ -98,6 +98,7 @@ fn load(job: &JobArgs) -> Result<RunConfig, ExitCode> {
 }
 
 fn main() -> ExitCode {
+    bellows_trainer::keep_freed_memory();
     let cli = Cli::parse();
     match cli.command {
         Command::Config(ConfigCmd::Check(job)) => match load(&job) {

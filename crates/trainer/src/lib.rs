@@ -13,6 +13,7 @@
 #![warn(missing_docs)]
 
 mod accelerator;
+mod alloc;
 mod bench;
 mod bench_gemm;
 mod build;
@@ -37,6 +38,7 @@ mod validate;
 pub mod zero;
 
 pub use accelerator::Accelerator;
+pub use alloc::keep_freed_memory;
 pub use bench::{peak_rss_mib, run_bench, BenchMode, BenchReport, BenchSpec};
 pub use bench_gemm::{run_gemm_bench, GemmCase, GemmReport, GEMM_CASES};
 pub use build::{build_model, build_model_sharded};
