@@ -9,15 +9,14 @@
 //! memory (docs/BENCHMARKS.md).
 
 /// Makes glibc's `malloc` keep freed memory for reuse: every block comes from the heap (no
-/// `mmap` per block) and the heap is not trimmed. Call once, early (the `bellows` binary does); the peak resident
-/// memory stays what the step needs, but freed memory is not returned to the system until exit.
-/// A no-op on other platforms and C libraries.
+/// `mmap` per block) and the heap is not trimmed. Call once, early (the `bellows` binary does).
+/// The peak resident memory stays what the step needs, but freed memory is not returned to the
+/// system until exit. A no-op on other platforms and C libraries.
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     #[allow(unsafe_code)]
     // SAFETY: `mallopt` only changes allocator parameters; glibc applies them under its lock.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
         libc::mallopt(libc::M_MMAP_MAX, 0);
     }
