@@ -1,62 +1,141 @@
 //! SwiGLU's gate (Shazeer 2020) as one autodiff node: `y = silu(g) · u = g · σ(g) · u`, with
 //! `du = dy · g·σ(g)` and `dg = dy · u · σ(g) · (1 + g·(1 − σ(g)))`.
+//!
+//! One parallel pass forward and one backward over the `[tokens, intermediate]` activations,
+//! with Flex's own `σ` and the composition's order of operations, so the output is bit-identical
+//! to `silu(g) · u` and the gradients equal to rounding. `σ(g)` is recomputed in the backward
+//! pass rather than kept.
 
-use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
+use std::sync::Arc;
+
+use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::NoCheckpointing};
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::backend::Autodiff;
-use burn::tensor::{activation, backend::Backend, Tensor, TensorPrimitive};
+use burn::backend::Flex;
+use burn::tensor::{activation, backend::Backend, Shape, Tensor, TensorData, TensorPrimitive};
+use burn_flex::FlexTensor;
+use rayon::prelude::*;
 
-use super::{inner, on_backend, prim, Ad};
+use super::{on_backend, primitive, Ad};
+
+/// Elements per task.
+const CHUNK: usize = 1 << 14;
+
+/// Flex's `sigmoid` (`burn_flex::ops::activation`), so that the forward matches the composition.
+fn sigmoid(x: f32) -> f32 {
+    if x >= 0.0 {
+        1.0 / (1.0 + (-x).exp())
+    } else {
+        let e = x.exp();
+        e / (1.0 + e)
+    }
+}
+
+fn slice(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>()
+        .expect("the fused SwiGLU's tensors are contiguous f32")
+}
 
 #[derive(Debug)]
-struct SwigluBackward<const D: usize>;
+struct State {
+    g: FlexTensor,
+    u: FlexTensor,
+    shape: Shape,
+}
 
-impl<I: Backend, const D: usize> Backward<I, 2> for SwigluBackward<D> {
-    /// `g`, `u` and `σ(g)`.
-    type State = (
-        I::FloatTensorPrimitive,
-        I::FloatTensorPrimitive,
-        I::FloatTensorPrimitive,
-    );
+#[derive(Debug)]
+struct SwigluBackward;
+
+impl Backward<Flex, 2> for SwigluBackward {
+    type State = Arc<State>;
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [pg, pu] = ops.parents;
-        let grad = grads.consume::<I>(&ops.node);
-        let (g, u, s) = ops.state;
-        let (g, u, s) = (inner::<I, D>(g), inner::<I, D>(u), inner::<I, D>(s));
-        let dy = inner::<I, D>(grad);
-        if let Some(pu) = pu {
-            let du = dy.clone() * (g.clone() * s.clone());
-            grads.register::<I>(pu.id, prim(du));
-        }
+        let dy = grads.consume::<Flex>(&ops.node).to_contiguous();
+        let st = ops.state;
+        let (g, u, dy) = (slice(&st.g), slice(&st.u), slice(&dy));
+        let n = g.len();
+        let (want_g, want_u) = (pg.is_some(), pu.is_some());
+        let mut dg = vec![0.0f32; if want_g { n } else { 0 }];
+        let mut du = vec![0.0f32; if want_u { n } else { 0 }];
+        let chunks = n.div_ceil(CHUNK);
+        let (dgp, dup) = (Out(dg.as_mut_ptr()), Out(du.as_mut_ptr()));
+        (0..chunks).into_par_iter().for_each(|c| {
+            let r = c * CHUNK..((c + 1) * CHUNK).min(n);
+            for i in r {
+                let (gi, ui, d) = (g[i], u[i], dy[i]);
+                let s = sigmoid(gi);
+                if want_u {
+                    dup.write(i, d * (gi * s));
+                }
+                if want_g {
+                    // σ'(g) = σ(g)(1 − σ(g)), so d(g·σ(g))/dg = σ(g)·(1 + g·(1 − σ(g))).
+                    let slope = s * (gi * (-s + 1.0) + 1.0);
+                    dgp.write(i, d * ui * slope);
+                }
+            }
+        });
+        let shape = st.shape.clone();
         if let Some(pg) = pg {
-            // σ'(g) = σ(g)(1 − σ(g)), so d(g·σ(g))/dg = σ(g)·(1 + g·(1 − σ(g))).
-            let slope = s.clone() * (g * (s.neg().add_scalar(1.0))).add_scalar(1.0);
-            let dg = dy * u * slope;
-            grads.register::<I>(pg.id, prim(dg));
+            grads.register::<Flex>(
+                pg.id,
+                FlexTensor::from_data(TensorData::new(dg, shape.clone())),
+            );
+        }
+        if let Some(pu) = pu {
+            grads.register::<Flex>(pu.id, FlexTensor::from_data(TensorData::new(du, shape)));
         }
     }
 }
 
-fn swiglu_autodiff<I: Backend, C: CheckpointStrategy, const D: usize>(
-    g: Tensor<Autodiff<I, C>, D>,
-    u: Tensor<Autodiff<I, C>, D>,
-) -> Tensor<Autodiff<I, C>, D> {
-    let (TensorPrimitive::Float(gp), TensorPrimitive::Float(up)) =
-        (g.into_primitive(), u.into_primitive())
-    else {
-        panic!("swiglu takes float tensors");
-    };
-    let gi = inner::<I, D>(gp.primitive.clone());
-    let s = activation::sigmoid(gi.clone());
-    let y = prim(gi * s.clone() * inner::<I, D>(up.primitive.clone()));
-    let out = match SwigluBackward::<D>
-        .prepare::<C>([gp.node, up.node])
+/// A raw pointer the chunk tasks write through at disjoint indices.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: each task writes only the indices of its own chunk.
+#[allow(unsafe_code)]
+unsafe impl Send for Out {}
+#[allow(unsafe_code)]
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// Writes element `i` (inside the buffer, written by one task only).
+    fn write(&self, i: usize, v: f32) {
+        #[allow(unsafe_code)]
+        // SAFETY: `i` lies in the buffer of the pointer's length (the callers' loops are bounded
+        // by it) and no other task writes index `i`.
+        unsafe {
+            *self.0.add(i) = v;
+        }
+    }
+}
+
+fn swiglu_autodiff<const D: usize>(g: Tensor<Ad, D>, u: Tensor<Ad, D>) -> Tensor<Ad, D> {
+    let shape = g.shape();
+    let (gp, up) = (primitive(g), primitive(u));
+    let (gi, ui) = (gp.primitive.to_contiguous(), up.primitive.to_contiguous());
+    let mut y = vec![0.0f32; shape.num_elements()];
+    y.par_chunks_mut(CHUNK)
+        .zip(slice(&gi).par_chunks(CHUNK))
+        .zip(slice(&ui).par_chunks(CHUNK))
+        .for_each(|((y, g), u)| {
+            for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
+                *y = g * sigmoid(g) * u;
+            }
+        });
+    let y = FlexTensor::from_data(TensorData::new(y, shape.clone()));
+    let out = match SwigluBackward
+        .prepare::<NoCheckpointing>([gp.node, up.node])
         .compute_bound()
         .stateful()
     {
-        OpsKind::Tracked(prep) => prep.finish((gp.primitive, up.primitive, prim(s)), y),
+        OpsKind::Tracked(prep) => prep.finish(
+            Arc::new(State {
+                g: gi,
+                u: ui,
+                shape,
+            }),
+            y,
+        ),
         OpsKind::UnTracked(prep) => prep.finish(y),
     };
     Tensor::from_primitive(TensorPrimitive::Float(out))
