@@ -52,8 +52,12 @@ pub(crate) mod testing {
     }
 
     /// An independent leaf with the same values as `t`.
+    /// (`from_data` converts to the default float type, so the dtype is restored by a cast.)
     pub(crate) fn twin<const D: usize>(t: &Tensor<Ad, D>) -> Tensor<Ad, D> {
-        Tensor::<Ad, D>::from_data(t.to_data(), &t.device()).require_grad()
+        Tensor::<Ad, D>::from_data(t.to_data(), &t.device())
+            .cast(t.dtype())
+            .detach()
+            .require_grad()
     }
 
     /// `Σ y·c` for fixed random `c`, so that `dy = c` is not uniform.
