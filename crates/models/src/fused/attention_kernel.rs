@@ -13,6 +13,7 @@
 //! of shared output buffers through raw pointers; each `unsafe` block states its invariant.
 #![allow(unsafe_code)]
 
+use bellows_peft::fused::matmul_strided as mm;
 use rayon::prelude::*;
 
 /// Query rows per block.
@@ -119,48 +120,6 @@ impl Out {
     /// The pointer (a method, so closures capture the `Sync` wrapper, not the raw field).
     fn at(&self, offset: usize) -> *mut f32 {
         self.0.wrapping_add(offset)
-    }
-}
-
-/// `dst[m×n] (+)= beta · lhs[m×k] · rhs[k×n]` with element strides (row, column) for each.
-#[allow(clippy::too_many_arguments)]
-unsafe fn mm(
-    (m, n, k): (usize, usize, usize),
-    dst: *mut f32,
-    dst_rs: usize,
-    accumulate: bool,
-    lhs: *const f32,
-    (lhs_rs, lhs_cs): (usize, usize),
-    rhs: *const f32,
-    (rhs_rs, rhs_cs): (usize, usize),
-    beta: f32,
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    // SAFETY: the caller guarantees the strided regions lie inside live allocations.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst,
-            1,
-            dst_rs as isize,
-            accumulate,
-            lhs,
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs,
-            rhs_cs as isize,
-            rhs_rs as isize,
-            1.0,
-            beta,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
     }
 }
 

@@ -7,9 +7,6 @@
 //! The arithmetic of each step is the composition's (products, then `t·s`, then `y + t`), so the
 //! two agree to rounding in the products' summation order.
 //!
-//! Unsafe code: `gemm` takes raw strided pointers; every call below reads and writes inside the
-//! named buffers, with the sizes stated at the call.
-#![allow(unsafe_code)]
 
 use std::any::TypeId;
 use std::sync::Arc;
@@ -22,10 +19,9 @@ use burn::tensor::{backend::Backend, DType, Tensor, TensorData, TensorPrimitive}
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
+use super::gemm::product;
 use super::{on_backend, primitive, Ad};
 
-/// Products of at least this many multiply-adds use every core (Flex's own threshold).
-const PARALLEL: usize = 192 * 192 * 192;
 /// Elements per task of the element-wise passes.
 const CHUNK: usize = 1 << 14;
 
@@ -38,113 +34,19 @@ struct Dims {
     r: usize,
 }
 
-/// `dst[m×n] (+)= beta · lhs[m×k] · rhs[k×n]`, strides given as (row, column).
-///
-/// # Safety
-/// `dst`, `lhs` and `rhs` must address `m×n`, `m×k` and `k×n` strided elements inside live
-/// buffers, `dst` not overlapping the others.
-#[allow(clippy::too_many_arguments)]
-unsafe fn mm(
-    (m, n, k): (usize, usize, usize),
-    dst: *mut f32,
-    dst_rs: usize,
-    accumulate: bool,
-    lhs: *const f32,
-    (lhs_rs, lhs_cs): (usize, usize),
-    rhs: *const f32,
-    (rhs_rs, rhs_cs): (usize, usize),
-    beta: f32,
-) {
-    let par = if m * n * k >= PARALLEL {
-        gemm::Parallelism::Rayon(0)
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: forwarded from the caller.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst,
-            1,
-            dst_rs as isize,
-            accumulate,
-            lhs,
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs,
-            rhs_cs as isize,
-            rhs_rs as isize,
-            1.0,
-            beta,
-            false,
-            false,
-            false,
-            par,
-        );
-    }
-}
-
-/// `x·Mᵀ` for row-major `x: [rows, k]` and `M: [cols, k]`.
+/// `x·Mᵀ` for row-major `x: [rows, k]` and `M: [cols, k]` (read transposed in place).
 fn mul_t(x: &[f32], m: &[f32], rows: usize, k: usize, cols: usize) -> Vec<f32> {
-    let mut y = vec![0.0f32; rows * cols];
-    // SAFETY: y is rows×cols, x rows×k, m cols×k (read transposed: element (kk, j) = m[j·k + kk]).
-    unsafe {
-        mm(
-            (rows, cols, k),
-            y.as_mut_ptr(),
-            cols,
-            false,
-            x.as_ptr(),
-            (k, 1),
-            m.as_ptr(),
-            (1, k),
-            1.0,
-        );
-    }
-    y
+    product(x, (k, 1), m, (1, k), (rows, k, cols))
 }
 
 /// `x·M` for row-major `x: [rows, k]` and `M: [k, cols]`.
 fn mul(x: &[f32], m: &[f32], rows: usize, k: usize, cols: usize) -> Vec<f32> {
-    let mut y = vec![0.0f32; rows * cols];
-    // SAFETY: y is rows×cols, x rows×k, m k×cols.
-    unsafe {
-        mm(
-            (rows, cols, k),
-            y.as_mut_ptr(),
-            cols,
-            false,
-            x.as_ptr(),
-            (k, 1),
-            m.as_ptr(),
-            (cols, 1),
-            1.0,
-        );
-    }
-    y
+    product(x, (k, 1), m, (cols, 1), (rows, k, cols))
 }
 
-/// `aᵀ·b` for row-major `a: [k, rows]` and `b: [k, cols]`.
+/// `aᵀ·b` for row-major `a: [k, rows]` (read transposed in place) and `b: [k, cols]`.
 fn t_mul(a: &[f32], b: &[f32], k: usize, rows: usize, cols: usize) -> Vec<f32> {
-    let mut y = vec![0.0f32; rows * cols];
-    // SAFETY: y is rows×cols; a is k×rows read transposed (element (i, kk) = a[kk·rows + i]);
-    // b is k×cols.
-    unsafe {
-        mm(
-            (rows, cols, k),
-            y.as_mut_ptr(),
-            cols,
-            false,
-            a.as_ptr(),
-            (1, rows),
-            b.as_ptr(),
-            (cols, 1),
-            1.0,
-        );
-    }
-    y
+    product(a, (1, rows), b, (cols, 1), (rows, k, cols))
 }
 
 /// `y ← y + t·s` element-wise, in parallel (the composition's `y + t.mul_scalar(s)`).

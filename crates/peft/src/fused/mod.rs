@@ -8,8 +8,10 @@ use std::any::Any;
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::{backend::Backend, Tensor, TensorPrimitive};
 
+mod gemm;
 mod linear;
 
+pub use gemm::{matmul_strided, product};
 pub use linear::linear_lora;
 
 /// The training backend the fused ops are written for.

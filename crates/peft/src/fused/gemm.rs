@@ -1,0 +1,109 @@
+//! Strided f32 matrix products on the `gemm` crate (the kernels burn-flex itself calls), for the
+//! fused ops here and in `bellows_models`: operands are read in place with any row and column
+//! strides, so transposed weights and per-head column blocks need no copy.
+//!
+//! Unsafe code: `gemm` takes raw pointers; [`product`] checks its slices' extents first.
+#![allow(unsafe_code)]
+
+/// Products of at least this many multiply-adds use every core (Flex's own threshold); smaller
+/// ones run on the calling thread.
+const PARALLEL: usize = 192 * 192 * 192;
+
+/// `dst[m×n] ← dst·[accumulate] + beta · lhs[m×k] · rhs[k×n]`, every operand addressed by
+/// (row, column) element strides; `dst` is row-major with row stride `dst_rs`.
+///
+/// # Safety
+/// `dst`, `lhs` and `rhs` must address `m×n`, `m×k` and `k×n` strided elements inside live
+/// buffers, and `dst` must not overlap the others.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn matmul_strided(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: *const f32,
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: *const f32,
+    (rhs_rs, rhs_cs): (usize, usize),
+    beta: f32,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let par = if m * n * k >= PARALLEL {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs,
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs,
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0,
+            beta,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+/// The last element a `[rows, cols]` view with strides `(rs, cs)` touches, plus one.
+fn extent(rows: usize, cols: usize, (rs, cs): (usize, usize)) -> usize {
+    if rows == 0 || cols == 0 {
+        0
+    } else {
+        (rows - 1) * rs + (cols - 1) * cs + 1
+    }
+}
+
+/// `lhs · rhs` into a new row-major `[rows, cols]` buffer, `lhs` viewed as `[rows, k]` and `rhs`
+/// as `[k, cols]` with the given (row, column) strides.
+///
+/// # Panics
+/// If a view reaches past its slice.
+pub fn product(
+    lhs: &[f32],
+    lhs_strides: (usize, usize),
+    rhs: &[f32],
+    rhs_strides: (usize, usize),
+    (rows, k, cols): (usize, usize, usize),
+) -> Vec<f32> {
+    assert!(
+        extent(rows, k, lhs_strides) <= lhs.len(),
+        "lhs view out of its slice"
+    );
+    assert!(
+        extent(k, cols, rhs_strides) <= rhs.len(),
+        "rhs view out of its slice"
+    );
+    let mut y = vec![0.0f32; rows * cols];
+    // SAFETY: both views were checked against their slices; `y` is a fresh rows×cols buffer.
+    unsafe {
+        matmul_strided(
+            (rows, cols, k),
+            y.as_mut_ptr(),
+            cols,
+            false,
+            lhs.as_ptr(),
+            lhs_strides,
+            rhs.as_ptr(),
+            rhs_strides,
+            1.0,
+        );
+    }
+    y
+}
