@@ -155,11 +155,11 @@ fn softmax_row(row: &mut [f32], forbidden: &[bool]) {
             max = *x;
         }
     }
+    let mut sum = 0.0f32;
     for x in row.iter_mut() {
-        *x -= max;
+        *x = (*x - max).exp();
+        sum += *x;
     }
-    super::vexp::exp_in_place(row);
-    let sum: f32 = row.iter().sum();
     let inv = 1.0 / sum;
     for x in row.iter_mut() {
         *x *= inv;

@@ -41,19 +41,12 @@ fn forward(x: &[f32], t: &Targets) -> (Vec<f32>, f64) {
     let v = t.v;
     let lse: Vec<f32> = (0..t.targets.len())
         .into_par_iter()
-        .map_init(
-            || vec![0.0f32; v],
-            |buf, p| {
-                let row = &x[t.row(p) * v..(t.row(p) + 1) * v];
-                let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                for (b, &a) in buf.iter_mut().zip(row) {
-                    *b = a - m;
-                }
-                super::vexp::exp_in_place(buf);
-                let z: f32 = buf.iter().sum();
-                m + z.ln()
-            },
-        )
+        .map(|p| {
+            let row = &x[t.row(p) * v..(t.row(p) + 1) * v];
+            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let z: f32 = row.iter().map(|&a| (a - m).exp()).sum();
+            m + z.ln()
+        })
         .collect();
     let sum = (0..t.targets.len())
         .map(|p| {
@@ -85,11 +78,7 @@ fn backward(x: &[f32], t: &Targets, lse: &[f32], g: f32) -> Vec<f32> {
         }
         let row = &x[r * v..(r + 1) * v];
         for (o, &a) in out.iter_mut().zip(row) {
-            *o = a - lse[p];
-        }
-        super::vexp::exp_in_place(out);
-        for o in out.iter_mut() {
-            *o *= gw;
+            *o = gw * (a - lse[p]).exp();
         }
         out[t.targets[p]] -= gw;
     });

@@ -19,7 +19,6 @@ pub(crate) mod cross_entropy;
 pub(crate) mod rms_norm;
 pub(crate) mod softmax;
 pub(crate) mod swiglu;
-mod vexp;
 
 /// The inner-backend tensor of a primitive.
 pub(crate) fn inner<I: Backend, const D: usize>(p: I::FloatTensorPrimitive) -> Tensor<I, D> {
