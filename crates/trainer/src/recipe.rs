@@ -207,11 +207,9 @@ pub fn train_on<B: AutodiffBackend>(
             let t0 = Instant::now();
             let r = load_checkpoint(ctx, &dir, model, optim)?;
             (model, optim) = (r.model, r.optim);
-            if let Some(z) = zero.as_mut() {
+            if let (Some(z), Some(state)) = (zero.as_mut(), r.optimizer_state.as_deref()) {
                 // ZeRO keeps only this rank's rows, read from whichever files hold them.
-                let m = crate::checkpoint::Manifest::read(&dir)?;
-                z.load_from(&*crate::checkpoint::open_optimizer_state(&dir, &m)?)?;
-                optim = AdamWConfig::new().init::<B, CausalLm<B>>();
+                z.load_from(state)?;
             }
             let p = r.progress;
             if p.loss_scaler.is_some() {

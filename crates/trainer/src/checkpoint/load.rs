@@ -24,6 +24,7 @@ use super::sharded::{ShardedReader, TensorReader};
 use super::tensors::read_all;
 use crate::config::{Resume, RunConfig};
 use crate::{Error, Result};
+use bellows_dist::Strategy;
 
 /// The checkpoint `checkpoint.resume` points at: `None` for `"none"`, and for `"latest"` when no
 /// complete checkpoint exists yet (a fresh start).
@@ -220,11 +221,14 @@ pub fn load_checkpoint<B: AutodiffBackend>(
             .map(|k| format!("{k}: not a parameter of this model")),
     );
     check(&wpath, problems)?;
-    // A sharded model's optimizer (ZeRO) reads its own rows: see `ZeroAdamW::load_from`.
-    let mut moments = if sharded {
+    // ZeRO / FSDP / hybrid jobs keep only their rows of the optimizer state: the recipe hands
+    // the opened state to `ZeroAdamW::load_from`, and burn's AdamW gets nothing (it is not used).
+    let state = open_optimizer_state(dir, &m)?;
+    let rows_only = sharded || ctx.cfg.dist.strategy != Strategy::Ddp;
+    let mut moments = if rows_only {
         HashMap::new()
     } else {
-        whole_tensors(&*open_optimizer_state(dir, &m)?)?
+        whole_tensors(&*state)?
     };
     let (optim, mut problems) = apply_optim(&model, optim, &mut moments);
     problems.extend(
@@ -254,6 +258,7 @@ pub fn load_checkpoint<B: AutodiffBackend>(
         optim,
         progress,
         resharded_from,
+        optimizer_state: rows_only.then_some(state),
     })
 }
 
@@ -267,6 +272,10 @@ pub struct Restored<B: AutodiffBackend> {
     pub progress: TrainProgress,
     /// The checkpoint's world size, when it differs from this job's (the run was resharded).
     pub resharded_from: Option<usize>,
+    /// The saved optimizer state, opened, for a job whose strategy shards it (ZeRO, FSDP,
+    /// hybrid: `ZeroAdamW::load_from` reads this rank's rows); `None` under DDP, whose state is
+    /// already in `optim`.
+    pub optimizer_state: Option<Box<dyn TensorReader>>,
 }
 
 fn check(file: &Path, mut problems: Vec<String>) -> Result<()> {
