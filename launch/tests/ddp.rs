@@ -7,7 +7,10 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::{assert_same_adapter, assert_same_model, bellows, check, job, launch, worker_pids};
+use common::{
+    assert_same_adapter, assert_same_model, bellows, check, job, launch, resume_part,
+    whole_and_stopped_at_2, worker_pids,
+};
 
 fn single(cfg: &Path, out: &Path, batch: usize) {
     let o = bellows()
@@ -299,25 +302,10 @@ fn zero1_and_zero2_match_ddp_and_shard_the_optimizer_state() {
 fn a_zero_checkpoint_resumes_to_the_uninterrupted_result() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = job(dir.path());
-    // A constant schedule, so a run told to stop at step 2 trains steps 1-2 as the 4-step run does.
-    let z = [
-        "--set",
-        "dist.strategy=zero1",
-        "--set",
-        "checkpoint.every_steps=2",
-        "--set",
-        "optim.scheduler=\"constant\"",
-    ];
-    let whole = dir.path().join("whole");
-    check(&launch(&cfg, &whole, 2, &z), "zero1 whole");
+    let z = ["--set", "dist.strategy=zero1"];
     // Stop after step 2 (its checkpoint), then resume to step 4.
-    let part = dir.path().join("part");
-    let mut first = z.to_vec();
-    first.extend(["--set", "run.max_steps=2"]);
-    check(&launch(&cfg, &part, 2, &first), "zero1 to step 2");
-    let mut second = z.to_vec();
-    second.extend(["--set", "checkpoint.resume=\"latest\""]);
-    check(&launch(&cfg, &part, 2, &second), "zero1 resumed");
+    let (whole, part) = whole_and_stopped_at_2(&cfg, dir.path(), 2, &z, "zero1");
+    resume_part(&cfg, &part, 2, &z, "zero1");
     assert_same_adapter(&part, &whole, "resumed zero1 vs uninterrupted");
     // The checkpoint holds the whole (gathered) optimizer state, in the DDP format.
     let opt = std::fs::read(whole.join("checkpoints/checkpoint-4/optimizer.safetensors"))

@@ -9,7 +9,8 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use common::{
-    assert_same_adapter, assert_same_model, bellows, check, job, launch, max_diff, worker_pids,
+    assert_same_adapter, assert_same_model, bellows, check, job, launch, max_diff, resume_part,
+    whole_and_stopped_at_2, worker_pids,
 };
 
 /// `fsdp: … rank R holds X of their Y elements` lines of a run, as (X, Y).
@@ -89,22 +90,8 @@ fn fsdp_matches_ddp_and_each_rank_holds_a_shard_of_the_weights() {
 fn an_fsdp_checkpoint_is_sharded_per_rank_and_resumes_to_the_uninterrupted_result() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = job(dir.path());
-    let z = [
-        "--set",
-        "dist.strategy=fsdp",
-        "--set",
-        "peft.method=none",
-        "--set",
-        "checkpoint.every_steps=2",
-        "--set",
-        "optim.scheduler=\"constant\"",
-    ];
-    let whole = dir.path().join("whole");
-    check(&launch(&cfg, &whole, 2, &z), "fsdp whole");
-    let part = dir.path().join("part");
-    let mut first = z.to_vec();
-    first.extend(["--set", "run.max_steps=2"]);
-    check(&launch(&cfg, &part, 2, &first), "fsdp to step 2");
+    let z = ["--set", "dist.strategy=fsdp", "--set", "peft.method=none"];
+    let (whole, part) = whole_and_stopped_at_2(&cfg, dir.path(), 2, &z, "fsdp");
     let ck = part.join("checkpoints/checkpoint-2");
     for f in [
         "model-rank-0.safetensors",
@@ -136,9 +123,7 @@ fn an_fsdp_checkpoint_is_sharded_per_rank_and_resumes_to_the_uninterrupted_resul
             .shape(),
         [32, 32]
     );
-    let mut second = z.to_vec();
-    second.extend(["--set", "checkpoint.resume=\"latest\""]);
-    check(&launch(&cfg, &part, 2, &second), "fsdp resumed");
+    resume_part(&cfg, &part, 2, &z, "fsdp");
     assert_same_model(&part, &whole, "resumed fsdp vs uninterrupted");
     // `bellows export` consolidates the sharded checkpoint into the model the run wrote.
     let exported = dir.path().join("exported");
@@ -157,7 +142,12 @@ fn an_fsdp_checkpoint_is_sharded_per_rank_and_resumes_to_the_uninterrupted_resul
     );
     // ... and the DDP run's result.
     let ddp = dir.path().join("ddp");
-    let d = [z[2], z[3], z[6], z[7]];
+    let d = [
+        "--set",
+        "peft.method=none",
+        "--set",
+        "optim.scheduler=\"constant\"",
+    ];
     check(&launch(&cfg, &ddp, 2, &d), "ddp");
     assert_same_model(&exported, &ddp, "exported sharded checkpoint vs ddp");
     // A damaged rank file is named, not exported.

@@ -101,6 +101,53 @@ pub fn launch(cfg: &Path, out: &Path, nproc: usize, extra: &[&str]) -> Output {
         .expect("run launch")
 }
 
+/// The job's arguments plus a checkpoint every 2 steps and a constant schedule, so that a run
+/// stopped after step 2 trains steps 1–2 exactly as the whole run does.
+fn every_2(extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    for s in [
+        "--set",
+        "checkpoint.every_steps=2",
+        "--set",
+        "optim.scheduler=\"constant\"",
+    ] {
+        a.push(s.to_string());
+    }
+    a
+}
+
+/// Launches the job on `nproc` ranks twice: whole into `dir/whole`, and stopped after step 2
+/// (its checkpoint written) into `dir/part`; returns `(whole, part)`. [`resume_part`] continues
+/// `part` from that checkpoint.
+pub fn whole_and_stopped_at_2(
+    cfg: &Path,
+    dir: &Path,
+    nproc: usize,
+    extra: &[&str],
+    what: &str,
+) -> (PathBuf, PathBuf) {
+    let args = every_2(extra);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let whole = dir.join("whole");
+    check(&launch(cfg, &whole, nproc, &args), &format!("{what} whole"));
+    let part = dir.join("part");
+    let mut first = args.clone();
+    first.extend(["--set", "run.max_steps=2"]);
+    check(
+        &launch(cfg, &part, nproc, &first),
+        &format!("{what} to step 2"),
+    );
+    (whole, part)
+}
+
+/// Resumes the run in `part` (see [`whole_and_stopped_at_2`]) from its latest checkpoint.
+pub fn resume_part(cfg: &Path, part: &Path, nproc: usize, extra: &[&str], what: &str) {
+    let mut args = every_2(extra);
+    args.extend(["--set", "checkpoint.resume=\"latest\""].map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    check(&launch(cfg, part, nproc, &args), &format!("{what} resumed"));
+}
+
 /// Fails the test with both output streams unless `out` succeeded.
 pub fn check(out: &Output, what: &str) {
     assert!(
