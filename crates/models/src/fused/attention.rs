@@ -12,11 +12,11 @@ use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::NoCheckp
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Flex;
-use burn::tensor::{backend::Backend, Bool, DType, Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{backend::Backend, Bool, DType, Tensor, TensorPrimitive};
 use burn_flex::FlexTensor;
 
 use super::attention_kernel::{self as kernel, Dims, Mask, Rope, Saved};
-use super::{on_backend, primitive, Ad};
+use super::{f32_slice as slice, flex_tensor as flex, on_backend, primitive, Ad};
 use crate::rope::RopeTables;
 
 /// Everything the backward pass reads.
@@ -56,15 +56,6 @@ impl Backward<Flex, 3> for AttentionBackward {
             }
         }
     }
-}
-
-fn slice(t: &FlexTensor) -> &[f32] {
-    t.as_slice::<f32>()
-        .expect("the fused attention's tensors are contiguous f32")
-}
-
-fn flex(v: Vec<f32>, shape: [usize; 3]) -> FlexTensor {
-    FlexTensor::from_data(TensorData::new(v, shape))
 }
 
 /// Host copies of the rotary tables and the mask, and the sizes, for `q: [b, s, h·hd]`.

@@ -11,11 +11,11 @@ use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::NoCheckp
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Flex;
-use burn::tensor::{backend::Backend, DType, Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{backend::Backend, DType, Tensor, TensorPrimitive};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use super::{on_backend, primitive, Ad};
+use super::{f32_slice as slice, flex_tensor, on_backend, primitive, Ad};
 
 /// Targets of one call: position `t < s − 1` of sequence `bi` predicts `targets[bi·(s−1) + t]`
 /// with weight `weights[..]` (0 = ignored).
@@ -106,19 +106,14 @@ impl Backward<Flex, 1> for CrossEntropyBackward {
             let g = slice(&grad)[0];
             let dx = backward(slice(&st.logits), &st.targets, &st.lse, g);
             let t = &st.targets;
-            let dx = FlexTensor::from_data(TensorData::new(dx, [t.b, t.s, t.v]));
+            let dx = flex_tensor(dx, [t.b, t.s, t.v]);
             grads.register::<Flex>(parent.id, dx);
         }
     }
 }
 
-fn slice(t: &FlexTensor) -> &[f32] {
-    t.as_slice::<f32>()
-        .expect("the fused cross-entropy's tensors are contiguous f32")
-}
-
 fn scalar(sum: f64) -> FlexTensor {
-    FlexTensor::from_data(TensorData::new(vec![sum as f32], [1]))
+    flex_tensor(vec![sum as f32], [1])
 }
 
 /// `Σ w·(logsumexp(logits[bi, t]) − logits[bi, t, target])` over `t < s − 1`, as a `[1]` f32

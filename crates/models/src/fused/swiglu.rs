@@ -12,11 +12,11 @@ use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::NoCheckp
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Flex;
-use burn::tensor::{activation, backend::Backend, Shape, Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{activation, backend::Backend, Shape, Tensor, TensorPrimitive};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use super::{on_backend, primitive, Ad};
+use super::{f32_slice as slice, flex_tensor, on_backend, primitive, Ad};
 
 /// Elements per task.
 const CHUNK: usize = 1 << 14;
@@ -29,11 +29,6 @@ fn sigmoid(x: f32) -> f32 {
         let e = x.exp();
         e / (1.0 + e)
     }
-}
-
-fn slice(t: &FlexTensor) -> &[f32] {
-    t.as_slice::<f32>()
-        .expect("the fused SwiGLU's tensors are contiguous f32")
 }
 
 #[derive(Debug)]
@@ -55,56 +50,29 @@ impl Backward<Flex, 2> for SwigluBackward {
         let st = ops.state;
         let (g, u, dy) = (slice(&st.g), slice(&st.u), slice(&dy));
         let n = g.len();
-        let (want_g, want_u) = (pg.is_some(), pu.is_some());
-        let mut dg = vec![0.0f32; if want_g { n } else { 0 }];
-        let mut du = vec![0.0f32; if want_u { n } else { 0 }];
-        let chunks = n.div_ceil(CHUNK);
-        let (dgp, dup) = (Out(dg.as_mut_ptr()), Out(du.as_mut_ptr()));
-        (0..chunks).into_par_iter().for_each(|c| {
-            let r = c * CHUNK..((c + 1) * CHUNK).min(n);
-            for i in r {
-                let (gi, ui, d) = (g[i], u[i], dy[i]);
-                let s = sigmoid(gi);
-                if want_u {
-                    dup.write(i, d * (gi * s));
-                }
-                if want_g {
+        // Both gradients in one pass (g and u are both projections' outputs, so both are
+        // nearly always wanted); an unwanted one is dropped below.
+        let (mut dg, mut du) = (vec![0.0f32; n], vec![0.0f32; n]);
+        dg.par_chunks_mut(CHUNK)
+            .zip(du.par_chunks_mut(CHUNK))
+            .enumerate()
+            .for_each(|(c, (dgc, duc))| {
+                let at = c * CHUNK;
+                for (k, (dgi, dui)) in dgc.iter_mut().zip(duc.iter_mut()).enumerate() {
+                    let (gi, ui, d) = (g[at + k], u[at + k], dy[at + k]);
+                    let s = sigmoid(gi);
+                    *dui = d * (gi * s);
                     // σ'(g) = σ(g)(1 − σ(g)), so d(g·σ(g))/dg = σ(g)·(1 + g·(1 − σ(g))).
                     let slope = s * (gi * (-s + 1.0) + 1.0);
-                    dgp.write(i, d * ui * slope);
+                    *dgi = d * ui * slope;
                 }
-            }
-        });
+            });
         let shape = st.shape.clone();
         if let Some(pg) = pg {
-            grads.register::<Flex>(
-                pg.id,
-                FlexTensor::from_data(TensorData::new(dg, shape.clone())),
-            );
+            grads.register::<Flex>(pg.id, flex_tensor(dg, shape.clone()));
         }
         if let Some(pu) = pu {
-            grads.register::<Flex>(pu.id, FlexTensor::from_data(TensorData::new(du, shape)));
-        }
-    }
-}
-
-/// A raw pointer the chunk tasks write through at disjoint indices.
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: each task writes only the indices of its own chunk.
-#[allow(unsafe_code)]
-unsafe impl Send for Out {}
-#[allow(unsafe_code)]
-unsafe impl Sync for Out {}
-
-impl Out {
-    /// Writes element `i` (inside the buffer, written by one task only).
-    fn write(&self, i: usize, v: f32) {
-        #[allow(unsafe_code)]
-        // SAFETY: `i` lies in the buffer of the pointer's length (the callers' loops are bounded
-        // by it) and no other task writes index `i`.
-        unsafe {
-            *self.0.add(i) = v;
+            grads.register::<Flex>(pu.id, flex_tensor(du, shape));
         }
     }
 }
@@ -122,7 +90,7 @@ fn swiglu_autodiff<const D: usize>(g: Tensor<Ad, D>, u: Tensor<Ad, D>) -> Tensor
                 *y = g * sigmoid(g) * u;
             }
         });
-    let y = FlexTensor::from_data(TensorData::new(y, shape.clone()));
+    let y = flex_tensor(y, shape.clone());
     let out = match SwigluBackward
         .prepare::<NoCheckpointing>([gp.node, up.node])
         .compute_bound()

@@ -15,12 +15,12 @@ use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::NoCheckp
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Flex;
-use burn::tensor::{backend::Backend, DType, Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{backend::Backend, DType, Tensor, TensorPrimitive};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
 use super::gemm::product;
-use super::{on_backend, primitive, Ad};
+use super::{f32_slice as slice, flex_tensor as flex, on_backend, primitive, Ad};
 
 /// Elements per task of the element-wise passes.
 const CHUNK: usize = 1 << 14;
@@ -138,15 +138,6 @@ impl<const N: usize> Backward<Flex, N> for LinearBackward {
             }
         }
     }
-}
-
-fn slice(t: &FlexTensor) -> &[f32] {
-    t.as_slice::<f32>()
-        .expect("the fused linear's tensors are contiguous f32")
-}
-
-fn flex(v: Vec<f32>, shape: [usize; 2]) -> FlexTensor {
-    FlexTensor::from_data(TensorData::new(v, shape))
 }
 
 /// A LoRA side path: `A: [r, in]`, `B: [out, r]` and the scale.

@@ -6,7 +6,8 @@
 use std::any::Any;
 
 use burn::backend::{Autodiff, Flex};
-use burn::tensor::{backend::Backend, Tensor, TensorPrimitive};
+use burn::tensor::{backend::Backend, Shape, Tensor, TensorData, TensorPrimitive};
+use burn_flex::FlexTensor;
 
 mod gemm;
 mod linear;
@@ -49,4 +50,18 @@ pub fn primitive<B: Backend, const D: usize>(t: Tensor<B, D>) -> B::FloatTensorP
         TensorPrimitive::Float(p) => p,
         TensorPrimitive::QFloat(_) => panic!("the fused ops take dense float tensors"),
     }
+}
+
+/// The f32 elements of a contiguous Flex tensor (the fused ops make theirs contiguous first).
+///
+/// # Panics
+/// If `t` is not contiguous f32.
+pub fn f32_slice(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>()
+        .expect("the fused ops' tensors are contiguous f32")
+}
+
+/// A Flex tensor owning `values` (no copy), row-major in `shape`.
+pub fn flex_tensor(values: Vec<f32>, shape: impl Into<Shape>) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(values, shape.into()))
 }
