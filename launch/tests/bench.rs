@@ -55,9 +55,13 @@ fn the_gemm_bench_times_every_product_of_the_peer_list() {
         "/../benches/peer/torch_lora_bench.py"
     ))
     .expect("the peer script");
-    assert_eq!(lines.len(), bellows_trainer::GEMM_CASES.len());
-    for (r, c) in lines.iter().zip(bellows_trainer::GEMM_CASES) {
+    // The backend's matmul, then the fused ops' kernels, each over the whole list.
+    let cases = bellows_trainer::GEMM_CASES;
+    assert_eq!(lines.len(), 2 * cases.len());
+    for (i, (r, c)) in lines.iter().zip(cases.iter().chain(cases)).enumerate() {
         assert_eq!(r["case"], c.name);
+        let kernel = if i < cases.len() { "backend" } else { "fused" };
+        assert_eq!(r["kernel"], kernel);
         assert_eq!(r["dtype"], "f32");
         let g = r["gflops_per_sec"].as_f64().expect("GFLOP/s");
         assert!(g.is_finite() && g > 0.0, "{}: {g}", c.name);

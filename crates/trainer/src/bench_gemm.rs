@@ -137,6 +137,9 @@ pub struct GemmReport {
     pub case: &'static str,
     /// `"f32"`, `"bf16"` or `"f16"`.
     pub dtype: &'static str,
+    /// `"backend"`: the backend's `matmul`; `"fused"`: the CPU kernels the fused training ops
+    /// call (`bellows_peft::fused::product` in f32, `product_bf16` in bf16).
+    pub kernel: &'static str,
     /// `[batch, m, k, n]`.
     pub shape: [usize; 4],
     /// Mean GFLOP/s over the timed repetitions (2·batch·m·k·n per product).
@@ -179,33 +182,83 @@ pub fn run_gemm_bench<B: Backend>(dtype: DType, device: &B::Device) -> Vec<GemmR
                 B::sync(device).ok();
                 y
             };
-            for _ in 0..2 {
-                drop(product());
-            }
-            let mut times = Vec::new();
-            let start = Instant::now();
-            while times.len() < 3 || start.elapsed().as_secs_f64() < 0.3 {
-                let t = Instant::now();
-                drop(product());
-                times.push(t.elapsed().as_secs_f64());
-            }
-            let flop = 2.0 * (c.batch * c.m * c.k * c.n) as f64;
-            let mean = times.iter().sum::<f64>() / times.len() as f64;
-            let best = times.iter().copied().fold(f64::INFINITY, f64::min);
-            GemmReport {
-                mode: "gemm",
-                case: c.name,
-                dtype: match dtype {
-                    DType::BF16 => "bf16",
-                    DType::F16 => "f16",
-                    _ => "f32",
-                },
-                shape: [c.batch, c.m, c.k, c.n],
-                gflops_per_sec: flop / mean / 1e9,
-                gflops_per_sec_best: flop / best / 1e9,
-                reps: times.len(),
-                threads: rayon::current_num_threads(),
-            }
+            report(c, dtype, "backend", || drop(product()))
         })
         .collect()
+}
+
+/// Times every case of [`GEMM_CASES`] on the fused ops' CPU kernels (f32 `gemm` or the bf16
+/// dot-product kernel), the operands read in place as the fused ops read them. `None` for a
+/// dtype they do not run (f16).
+pub fn run_fused_gemm_bench(dtype: DType) -> Option<Vec<GemmReport>> {
+    use bellows_peft::fused::{product, product_bf16};
+    if !matches!(dtype, DType::F32 | DType::BF16) {
+        return None;
+    }
+    let values =
+        |n: usize| -> Vec<f32> { (0..n).map(|i| ((i % 97) as f32 - 48.0) / 61.0).collect() };
+    Some(
+        GEMM_CASES
+            .iter()
+            .map(|c| {
+                let (a, b) = (values(c.batch * c.m * c.k), values(c.batch * c.k * c.n));
+                let rhs_strides = if c.rhs_t { (1, c.k) } else { (c.n, 1) };
+                let dims = (c.m, c.k, c.n);
+                let one = |i: usize| {
+                    let (a, b) = (&a[i * c.m * c.k..], &b[i * c.k * c.n..]);
+                    if dtype == DType::BF16 {
+                        product_bf16(a, (c.k, 1), b, rhs_strides, dims)
+                    } else {
+                        product(a, (c.k, 1), b, rhs_strides, dims)
+                    }
+                };
+                report(c, dtype, "fused", || {
+                    // Batched cases run one task per product, as the fused attention does.
+                    use rayon::prelude::*;
+                    if c.batch == 1 {
+                        drop(one(0));
+                    } else {
+                        (0..c.batch).into_par_iter().for_each(|i| drop(one(i)));
+                    }
+                })
+            })
+            .collect(),
+    )
+}
+
+/// Two untimed runs of `product`, then repetitions until ~0.3 s (at least 3) have passed.
+fn report(
+    c: &GemmCase,
+    dtype: DType,
+    kernel: &'static str,
+    mut product: impl FnMut(),
+) -> GemmReport {
+    for _ in 0..2 {
+        product();
+    }
+    let mut times = Vec::new();
+    let start = Instant::now();
+    while times.len() < 3 || start.elapsed().as_secs_f64() < 0.3 {
+        let t = Instant::now();
+        product();
+        times.push(t.elapsed().as_secs_f64());
+    }
+    let flop = 2.0 * (c.batch * c.m * c.k * c.n) as f64;
+    let mean = times.iter().sum::<f64>() / times.len() as f64;
+    let best = times.iter().copied().fold(f64::INFINITY, f64::min);
+    GemmReport {
+        mode: "gemm",
+        case: c.name,
+        dtype: match dtype {
+            DType::BF16 => "bf16",
+            DType::F16 => "f16",
+            _ => "f32",
+        },
+        kernel,
+        shape: [c.batch, c.m, c.k, c.n],
+        gflops_per_sec: flop / mean / 1e9,
+        gflops_per_sec_best: flop / best / 1e9,
+        reps: times.len(),
+        threads: rayon::current_num_threads(),
+    }
 }

@@ -40,7 +40,7 @@ pub mod zero;
 pub use accelerator::Accelerator;
 pub use alloc::keep_freed_memory;
 pub use bench::{peak_rss_mib, run_bench, BenchMode, BenchReport, BenchSpec};
-pub use bench_gemm::{run_gemm_bench, GemmCase, GemmReport, GEMM_CASES};
+pub use bench_gemm::{run_fused_gemm_bench, run_gemm_bench, GemmCase, GemmReport, GEMM_CASES};
 pub use build::{build_model, build_model_sharded};
 pub use config::{ConfigIssue, ConfigIssues, RunConfig};
 pub use device::{cuda_available, DeviceSpec};
@@ -130,7 +130,8 @@ pub fn bench_on(spec: &BenchSpec, device: &str, threads: usize) -> Result<BenchR
     }
 }
 
-/// Runs `bellows bench --mode gemm` on `device`: every product of [`GEMM_CASES`] in `dtype`.
+/// Runs `bellows bench --mode gemm` on `device`: every product of [`GEMM_CASES`] in `dtype` on
+/// the backend, then (CPU) on the fused ops' kernels.
 ///
 /// # Errors
 /// An invalid or unavailable device.
@@ -146,10 +147,9 @@ pub fn gemm_bench_on(
     match DeviceSpec::parse(device).map_err(err)? {
         DeviceSpec::Cpu => {
             init_threads(threads, 1);
-            Ok(run_gemm_bench::<burn::backend::Flex>(
-                dtype,
-                &Default::default(),
-            ))
+            let mut lines = run_gemm_bench::<burn::backend::Flex>(dtype, &Default::default());
+            lines.extend(run_fused_gemm_bench(dtype).unwrap_or_default());
+            Ok(lines)
         }
         #[cfg(feature = "cuda")]
         DeviceSpec::Cuda(index) => {

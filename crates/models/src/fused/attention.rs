@@ -4,6 +4,12 @@
 //! head transposes, RoPE's slices and products, the K/V expansion, the score scale, the mask, the
 //! softmax and the casts), none of which ran on more than one core, and it skips the key blocks a
 //! query block may not see.
+//!
+//! bf16 inputs (mixed precision) are widened and the whole op runs in f32 — the rotary
+//! embedding, the scores, the softmax and both products — with only the output and the input
+//! gradients rounded to bf16, as fused attention kernels (PyTorch's CPU flash attention among
+//! them) keep their inner arithmetic in f32. The bf16 composition instead rounds the rotated
+//! heads, the scores and the probabilities too, so the fused op is the more accurate of the two.
 
 use std::any::TypeId;
 use std::sync::Arc;
@@ -16,7 +22,9 @@ use burn::tensor::{backend::Backend, Bool, DType, Tensor, TensorPrimitive};
 use burn_flex::FlexTensor;
 
 use super::attention_kernel::{self as kernel, Dims, Mask, Rope, Saved};
-use super::{f32_slice as slice, flex_tensor as flex, on_backend, primitive, Ad};
+use super::{
+    f32_slice as slice, f32_values, flex_tensor, flex_tensor_in as flex, on_backend, primitive, Ad,
+};
 use crate::rope::RopeTables;
 
 /// Everything the backward pass reads.
@@ -28,6 +36,8 @@ struct State {
     rope: Rope,
     mask: Mask,
     scale: f32,
+    /// The inputs' (and so the gradients') dtype.
+    dtype: DType,
 }
 
 #[derive(Debug)]
@@ -44,7 +54,7 @@ impl Backward<Flex, 3> for AttentionBackward {
             st.d,
             &st.saved,
             slice(&st.v),
-            slice(&grad),
+            &f32_values(&grad),
             &st.rope,
             &st.mask,
             st.scale,
@@ -52,7 +62,7 @@ impl Backward<Flex, 3> for AttentionBackward {
         let Dims { b, s, h, kv, hd } = st.d;
         for (parent, g, width) in [(pq, dq, h * hd), (pk, dk, kv * hd), (pv, dv, kv * hd)] {
             if let Some(p) = parent {
-                grads.register::<Flex>(p.id, flex(g, [b, s, width]));
+                grads.register::<Flex>(p.id, flex(g, [b, s, width], st.dtype));
             }
         }
     }
@@ -93,8 +103,9 @@ type Qkv<B> = (Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>);
 /// query heads: `q: [b, s, h·hd]`, `k`, `v: [b, s, kv·hd]` (the projections' outputs), result
 /// `[b, s, h·hd]`. `mask` is `[b, 1, s, s]`, true where forbidden, `window` a sliding window.
 ///
-/// Taken on `Autodiff<Flex>` (training) and `Flex` (evaluation) for f32 inputs whose every
-/// query may see some key; otherwise the inputs come back as `Err` for the plain composition.
+/// Taken on `Autodiff<Flex>` (training) and `Flex` (evaluation) for f32 or bf16 inputs whose
+/// every query may see some key; otherwise the inputs come back as `Err` for the plain
+/// composition.
 pub(crate) fn attention<B: Backend>(
     (q, k, v): Qkv<B>,
     rope: &RopeTables<B>,
@@ -103,7 +114,10 @@ pub(crate) fn attention<B: Backend>(
     (h, kv, hd): (usize, usize, usize),
 ) -> Result<Tensor<B, 3>, Qkv<B>> {
     let ty = TypeId::of::<B>();
-    if q.dtype() != DType::F32 || (ty != TypeId::of::<Ad>() && ty != TypeId::of::<Flex>()) {
+    let dtype = q.dtype();
+    let dtypes =
+        matches!(dtype, DType::F32 | DType::BF16) && k.dtype() == dtype && v.dtype() == dtype;
+    if !dtypes || (ty != TypeId::of::<Ad>() && ty != TypeId::of::<Flex>()) {
         return Err((q, k, v));
     }
     let [b, s, _] = q.dims();
@@ -139,13 +153,14 @@ fn plain(
     let Dims { b, s, h, hd, .. } = host.d;
     let (out, _) = kernel::forward(
         host.d,
-        (slice(&q), slice(&k), slice(&v)),
+        (&f32_values(&q), &f32_values(&k), &f32_values(&v)),
         &host.rope,
         &host.mask,
         scale,
         false,
     );
-    Tensor::from_primitive(TensorPrimitive::Float(flex(out, [b, s, h * hd])))
+    let y = flex(out, [b, s, h * hd], q.dtype());
+    Tensor::from_primitive(TensorPrimitive::Float(y))
 }
 
 /// The forward pass as one autodiff node.
@@ -168,24 +183,32 @@ fn autodiff(
         .compute_bound()
         .stateful();
     let tracked = matches!(prep, OpsKind::Tracked(_));
+    let dtype = qi.dtype();
+    let v = f32_values(&vi);
     let (out, saved) = kernel::forward(
         host.d,
-        (slice(&qi), slice(&ki), slice(&vi)),
+        (&f32_values(&qi), &f32_values(&ki), &v),
         &host.rope,
         &host.mask,
         scale,
         tracked,
     );
-    let y = flex(out, [b, s, h * hd]);
+    let y = flex(out, [b, s, h * hd], dtype);
+    // The backward pass reads `v` in f32.
+    let v = match v {
+        std::borrow::Cow::Owned(v) => flex_tensor(v, [b, s, host.d.kv * hd]),
+        std::borrow::Cow::Borrowed(_) => vi.clone(),
+    };
     let out = match (prep, saved) {
         (OpsKind::Tracked(prep), Some(saved)) => {
             let state = State {
                 d: host.d,
                 saved,
-                v: vi,
+                v,
                 rope: host.rope,
                 mask: host.mask,
                 scale,
+                dtype,
             };
             prep.finish(Arc::new(state), y)
         }
@@ -266,6 +289,69 @@ mod tests {
         check(1, 150, (3, 1, 4), None);
     }
 
+    /// bf16 inputs: the fused op is the f32 computation on the widened inputs with its output
+    /// and gradients rounded to bf16 (within one bf16 rounding of the f32 composition), and
+    /// within bf16 noise of the bf16 composition, which also rounds its intermediates.
+    #[test]
+    fn fused_attention_in_bf16_is_the_f32_op_rounded() {
+        let (b, s, (h, kv, hd)) = (2, 70, (4, 2, 8));
+        let (rope, mask) = setup::<Ad>(b, s, hd);
+        let bf = DType::BF16;
+        let q = leaf([b, s, h * hd], bf, 1);
+        let k = leaf([b, s, kv * hd], bf, 2);
+        let v = leaf([b, s, kv * hd], bf, 3);
+        let (qa, ka, va) = (twin(&q), twin(&k), twin(&v));
+        let wide = |t: &Tensor<Ad, 3>| twin(&t.clone().cast(DType::F32));
+        let (qb, kb, vb) = (wide(&q), wide(&k), wide(&v));
+        let (qc, kc, vc) = (twin(&q), twin(&k), twin(&v));
+        let dims = (h, kv, hd);
+        let fused = attention(
+            (qa.clone(), ka.clone(), va.clone()),
+            &rope,
+            Some(&mask),
+            None,
+            dims,
+        )
+        .unwrap_or_else(|_| panic!("the fused path is taken for bf16 on Autodiff<Flex>"));
+        assert_eq!(fused.dtype(), bf);
+        let f32_ref = attend(
+            (qb.clone(), kb.clone(), vb.clone()),
+            &rope,
+            Some(&mask),
+            None,
+            dims,
+            None,
+        );
+        let bf16_ref = attend(
+            (qc.clone(), kc.clone(), vc.clone()),
+            &rope,
+            Some(&mask),
+            None,
+            dims,
+            None,
+        );
+        let rounded = |t: Tensor<Ad, 3>| t.cast(bf);
+        assert_close("out", fused.clone(), rounded(f32_ref.clone()), 1e-3, 8e-3);
+        assert_close("out vs bf16", fused.clone(), bf16_ref.clone(), 3e-2, 3e-2);
+        let (ga, gb, gc) = (
+            loss(fused).backward(),
+            // The same upstream gradient as the bf16 output gets: `c` rounded to bf16.
+            loss(rounded(f32_ref)).backward(),
+            loss(bf16_ref).backward(),
+        );
+        for (what, a, bb, c) in [
+            ("dq", &qa, &qb, &qc),
+            ("dk", &ka, &kb, &kc),
+            ("dv", &va, &vb, &vc),
+        ] {
+            let da = a.grad(&ga).expect(what);
+            assert_eq!(da.dtype(), bf, "{what} in the input's dtype");
+            let db = bb.grad(&gb).expect(what).cast(bf);
+            assert_close(what, da.clone(), db, 1e-3, 8e-3);
+            assert_close(what, da, c.grad(&gc).expect(what), 6e-2, 6e-2);
+        }
+    }
+
     #[test]
     fn fused_attention_without_autodiff_matches_the_composition() {
         let (b, s, (h, kv, hd)) = (2, 70, (4, 2, 8));
@@ -309,13 +395,9 @@ mod tests {
         let blind =
             Tensor::<Ad, 4, Bool>::from_data(TensorData::new(m, [1, 1, s, s]), &Default::default());
         assert!(attention(qkv(), &rope, Some(&blind), None, (1, 1, hd)).is_err());
-        // Low precision keeps the composition.
+        // Half precision keeps the composition.
         let (q, k, v) = qkv();
-        let low = (
-            q.cast(DType::BF16),
-            k.cast(DType::BF16),
-            v.cast(DType::BF16),
-        );
-        assert!(attention(low, &rope, None, None, (1, 1, hd)).is_err());
+        let half = (q.cast(DType::F16), k.cast(DType::F16), v.cast(DType::F16));
+        assert!(attention(half, &rope, None, None, (1, 1, hd)).is_err());
     }
 }

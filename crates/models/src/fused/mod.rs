@@ -11,7 +11,9 @@
 
 use burn::tensor::{backend::Backend, Tensor, TensorPrimitive};
 
-pub(crate) use bellows_peft::fused::{f32_slice, flex_tensor, on_backend, primitive, Ad};
+pub(crate) use bellows_peft::fused::{
+    f32_slice, f32_values, flex_tensor, flex_tensor_in, on_backend, primitive, Ad,
+};
 
 pub(crate) mod attention;
 mod attention_kernel;

@@ -62,7 +62,7 @@ pub unsafe fn matmul_strided(
 }
 
 /// The last element a `[rows, cols]` view with strides `(rs, cs)` touches, plus one.
-fn extent(rows: usize, cols: usize, (rs, cs): (usize, usize)) -> usize {
+pub(super) fn extent(rows: usize, cols: usize, (rs, cs): (usize, usize)) -> usize {
     if rows == 0 || cols == 0 {
         0
     } else {

@@ -1,12 +1,21 @@
 //! `y = x·Wᵀ (+ s·(x·Aᵀ)·Bᵀ)` — a dense linear layer with an optional LoRA side path — as one
-//! op: `gemm` straight on the row-major buffers (W, A, B used transposed in place), the side
-//! path added in one parallel pass, and a hand-written backward pass
+//! op: the products straight on the row-major buffers (W, A, B used transposed in place), the
+//! side path added in one parallel pass, and a hand-written backward pass
 //! (`dX = dY·W + (s·dY·B)·A`, `dW = dYᵀ·X`, `dB = (s·dY)ᵀ·(X·Aᵀ)`, `dA = (s·dY·B)ᵀ·X`) that
 //! computes only the gradients some parent needs. It replaces burn's matmul, transpose, scale and
 //! add nodes, whose outputs Flex allocates twice (zeroed, then copied to an aligned buffer).
+//!
+//! Two precisions, the dtype of `x` choosing:
+//! - **f32**: `gemm`'s f32 kernels.
+//! - **bf16** (mixed precision): the bf16 dot-product kernel ([`super::product_bf16`]) reads f32
+//!   master weights and rounds them while packing (no cast node, no bf16 copy of the weight), and
+//!   every intermediate is rounded to bf16 where the composition's bf16 tensors are: each
+//!   product, `t·s` (with `s` itself rounded, as Flex's bf16 scalar ops do), the sums, and each
+//!   gradient, which reaches an f32 master weight as the f32 value of its bf16 gradient (the
+//!   composition's cast node does the same).
+//!
 //! The arithmetic of each step is the composition's (products, then `t·s`, then `y + t`), so the
 //! two agree to rounding in the products' summation order.
-//!
 
 use std::any::TypeId;
 use std::sync::Arc;
@@ -15,60 +24,128 @@ use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::NoCheckp
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Flex;
-use burn::tensor::{backend::Backend, DType, Tensor, TensorPrimitive};
+use burn::tensor::{backend::Backend, bf16, DType, Tensor, TensorPrimitive};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
+use super::bf16_gemm::{product_bf16, Bf16Operand};
 use super::gemm::product;
-use super::{f32_slice as slice, flex_tensor as flex, on_backend, primitive, Ad};
+use super::{f32_values, flex_tensor_in as flex, on_backend, primitive, Ad};
 
 /// Elements per task of the element-wise passes.
 const CHUNK: usize = 1 << 14;
 
-/// Sizes: `n` rows of `x`, `W: [d_out, d_in]`, adapter rank `r` (0 without one).
+/// Sizes: `n` rows of `x`, `W: [d_out, d_in]`, adapter rank `r` (0 without one), and whether
+/// the op computes in bf16.
 #[derive(Debug, Clone, Copy)]
 struct Dims {
     n: usize,
     d_in: usize,
     d_out: usize,
     r: usize,
+    low: bool,
+}
+
+/// A contiguous operand in either of the dtypes the op reads.
+#[derive(Clone, Copy)]
+enum Src<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [bf16]),
+}
+
+impl<'a> Src<'a> {
+    /// The elements of a contiguous f32 or bf16 tensor.
+    fn of(t: &'a FlexTensor) -> Self {
+        match t.dtype() {
+            DType::BF16 => Src::Bf16(t.as_slice().expect("contiguous bf16")),
+            _ => Src::F32(t.as_slice().expect("contiguous f32")),
+        }
+    }
+}
+
+/// `v` rounded to bf16 in place (the values a bf16 tensor would hold), in parallel.
+fn round_bf16(v: &mut [f32]) {
+    v.par_chunks_mut(CHUNK).for_each(|c| {
+        c.iter_mut()
+            .for_each(|x| *x = f32::from_bits(u32::from(x.bf16_bits()) << 16))
+    });
+}
+
+/// `l · r` for views with (row, column) strides, rounded to bf16 when `low`.
+fn mm(
+    low: bool,
+    l: Src,
+    ls: (usize, usize),
+    r: Src,
+    rs: (usize, usize),
+    dims: (usize, usize, usize),
+) -> Vec<f32> {
+    use Src::{Bf16, F32};
+    let mut y = match (l, r) {
+        (F32(l), F32(r)) if !low => product(l, ls, r, rs, dims),
+        (F32(l), F32(r)) => product_bf16(l, ls, r, rs, dims),
+        (F32(l), Bf16(r)) => product_bf16(l, ls, r, rs, dims),
+        (Bf16(l), F32(r)) => product_bf16(l, ls, r, rs, dims),
+        (Bf16(l), Bf16(r)) => product_bf16(l, ls, r, rs, dims),
+    };
+    if low {
+        round_bf16(&mut y);
+    }
+    y
 }
 
 /// `x·Mᵀ` for row-major `x: [rows, k]` and `M: [cols, k]` (read transposed in place).
-fn mul_t(x: &[f32], m: &[f32], rows: usize, k: usize, cols: usize) -> Vec<f32> {
-    product(x, (k, 1), m, (1, k), (rows, k, cols))
+fn mul_t(low: bool, x: Src, m: Src, rows: usize, k: usize, cols: usize) -> Vec<f32> {
+    mm(low, x, (k, 1), m, (1, k), (rows, k, cols))
 }
 
 /// `x·M` for row-major `x: [rows, k]` and `M: [k, cols]`.
-fn mul(x: &[f32], m: &[f32], rows: usize, k: usize, cols: usize) -> Vec<f32> {
-    product(x, (k, 1), m, (cols, 1), (rows, k, cols))
+fn mul(low: bool, x: Src, m: Src, rows: usize, k: usize, cols: usize) -> Vec<f32> {
+    mm(low, x, (k, 1), m, (cols, 1), (rows, k, cols))
 }
 
 /// `aᵀ·b` for row-major `a: [k, rows]` (read transposed in place) and `b: [k, cols]`.
-fn t_mul(a: &[f32], b: &[f32], k: usize, rows: usize, cols: usize) -> Vec<f32> {
-    product(a, (1, rows), b, (cols, 1), (rows, k, cols))
+fn t_mul(low: bool, a: Src, b: Src, k: usize, rows: usize, cols: usize) -> Vec<f32> {
+    mm(low, a, (1, rows), b, (cols, 1), (rows, k, cols))
 }
 
-/// `y ← y + t·s` element-wise, in parallel (the composition's `y + t.mul_scalar(s)`).
-fn add_scaled(y: &mut [f32], t: &[f32], s: f32) {
+/// `y ← y + t·s` element-wise, in parallel (the composition's `y + t.mul_scalar(s)`), each
+/// step rounded to bf16 when `low`.
+fn add_scaled(low: bool, y: &mut [f32], t: &[f32], s: f32) {
+    let r = |v: f32| {
+        if low {
+            f32::from_bits(u32::from(v.bf16_bits()) << 16)
+        } else {
+            v
+        }
+    };
     y.par_chunks_mut(CHUNK)
         .zip(t.par_chunks(CHUNK))
-        .for_each(|(y, t)| y.iter_mut().zip(t).for_each(|(y, &t)| *y += t * s));
+        .for_each(|(y, t)| {
+            y.iter_mut()
+                .zip(t)
+                .for_each(|(y, &t)| *y = r(*y + r(t * s)))
+        });
+}
+
+/// The op's scale: bf16 scalar ops round theirs first.
+fn scale(low: bool, s: f64) -> f32 {
+    if low {
+        bf16::from_f64(s).to_f32()
+    } else {
+        s as f32
+    }
 }
 
 /// The forward pass: `y` and, with an adapter, `x·Aᵀ` (kept for the backward pass).
-fn forward(
-    d: Dims,
-    x: &[f32],
-    w: &[f32],
-    lora: Option<(&[f32], &[f32], f32)>,
-) -> (Vec<f32>, Vec<f32>) {
-    let mut y = mul_t(x, w, d.n, d.d_in, d.d_out);
+fn forward(d: Dims, x: Src, w: Src, lora: Option<(Src, Src, f32)>) -> (Vec<f32>, Vec<f32>) {
+    let low = d.low;
+    let mut y = mul_t(low, x, w, d.n, d.d_in, d.d_out);
     let xa = match lora {
         Some((a, b, s)) => {
-            let xa = mul_t(x, a, d.n, d.d_in, d.r);
-            let t = mul_t(&xa, b, d.n, d.r, d.d_out);
-            add_scaled(&mut y, &t, s);
+            let xa = mul_t(low, x, a, d.n, d.d_in, d.r);
+            let t = mul_t(low, Src::F32(&xa), b, d.n, d.r, d.d_out);
+            add_scaled(low, &mut y, &t, s);
             xa
         }
         None => Vec::new(),
@@ -88,29 +165,39 @@ struct State {
 
 /// Gradients `[dX, dW, dA, dB]` for the parents that need them.
 fn backward(st: &State, dy: &[f32], need: [bool; 4]) -> [Option<Vec<f32>>; 4] {
-    let Dims { n, d_in, d_out, r } = st.d;
-    let (x, w) = (slice(&st.x), slice(&st.w));
-    let mut dx = need[0].then(|| mul(dy, w, n, d_out, d_in));
-    let dw = need[1].then(|| t_mul(dy, x, n, d_out, d_in));
+    let Dims {
+        n,
+        d_in,
+        d_out,
+        r,
+        low,
+    } = st.d;
+    let (x, w, g) = (Src::of(&st.x), Src::of(&st.w), Src::F32(dy));
+    let mut dx = need[0].then(|| mul(low, g, w, n, d_out, d_in));
+    let dw = need[1].then(|| t_mul(low, g, x, n, d_out, d_in));
     let (mut da, mut db) = (None, None);
     if let Some((a, b, s, xa)) = &st.lora {
-        let (a, b) = (slice(a), slice(b));
+        let (a, b) = (Src::of(a), Src::of(b));
         // The composition's backward of `t.mul_scalar(s)`: the side path's gradient is `dY·s`.
         let mut gs = dy.to_vec();
         gs.par_chunks_mut(CHUNK)
             .for_each(|c| c.iter_mut().for_each(|g| *g *= s));
+        if low {
+            round_bf16(&mut gs);
+        }
+        let gs = Src::F32(&gs);
         if need[0] || need[2] {
-            let dxa = mul(&gs, b, n, d_out, r);
+            let dxa = mul(low, gs, b, n, d_out, r);
             if let Some(dx) = dx.as_mut() {
-                let side = mul(&dxa, a, n, r, d_in);
-                add_scaled(dx, &side, 1.0);
+                let side = mul(low, Src::F32(&dxa), a, n, r, d_in);
+                add_scaled(low, dx, &side, 1.0);
             }
             if need[2] {
-                da = Some(t_mul(&dxa, x, n, r, d_in));
+                da = Some(t_mul(low, Src::F32(&dxa), x, n, r, d_in));
             }
         }
         if need[3] {
-            db = Some(t_mul(&gs, xa, n, d_out, r));
+            db = Some(t_mul(low, gs, Src::F32(xa), n, d_out, r));
         }
     }
     [dx, dw, da, db]
@@ -129,12 +216,20 @@ impl<const N: usize> Backward<Flex, N> for LinearBackward {
         for (i, p) in ops.parents.iter().enumerate() {
             need[i] = p.is_some();
         }
-        let Dims { n, d_in, d_out, r } = st.d;
+        let Dims {
+            n, d_in, d_out, r, ..
+        } = st.d;
         let shapes = [[n, d_in], [d_out, d_in], [r, d_in], [d_out, r]];
-        let gs = backward(&st, slice(&grad), need);
-        for ((parent, g), shape) in ops.parents.into_iter().zip(gs).zip(shapes) {
-            if let (Some(p), Some(g)) = (parent, g) {
-                grads.register::<Flex>(p.id, flex(g, shape));
+        let dtypes = [
+            Some(st.x.dtype()),
+            Some(st.w.dtype()),
+            st.lora.as_ref().map(|l| l.0.dtype()),
+            st.lora.as_ref().map(|l| l.1.dtype()),
+        ];
+        let gs = backward(&st, &f32_values(&grad), need);
+        for (((parent, g), shape), dt) in ops.parents.into_iter().zip(gs).zip(shapes).zip(dtypes) {
+            if let (Some(p), Some(g), Some(dt)) = (parent, g, dt) {
+                grads.register::<Flex>(p.id, flex(g, shape, dt));
             }
         }
     }
@@ -146,7 +241,9 @@ pub type Side<B> = (Tensor<B, 2>, Tensor<B, 2>, f64);
 type Inputs<B> = (Tensor<B, 2>, Tensor<B, 2>, Option<Side<B>>);
 
 /// `x·Wᵀ + s·(x·Aᵀ)·Bᵀ` (or `x·Wᵀ` without a side path) for `x: [n, in]`, `W: [out, in]`,
-/// as one node on `Autodiff<Flex>` (forward only on `Flex`), for f32 tensors. Other backends and
+/// as one node on `Autodiff<Flex>` (forward only on `Flex`), computed in `x`'s dtype: f32
+/// (every operand f32), or bf16 with f32 or bf16 weights (mixed precision; the output and
+/// `x`'s gradient bf16, each weight's gradient in the weight's dtype). Other backends and
 /// dtypes get the inputs back as `Err`, for the composition.
 pub fn linear_lora<B: Backend>(
     x: Tensor<B, 2>,
@@ -154,18 +251,27 @@ pub fn linear_lora<B: Backend>(
     side: Option<Side<B>>,
 ) -> Result<Tensor<B, 2>, Inputs<B>> {
     let ty = TypeId::of::<B>();
-    let f32s = x.dtype() == DType::F32
-        && w.dtype() == DType::F32
-        && side
-            .as_ref()
-            .is_none_or(|(a, b, _)| a.dtype() == DType::F32 && b.dtype() == DType::F32);
-    if !f32s || (ty != TypeId::of::<Ad>() && ty != TypeId::of::<Flex>()) {
+    let low = x.dtype() == DType::BF16;
+    let ok = |t: &Tensor<B, 2>| match t.dtype() {
+        DType::F32 => true,
+        DType::BF16 => low,
+        _ => false,
+    };
+    let dtypes = ok(&x) && ok(&w) && side.as_ref().is_none_or(|(a, b, _)| ok(a) && ok(b));
+    if !dtypes || (ty != TypeId::of::<Ad>() && ty != TypeId::of::<Flex>()) {
         return Err((x, w, side));
     }
     let [n, d_in] = x.dims();
     let [d_out, _] = w.dims();
     let r = side.as_ref().map_or(0, |(a, _, _)| a.dims()[0]);
-    let d = Dims { n, d_in, d_out, r };
+    let d = Dims {
+        n,
+        d_in,
+        d_out,
+        r,
+        low,
+    };
+    let out_dtype = x.dtype();
     if ty == TypeId::of::<Ad>() {
         on_backend((x, w, side), move |(x, w, side): Inputs<Ad>| {
             tracked(d, x, w, side)
@@ -175,22 +281,27 @@ pub fn linear_lora<B: Backend>(
             let (x, w) = (primitive(x).to_contiguous(), primitive(w).to_contiguous());
             let side = side.map(|(a, b, s)| {
                 let (a, b) = (primitive(a).to_contiguous(), primitive(b).to_contiguous());
-                (a, b, s as f32)
+                (a, b, scale(low, s))
             });
-            let lora = side.as_ref().map(|(a, b, s)| (slice(a), slice(b), *s));
-            let (y, _) = forward(d, slice(&x), slice(&w), lora);
-            Tensor::<Flex, 2>::from_primitive(TensorPrimitive::Float(flex(y, [n, d_out])))
+            let lora = side.as_ref().map(|(a, b, s)| (Src::of(a), Src::of(b), *s));
+            let (y, _) = forward(d, Src::of(&x), Src::of(&w), lora);
+            Tensor::<Flex, 2>::from_primitive(TensorPrimitive::Float(flex(
+                y,
+                [n, d_out],
+                out_dtype,
+            )))
         })
     }
 }
 
 fn tracked(d: Dims, x: Tensor<Ad, 2>, w: Tensor<Ad, 2>, side: Option<Side<Ad>>) -> Tensor<Ad, 2> {
+    let out_dtype = x.dtype();
     let (xp, wp) = (primitive(x), primitive(w));
     let (xi, wi) = (xp.primitive.to_contiguous(), wp.primitive.to_contiguous());
     match side {
         None => {
-            let (y, _) = forward(d, slice(&xi), slice(&wi), None);
-            let y = flex(y, [d.n, d.d_out]);
+            let (y, _) = forward(d, Src::of(&xi), Src::of(&wi), None);
+            let y = flex(y, [d.n, d.d_out], out_dtype);
             let node = match LinearBackward
                 .prepare::<NoCheckpointing>([xp.node, wp.node])
                 .compute_bound()
@@ -212,9 +323,10 @@ fn tracked(d: Dims, x: Tensor<Ad, 2>, w: Tensor<Ad, 2>, side: Option<Side<Ad>>) 
         Some((a, b, s)) => {
             let (ap, bp) = (primitive(a), primitive(b));
             let (ai, bi) = (ap.primitive.to_contiguous(), bp.primitive.to_contiguous());
-            let s = s as f32;
-            let (y, xa) = forward(d, slice(&xi), slice(&wi), Some((slice(&ai), slice(&bi), s)));
-            let y = flex(y, [d.n, d.d_out]);
+            let s = scale(d.low, s);
+            let lora = Some((Src::of(&ai), Src::of(&bi), s));
+            let (y, xa) = forward(d, Src::of(&xi), Src::of(&wi), lora);
+            let y = flex(y, [d.n, d.d_out], out_dtype);
             let node = match LinearBackward
                 .prepare::<NoCheckpointing>([xp.node, wp.node, ap.node, bp.node])
                 .compute_bound()
@@ -242,6 +354,7 @@ mod tests {
     use burn::tensor::{DType, Distribution, Tensor, Tolerance};
 
     use super::{linear_lora, Ad};
+    use crate::in_dtype;
 
     fn leaf(shape: [usize; 2], seed: u64) -> Tensor<Ad, 2> {
         <Ad as burn::tensor::backend::Backend>::seed(&Default::default(), seed);
@@ -249,8 +362,9 @@ mod tests {
             .require_grad()
     }
 
-    fn twin(t: &Tensor<Ad, 2>, grad: bool) -> Tensor<Ad, 2> {
-        let t = Tensor::<Ad, 2>::from_data(t.to_data(), &t.device());
+    /// An independent copy of `t` in `dtype`, a leaf that requires a gradient when `grad`.
+    fn twin(t: &Tensor<Ad, 2>, dtype: DType, grad: bool) -> Tensor<Ad, 2> {
+        let t = Tensor::<Ad, 2>::from_data(t.to_data(), &t.device()).cast(dtype);
         if grad {
             t.require_grad()
         } else {
@@ -258,72 +372,123 @@ mod tests {
         }
     }
 
-    fn close(what: &str, a: Tensor<Flex, 2>, b: Tensor<Flex, 2>) {
-        let (a, b) = (a.into_data(), b.into_data());
+    /// Within rounding: 1e-5 in f32; in bf16, one rounding of the result (2⁻⁸ relative) twice
+    /// over, since a different summation order can move a value to the neighbouring bf16.
+    fn close(what: &str, a: Tensor<Flex, 2>, b: Tensor<Flex, 2>, dtype: DType) {
+        assert_eq!(a.dtype(), dtype, "{what}: dtype");
+        assert_eq!(b.dtype(), dtype, "{what}: the composition's dtype");
+        let (a, b) = (
+            a.cast(DType::F32).into_data(),
+            b.cast(DType::F32).into_data(),
+        );
         assert_eq!(a.shape, b.shape, "{what}: shapes");
-        a.assert_approx_eq::<f32>(&b, Tolerance::rel_abs(1e-5, 1e-5));
+        let tol = if dtype == DType::BF16 {
+            Tolerance::rel_abs(8e-3, 1e-2)
+        } else {
+            Tolerance::rel_abs(1e-5, 1e-5)
+        };
+        a.assert_approx_eq::<f32>(&b, tol);
     }
 
-    /// `Σ y·c` with a fixed non-uniform `c`.
+    /// `Σ y·c` with a fixed non-uniform `c`, summed in f32.
     fn loss(y: Tensor<Ad, 2>) -> Tensor<Ad, 1> {
         let c = leaf(y.dims(), 99).detach();
-        (y * c).sum()
+        (y.cast(DType::F32) * c).sum()
     }
 
     /// Fused vs composition, forward and every tracked gradient, with and without a side path
-    /// and with a frozen or trainable base (`n` not a multiple of gemm's blocks).
-    fn check(lora: bool, train_w: bool) {
+    /// and with a frozen or trainable base (`n` not a multiple of gemm's blocks). `low`: `x` in
+    /// bf16 with f32 master weights, the composition casting them as `Linear` does.
+    fn check(lora: bool, train_w: bool, low: bool) {
         let (n, d_in, d_out, r, s) = (37, 24, 20, 4, 2.5);
+        let xd = if low { DType::BF16 } else { DType::F32 };
         let x = leaf([n, d_in], 1);
         let w = leaf([d_out, d_in], 2);
         let a = leaf([r, d_in], 3);
         let b = leaf([d_out, r], 4);
+        let f32 = DType::F32;
         let (xf, wf, af, bf) = (
-            twin(&x, true),
-            twin(&w, train_w),
-            twin(&a, true),
-            twin(&b, true),
+            twin(&x, xd, true),
+            twin(&w, f32, train_w),
+            twin(&a, f32, true),
+            twin(&b, f32, true),
         );
         let (xc, wc, ac, bc) = (
-            twin(&x, true),
-            twin(&w, train_w),
-            twin(&a, true),
-            twin(&b, true),
+            twin(&x, xd, true),
+            twin(&w, f32, train_w),
+            twin(&a, f32, true),
+            twin(&b, f32, true),
         );
         let side = lora.then(|| (af.clone(), bf.clone(), s));
         let fused = linear_lora(xf.clone(), wf.clone(), side)
-            .unwrap_or_else(|_| panic!("the fused path is taken for f32 on Autodiff<Flex>"));
-        let mut plain = xc.clone().matmul(wc.clone().transpose());
+            .unwrap_or_else(|_| panic!("the fused path is taken on Autodiff<Flex>"));
+        let mut plain = xc.clone().matmul(in_dtype(wc.clone(), xd).transpose());
         if lora {
             let t = xc
                 .clone()
-                .matmul(ac.clone().transpose())
-                .matmul(bc.clone().transpose());
+                .matmul(in_dtype(ac.clone(), xd).transpose())
+                .matmul(in_dtype(bc.clone(), xd).transpose());
             plain = plain + t.mul_scalar(s);
         }
-        close("y", fused.clone().inner(), plain.clone().inner());
+        close("y", fused.clone().inner(), plain.clone().inner(), xd);
         let (gf, gc) = (loss(fused).backward(), loss(plain).backward());
-        close("dx", xf.grad(&gf).expect("dx"), xc.grad(&gc).expect("dx"));
+        let g = |t: &Tensor<Ad, 2>, g| t.grad(g).expect("a gradient");
+        close("dx", g(&xf, &gf), g(&xc, &gc), xd);
         assert_eq!(
             wf.grad(&gf).is_some(),
             train_w,
             "dW only for a trainable base"
         );
         if train_w {
-            close("dw", wf.grad(&gf).expect("dw"), wc.grad(&gc).expect("dw"));
+            close("dw", g(&wf, &gf), g(&wc, &gc), f32);
         }
         if lora {
-            close("da", af.grad(&gf).expect("da"), ac.grad(&gc).expect("da"));
-            close("db", bf.grad(&gf).expect("db"), bc.grad(&gc).expect("db"));
+            close("da", g(&af, &gf), g(&ac, &gc), f32);
+            close("db", g(&bf, &gf), g(&bc, &gc), f32);
         }
     }
 
     #[test]
     fn fused_linear_matches_the_composition_and_its_gradients() {
-        check(true, false); // LoRA on a frozen base
-        check(true, true); // LoRA and a trainable base
-        check(false, true); // full fine-tuning
-        check(false, false); // a frozen layer (x's gradient only)
+        for low in [false, true] {
+            check(true, false, low); // LoRA on a frozen base
+            check(true, true, low); // LoRA and a trainable base
+            check(false, true, low); // full fine-tuning
+            check(false, false, low); // a frozen layer (x's gradient only)
+        }
+    }
+
+    #[test]
+    fn fused_linear_in_pure_bf16() {
+        // bf16 weights too (`param_dtype = "bf16"`): gradients come back in bf16.
+        let bf = DType::BF16;
+        let (x, w) = (
+            twin(&leaf([9, 8], 1), bf, true),
+            twin(&leaf([5, 8], 2), bf, true),
+        );
+        let (a, b) = (
+            twin(&leaf([2, 8], 3), bf, true),
+            twin(&leaf([5, 2], 4), bf, true),
+        );
+        let y = linear_lora(x.clone(), w.clone(), Some((a.clone(), b.clone(), 0.5)))
+            .unwrap_or_else(|_| panic!("the fused path is taken for bf16"));
+        let t = x
+            .clone()
+            .matmul(a.clone().transpose())
+            .matmul(b.clone().transpose());
+        let plain = x.clone().matmul(w.clone().transpose()) + t.mul_scalar(0.5);
+        close("y", y.clone().inner(), plain.clone().inner(), bf);
+        let (gf, gc) = (loss(y).backward(), loss(plain).backward());
+        for (what, t) in [("dx", &x), ("dw", &w), ("da", &a), ("db", &b)] {
+            // The composition's gradients accumulate into the same leaves: compare the two
+            // backward passes' gradient tensors.
+            close(
+                what,
+                t.grad(&gf).expect("fused"),
+                t.grad(&gc).expect("plain"),
+                bf,
+            );
+        }
     }
 
     #[test]
@@ -337,7 +502,15 @@ mod tests {
         let plain = f(&x).matmul(f(&w).transpose()) + t.mul_scalar(0.5);
         y.into_data()
             .assert_approx_eq::<f32>(&plain.into_data(), Tolerance::rel_abs(1e-5, 1e-5));
-        let low = linear_lora(x.cast(DType::BF16), w.cast(DType::BF16), None);
-        assert!(low.is_err(), "bf16 keeps the composition");
+        // bf16 inference on Flex.
+        let bf = DType::BF16;
+        let y = linear_lora(f(&x).cast(bf), f(&w), None)
+            .unwrap_or_else(|_| panic!("the fused path is taken for bf16 on Flex"));
+        let plain = f(&x).cast(bf).matmul(f(&w).cast(bf).transpose());
+        close("bf16 y", y, plain, bf);
+        // An f32 input with a bf16 weight, and f16, keep the composition.
+        assert!(linear_lora(x.clone(), w.clone().cast(bf), None).is_err());
+        let half = DType::F16;
+        assert!(linear_lora(x.cast(half), w.cast(half), None).is_err());
     }
 }

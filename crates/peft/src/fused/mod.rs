@@ -4,14 +4,18 @@
 //! its own ops on [`on_backend`].
 
 use std::any::Any;
+use std::borrow::Cow;
 
 use burn::backend::{Autodiff, Flex};
-use burn::tensor::{backend::Backend, Shape, Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{backend::Backend, bf16, DType, Shape, Tensor, TensorData, TensorPrimitive};
 use burn_flex::FlexTensor;
+use rayon::prelude::*;
 
+mod bf16_gemm;
 mod gemm;
 mod linear;
 
+pub use bf16_gemm::{has_bf16_dot, product_bf16, product_bf16_via_f32, Bf16Operand};
 pub use gemm::{matmul_strided, product};
 pub use linear::linear_lora;
 
@@ -64,4 +68,30 @@ pub fn f32_slice(t: &FlexTensor) -> &[f32] {
 /// A Flex tensor owning `values` (no copy), row-major in `shape`.
 pub fn flex_tensor(values: Vec<f32>, shape: impl Into<Shape>) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(values, shape.into()))
+}
+
+/// The values of a contiguous f32 or bf16 Flex tensor as f32 (borrowed when already f32;
+/// bf16 widened exactly, in parallel).
+///
+/// # Panics
+/// If `t` is not contiguous f32 or bf16.
+pub fn f32_values(t: &FlexTensor) -> Cow<'_, [f32]> {
+    match t.dtype() {
+        DType::BF16 => {
+            let v: &[bf16] = t.as_slice().expect("the fused ops' tensors are contiguous");
+            Cow::Owned(v.par_iter().map(|x| x.to_f32()).collect())
+        }
+        _ => Cow::Borrowed(f32_slice(t)),
+    }
+}
+
+/// A Flex tensor of `values` in `dtype`: f32 (owning `values`), or bf16 (each value rounded to
+/// nearest even, as Flex's `cast`).
+pub fn flex_tensor_in(values: Vec<f32>, shape: impl Into<Shape>, dtype: DType) -> FlexTensor {
+    if dtype == DType::BF16 {
+        let v: Vec<bf16> = values.par_iter().map(|&x| bf16::from_f32(x)).collect();
+        FlexTensor::from_data(TensorData::new(v, shape.into()))
+    } else {
+        flex_tensor(values, shape)
+    }
 }

@@ -1,0 +1,467 @@
+//! bf16 matrix products with f32 accumulation — what CPU autocast's matmuls compute — on the
+//! AVX-512 BF16 dot-product instruction (`vdpbf16ps`: two bf16 products summed into each f32
+//! lane, twice the f32 FMA's arithmetic per instruction).
+//!
+//! Operands are f32 or bf16 views with any (row, column) strides; each element is rounded to
+//! bf16 (nearest even, as Flex's `cast`) while it is packed, so an f32 master weight needs no
+//! cast of its own. The packing is the classic one for a dot-product kernel: the left side in
+//! panels of [`MR`] rows and the right side in panels of [`NR`] columns, both as 32-bit pairs of
+//! consecutive-`k` bf16 values (zero-padded), and a 12×32 register-tile kernel runs over blocks
+//! of [`KC`] `k` values, the product's tiles spread over the rayon pool.
+//!
+//! On a CPU without `avx512_bf16` (or another architecture) the same rounded operands go
+//! through the f32 `gemm` kernels: the result is the same exact bf16 products summed in f32,
+//! up to summation order.
+//!
+//! Unsafe code: the SIMD kernel (raw pointers into the packed buffers and the output, whose
+//! extents the packing fixes) and the per-tile writes into disjoint parts of the output.
+#![allow(unsafe_code)]
+
+use burn::tensor::bf16;
+use rayon::prelude::*;
+
+use super::gemm::{extent, product};
+
+/// Rows of the kernel's register tile.
+const MR: usize = 12;
+/// Columns of the kernel's register tile (two 16-lane f32 vectors).
+const NR: usize = 32;
+/// `k` values per block (an even number): a 32-column panel of them is 16 KiB, kept in L1.
+const KC: usize = 256;
+/// Rows per task: eight row panels, 48 KiB of packed left side per `k` block (L2).
+const MC: usize = 8 * MR;
+/// Columns per task.
+const NC: usize = 8 * NR;
+/// Products of at least this many multiply-adds use every core.
+const PARALLEL: usize = 64 * 64 * 64;
+
+/// An element a bf16 product can read: its bf16 bit pattern.
+pub trait Bf16Operand: Copy + Send + Sync {
+    /// The value rounded to bf16 (nearest even), as bits.
+    fn bf16_bits(self) -> u16;
+}
+
+impl Bf16Operand for f32 {
+    /// Nearest even, NaN kept quiet — `half`'s `bf16::from_f32` (which Flex's cast calls),
+    /// written branch-free so packing loops vectorise.
+    #[inline(always)]
+    fn bf16_bits(self) -> u16 {
+        let x = self.to_bits();
+        let rounded = x.wrapping_add(0x7fff + ((x >> 16) & 1)) >> 16;
+        let nan = (x & 0x7fff_ffff) > 0x7f80_0000;
+        (if nan { (x >> 16) | 0x40 } else { rounded }) as u16
+    }
+}
+
+impl Bf16Operand for bf16 {
+    fn bf16_bits(self) -> u16 {
+        self.to_bits()
+    }
+}
+
+/// Whether this CPU runs the `vdpbf16ps` kernel.
+pub fn has_bf16_dot() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `round(lhs) · round(rhs)` into a new row-major f32 `[rows, cols]` buffer (products of the
+/// bf16-rounded operands summed in f32), `lhs` viewed as `[rows, k]` and `rhs` as `[k, cols]`
+/// with the given (row, column) strides.
+///
+/// # Panics
+/// If a view reaches past its slice.
+pub fn product_bf16<L: Bf16Operand, R: Bf16Operand>(
+    lhs: &[L],
+    lhs_strides: (usize, usize),
+    rhs: &[R],
+    rhs_strides: (usize, usize),
+    dims: (usize, usize, usize),
+) -> Vec<f32> {
+    let (rows, k, cols) = dims;
+    assert!(
+        extent(rows, k, lhs_strides) <= lhs.len(),
+        "lhs view out of its slice"
+    );
+    assert!(
+        extent(k, cols, rhs_strides) <= rhs.len(),
+        "rhs view out of its slice"
+    );
+    if has_bf16_dot() {
+        packed_product(lhs, lhs_strides, rhs, rhs_strides, dims)
+    } else {
+        product_bf16_via_f32(lhs, lhs_strides, rhs, rhs_strides, dims)
+    }
+}
+
+/// The fallback: both operands rounded into contiguous f32 copies, then the f32 kernels.
+pub fn product_bf16_via_f32<L: Bf16Operand, R: Bf16Operand>(
+    lhs: &[L],
+    (lrs, lcs): (usize, usize),
+    rhs: &[R],
+    (rrs, rcs): (usize, usize),
+    (rows, k, cols): (usize, usize, usize),
+) -> Vec<f32> {
+    let widen = |b: u16| f32::from_bits(u32::from(b) << 16);
+    let l: Vec<f32> = (0..rows * k)
+        .map(|i| widen(lhs[(i / k) * lrs + (i % k) * lcs].bf16_bits()))
+        .collect();
+    let r: Vec<f32> = (0..k * cols)
+        .map(|i| widen(rhs[(i / cols) * rrs + (i % cols) * rcs].bf16_bits()))
+        .collect();
+    product(&l, (k, 1), &r, (cols, 1), (rows, k, cols))
+}
+
+/// Runs `f` over `0..n` on the pool when `par`, on this thread otherwise.
+fn for_each(par: bool, n: usize, f: impl Fn(usize) + Send + Sync) {
+    if par {
+        (0..n).into_par_iter().for_each(f);
+    } else {
+        (0..n).for_each(f);
+    }
+}
+
+/// `v`'s `[rows, k]` view packed in panels of `width` rows: `[panel][k / 2][width]` pairs of
+/// consecutive-`k` bf16 values (low half the even `k`), zero beyond the view.
+fn pack<T: Bf16Operand>(
+    v: &[T],
+    (along, across): (usize, usize),
+    (rows, k): (usize, usize),
+    width: usize,
+    par: bool,
+) -> Vec<u32> {
+    let kp = k.div_ceil(2);
+    let panels = rows.div_ceil(width);
+    let mut out = vec![0u32; panels * kp * width];
+    let pair = |lo: T, hi: T| u32::from(lo.bf16_bits()) | (u32::from(hi.bf16_bits()) << 16);
+    let fill = |(p, panel): (usize, &mut [u32])| {
+        let n = width.min(rows - p * width);
+        let first = p * width * along;
+        if along == 1 {
+            // A panel's rows are adjacent in memory for each `k`: contiguous reads and writes.
+            for (q, dst) in panel.chunks_exact_mut(width).enumerate() {
+                let even = &v[first + 2 * q * across..][..n];
+                if 2 * q + 1 < k {
+                    let odd = &v[first + (2 * q + 1) * across..][..n];
+                    for ((d, &lo), &hi) in dst.iter_mut().zip(even).zip(odd) {
+                        *d = pair(lo, hi);
+                    }
+                } else {
+                    for (d, &lo) in dst.iter_mut().zip(even) {
+                        *d = u32::from(lo.bf16_bits());
+                    }
+                }
+            }
+        } else if across == 1 {
+            // Each row's `k` values are contiguous: read them in pairs.
+            for i in 0..n {
+                let row = &v[first + i * along..][..k];
+                let mut pairs = row.chunks_exact(2);
+                for (q, two) in pairs.by_ref().enumerate() {
+                    panel[q * width + i] = pair(two[0], two[1]);
+                }
+                if let [lo] = pairs.remainder() {
+                    panel[(kp - 1) * width + i] = u32::from(lo.bf16_bits());
+                }
+            }
+        } else {
+            for i in 0..n {
+                for q in 0..kp {
+                    let lo = v[first + i * along + 2 * q * across].bf16_bits();
+                    let hi = if 2 * q + 1 < k {
+                        v[first + i * along + (2 * q + 1) * across].bf16_bits()
+                    } else {
+                        0
+                    };
+                    panel[q * width + i] = u32::from(lo) | (u32::from(hi) << 16);
+                }
+            }
+        }
+    };
+    if par {
+        out.par_chunks_mut(kp * width).enumerate().for_each(fill);
+    } else {
+        out.chunks_mut(kp * width).enumerate().for_each(fill);
+    }
+    out
+}
+
+/// The output pointer, shared by tasks that write disjoint tiles.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: each task writes its own tile of the output only.
+unsafe impl Send for Out {}
+// SAFETY: as above.
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// The pointer (a method, so closures capture the `Send` wrapper, not the bare pointer).
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// The packed path (the caller checked the views and the CPU).
+fn packed_product<L: Bf16Operand, R: Bf16Operand>(
+    lhs: &[L],
+    (lrs, lcs): (usize, usize),
+    rhs: &[R],
+    (rrs, rcs): (usize, usize),
+    (rows, k, cols): (usize, usize, usize),
+) -> Vec<f32> {
+    let mut y = vec![0.0f32; rows * cols];
+    if rows == 0 || cols == 0 || k == 0 {
+        return y;
+    }
+    let par = rows * k * cols >= PARALLEL;
+    let kp = k.div_ceil(2);
+    // The right side's columns are its "rows" for packing: column j is `rhs[.., j]`.
+    let a = pack(lhs, (lrs, lcs), (rows, k), MR, par);
+    let b = pack(rhs, (rcs, rrs), (cols, k), NR, par);
+    let (row_tiles, col_tiles) = (rows.div_ceil(MC), cols.div_ceil(NC));
+    let out = Out(y.as_mut_ptr());
+    for_each(par, row_tiles * col_tiles, |t| {
+        let (ti, tj) = (t / col_tiles, t % col_tiles);
+        let (r0, r1) = (ti * MC, (ti * MC + MC).min(rows));
+        let (c0, c1) = (tj * NC, (tj * NC + NC).min(cols));
+        for q0 in (0..kp).step_by(KC / 2) {
+            let qn = (kp - q0).min(KC / 2);
+            for c in (c0..c1).step_by(NR) {
+                let bp = &b[(c / NR) * kp * NR + q0 * NR..][..qn * NR];
+                for r in (r0..r1).step_by(MR) {
+                    let ap = &a[(r / MR) * kp * MR + q0 * MR..][..qn * MR];
+                    // SAFETY: the tile [r, r + MR) × [c, c + NR), clipped to the output's
+                    // rows and columns, lies in `y` and belongs to this task alone; `ap` and
+                    // `bp` hold `qn` packed pairs of MR and NR values.
+                    unsafe {
+                        kernel(
+                            qn,
+                            ap,
+                            bp,
+                            out.ptr().add(r * cols + c),
+                            cols,
+                            (r1 - r).min(MR),
+                            (c1 - c).min(NR),
+                            q0 > 0,
+                        );
+                    }
+                }
+            }
+        }
+    });
+    y
+}
+
+/// One register tile: `c[rows × cols] (+)= Σ_q a[q] ⊗ b[q]` over `qn` packed pairs.
+///
+/// # Safety
+/// `c` must address `rows ≤ MR` rows of `cols ≤ NR` values with row stride `ldc`, writable by
+/// this caller alone, and the CPU must have `avx512f` and `avx512bf16`.
+#[allow(clippy::too_many_arguments)]
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn kernel(
+    qn: usize,
+    a: &[u32],
+    b: &[u32],
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+    accumulate: bool,
+) {
+    use std::arch::x86_64::*;
+    debug_assert!(a.len() >= qn * MR && b.len() >= qn * NR);
+    let (a, b) = (a.as_ptr(), b.as_ptr());
+    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+    for q in 0..qn {
+        // SAFETY: `q < qn`, and the packed slices hold `qn` pairs of MR and NR values; the
+        // bf16 vectors are the same 512 bits reinterpreted.
+        unsafe {
+            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(q * NR).cast()));
+            let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(q * NR + 16).cast()));
+            let ap = a.add(q * MR);
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ap.add(i) as i32));
+                acc[0] = _mm512_dpbf16_ps(acc[0], av, b0);
+                acc[1] = _mm512_dpbf16_ps(acc[1], av, b1);
+            }
+        }
+    }
+    let lanes = |n: usize| -> __mmask16 { ((1u32 << n.min(16)) - 1) as __mmask16 };
+    let masks = [lanes(cols), lanes(cols.saturating_sub(16))];
+    for (i, acc) in acc.iter().enumerate() {
+        if i >= rows {
+            break;
+        }
+        for h in 0..2 {
+            if masks[h] == 0 {
+                continue;
+            }
+            // SAFETY: row `i < rows` and the masked lanes `< cols` are inside the tile.
+            unsafe {
+                let p = c.add(i * ldc + 16 * h);
+                let mut v = acc[h];
+                if accumulate {
+                    v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(masks[h], p));
+                }
+                _mm512_mask_storeu_ps(p, masks[h], v);
+            }
+        }
+    }
+}
+
+/// Not reached: [`has_bf16_dot`] is false off x86-64.
+#[allow(clippy::too_many_arguments)]
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn kernel(
+    _: usize,
+    _: &[u32],
+    _: &[u32],
+    _: *mut f32,
+    _: usize,
+    _: usize,
+    _: usize,
+    _: bool,
+) {
+    unreachable!("the bf16 kernel runs only where has_bf16_dot() is true")
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::bf16;
+
+    use super::{has_bf16_dot, product_bf16, product_bf16_via_f32};
+
+    /// Deterministic values of magnitude ≤ 2 that are not bf16-exact.
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s as f32 / u32::MAX as f32) * 4.0 - 2.0 + 1e-3
+            })
+            .collect()
+    }
+
+    fn round(x: f32) -> f64 {
+        f64::from(bf16::from_f32(x).to_f32())
+    }
+
+    /// The product of the rounded operands in f64.
+    fn reference(
+        l: &[f32],
+        (lrs, lcs): (usize, usize),
+        r: &[f32],
+        (rrs, rcs): (usize, usize),
+        (m, k, n): (usize, usize, usize),
+    ) -> Vec<f64> {
+        let mut y = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                y[i * n + j] = (0..k)
+                    .map(|p| round(l[i * lrs + p * lcs]) * round(r[p * rrs + j * rcs]))
+                    .sum();
+            }
+        }
+        y
+    }
+
+    fn assert_close(what: &str, got: &[f32], want: &[f64], k: usize) {
+        assert_eq!(got.len(), want.len(), "{what}: length");
+        // f32 accumulation of k products of magnitude ≤ 4.
+        let tol = 4.0 * k as f64 * f64::from(f32::EPSILON) * 4.0;
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (f64::from(*g) - w).abs() <= tol,
+                "{what}: element {i}: {g} vs {w}"
+            );
+        }
+    }
+
+    /// Shapes straddling the tile sizes (12×32 registers, 96×256 tasks, k blocks of 256, odd
+    /// k), row-major and transposed views, f32 and bf16 operands.
+    #[test]
+    fn bf16_products_match_the_rounded_reference() {
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (5, 3, 7),
+            (13, 33, 31),
+            (97, 257, 33),
+            (100, 600, 270),
+            (24, 16, 64),
+        ] {
+            let l = values(m * k, 1);
+            let r = values(k * n, 2);
+            let want = reference(&l, (k, 1), &r, (n, 1), (m, k, n));
+            let got = product_bf16(&l, (k, 1), &r, (n, 1), (m, k, n));
+            assert_close(&format!("{m}x{k}x{n}"), &got, &want, k);
+            // The right side read transposed in place (x·Wᵀ with W: [n, k]).
+            let rt: Vec<f32> = (0..n * k).map(|i| r[(i % k) * n + i / k]).collect();
+            let got = product_bf16(&l, (k, 1), &rt, (1, k), (m, k, n));
+            assert_close(&format!("{m}x{k}x{n} rhsᵀ"), &got, &want, k);
+            // The left side transposed (aᵀ·b) and given as bf16.
+            let lt: Vec<bf16> = (0..k * m)
+                .map(|i| bf16::from_f32(l[(i % m) * k + i / m]))
+                .collect();
+            let got = product_bf16(&lt, (1, m), &r, (n, 1), (m, k, n));
+            assert_close(&format!("{m}x{k}x{n} lhsᵀ bf16"), &got, &want, k);
+            let got = product_bf16_via_f32(&l, (k, 1), &r, (n, 1), (m, k, n));
+            assert_close(&format!("{m}x{k}x{n} via f32"), &got, &want, k);
+        }
+    }
+
+    #[test]
+    fn f32_operands_round_as_half_does() {
+        use super::Bf16Operand;
+        let mut specials = vec![
+            0.0f32,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            f32::from_bits(0x7f80_0001), // signalling NaN: stays NaN
+            f32::MAX,
+            f32::MIN_POSITIVE,
+            f32::from_bits(1),
+            f32::from_bits(0x7f7f_ffff),
+        ];
+        specials.extend(values(100_000, 7).iter().map(|x| x * 1e3));
+        specials.extend((0..1u32 << 16).map(|i| f32::from_bits(0x3f80_0000 | i)));
+        for x in specials {
+            let (got, want) = (x.bf16_bits(), bf16::from_f32(x).to_bits());
+            if x.is_nan() {
+                assert!(bf16::from_bits(got).is_nan(), "{x:?} stays NaN");
+            } else {
+                assert_eq!(got, want, "{x:e} ({:#x})", x.to_bits());
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_rounding_is_nearest_even_on_packing() {
+        // 1 + 2⁻⁸ lies halfway between two bf16 values: nearest even rounds it down to 1.
+        let x = [1.0 + 2f32.powi(-8)];
+        let y = product_bf16(&x, (1, 1), &[1.0f32], (1, 1), (1, 1, 1));
+        assert_eq!(y, vec![1.0]);
+        let x = [1.0 + 3.0 * 2f32.powi(-8)];
+        let y = product_bf16(&x, (1, 1), &[1.0f32], (1, 1), (1, 1, 1));
+        assert_eq!(y, vec![1.0 + 2f32.powi(-6)]);
+        // Empty and k = 0 products.
+        assert!(product_bf16::<f32, f32>(&[], (0, 1), &[], (1, 1), (0, 0, 3)).is_empty());
+        assert_eq!(
+            product_bf16::<f32, f32>(&[], (0, 1), &[], (1, 1), (2, 0, 2)),
+            vec![0.0; 4]
+        );
+        eprintln!("avx512_bf16 kernel on this CPU: {}", has_bf16_dot());
+    }
+}
