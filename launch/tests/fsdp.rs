@@ -423,6 +423,15 @@ fn a_killed_rank_under_fsdp_is_reported_by_the_survivor() {
 /// FSDP under bf16 autocast (matmuls in bf16, f32 masters): the gathered weights are cast to bf16
 /// on the device, as DDP's `in_dtype` casts them, and the run ends where DDP's does. (Casting on
 /// the host while building the gathered tensor rounded differently: 2e-3 off after 4 steps.)
+///
+/// Both strategies run the same bf16 kernel on the same bits in every linear layer (a sharded
+/// layer's product is bit-identical to the whole layer's, `bellows_peft` `same_bits` test), and
+/// with the attention on burn's composition the two runs end 7.5e-9 apart. With the fused bf16
+/// attention (f32 inside, gradients rounded to bf16) they end 9.3e-6 apart (losses equal to four
+/// digits): a bf16 gradient one rounding step (2⁻⁸ relative) apart somewhere moves an AdamW
+/// weight by ~lr·2⁻⁸ = 4e-5 per step at this job's lr 1e-2; which accumulation order differs
+/// between the strategies' graphs was not pinned down. The bound is that per-step size, still
+/// 50× below the host-cast bug above.
 #[test]
 fn fsdp_with_bf16_compute_matches_ddp() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -438,5 +447,7 @@ fn fsdp_with_bf16_compute_matches_ddp() {
     let out = dir.path().join("fsdp");
     let with = [&bf16[..], &["--set", "dist.strategy=fsdp"]].concat();
     check(&launch(&cfg, &out, 2, &with), "fsdp bf16");
-    assert_same_model(&out, &ddp, "fsdp bf16 vs ddp bf16");
+    let f = "model/model.safetensors";
+    let off = max_diff(&out.join(f), &ddp.join(f));
+    assert!(off <= 4e-5, "fsdp bf16 ends {off} from ddp bf16");
 }

@@ -3,7 +3,7 @@
 //! lane, twice the f32 FMA's arithmetic per instruction).
 //!
 //! Operands are f32 or bf16 views with any (row, column) strides; each element is rounded to
-//! bf16 (nearest even, as Flex's `cast`) while it is packed, so an f32 master weight needs no
+//! bf16 (as Flex's `cast` rounds, [`cast_bits`]) while it is packed, so an f32 master weight needs no
 //! cast of its own. The packing is the classic one for a dot-product kernel: the left side in
 //! panels of [`MR`] rows and the right side in panels of [`NR`] columns, both as 32-bit pairs of
 //! consecutive-`k` bf16 values (zero-padded), and a 12×32 register-tile kernel runs over blocks
@@ -37,19 +37,31 @@ const PARALLEL: usize = 64 * 64 * 64;
 
 /// An element a bf16 product can read: its bf16 bit pattern.
 pub trait Bf16Operand: Copy + Send + Sync {
-    /// The value rounded to bf16 (nearest even), as bits.
+    /// The value as bf16 bits, an f32 rounded as Flex's `cast` rounds it ([`cast_bits`]).
     fn bf16_bits(self) -> u16;
 }
 
 impl Bf16Operand for f32 {
-    /// Nearest even, NaN kept quiet — `half`'s `bf16::from_f32` (which Flex's cast calls),
-    /// written branch-free so packing loops vectorise.
     #[inline(always)]
     fn bf16_bits(self) -> u16 {
-        let x = self.to_bits();
-        let rounded = x.wrapping_add(0x7fff + ((x >> 16) & 1)) >> 16;
-        let nan = (x & 0x7fff_ffff) > 0x7f80_0000;
-        (if nan { (x >> 16) | 0x40 } else { rounded }) as u16
+        cast_bits(self)
+    }
+}
+
+/// Flex's f32 → bf16 `cast`, bit for bit: `half`'s `bf16::from_f64` of the exact f64, which
+/// truncates the f64 to 20 mantissa bits before rounding to nearest even — for a normal f32,
+/// nearest even with its three lowest mantissa bits dropped. (Flex's other bf16 ops round
+/// their f32 results with `bf16::from_f32`, plain nearest even.) Mixed precision casts the f32
+/// master weights this way, so the bf16 kernels round f32 operands the same way.
+#[inline(always)]
+pub fn cast_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    let exp = b & 0x7f80_0000;
+    if exp != 0 && exp != 0x7f80_0000 {
+        let t = b & !7;
+        (t.wrapping_add(0x7fff + ((t >> 16) & 1)) >> 16) as u16
+    } else {
+        bf16::from_f64(f64::from(x)).to_bits()
     }
 }
 
@@ -354,7 +366,7 @@ mod tests {
     }
 
     fn round(x: f32) -> f64 {
-        f64::from(bf16::from_f32(x).to_f32())
+        f64::from(bf16::from_f64(f64::from(x)).to_f32())
     }
 
     /// The product of the rounded operands in f64.
@@ -411,7 +423,7 @@ mod tests {
             assert_close(&format!("{m}x{k}x{n} rhsᵀ"), &got, &want, k);
             // The left side transposed (aᵀ·b) and given as bf16.
             let lt: Vec<bf16> = (0..k * m)
-                .map(|i| bf16::from_f32(l[(i % m) * k + i / m]))
+                .map(|i| bf16::from_f64(f64::from(l[(i % m) * k + i / m])))
                 .collect();
             let got = product_bf16(&lt, (1, m), &r, (n, 1), (m, k, n));
             assert_close(&format!("{m}x{k}x{n} lhsᵀ bf16"), &got, &want, k);
@@ -420,8 +432,10 @@ mod tests {
         }
     }
 
+    /// `cast_bits` is Flex's cast (`bf16::from_f64`) on every kind of f32: normal values around
+    /// each rounding case, subnormals, zeros, infinities, NaN.
     #[test]
-    fn f32_operands_round_as_half_does() {
+    fn f32_operands_round_as_flexs_cast() {
         use super::Bf16Operand;
         let mut specials = vec![
             0.0f32,
@@ -434,11 +448,16 @@ mod tests {
             f32::MIN_POSITIVE,
             f32::from_bits(1),
             f32::from_bits(0x7f7f_ffff),
+            f32::from_bits(0x3f80_8001), // just above a tie: Flex rounds it down
+            f32::from_bits(0x0000_8001),
+            f32::from_bits(0x0040_8000),
+            f32::from_bits(0x8000_7fff),
         ];
+        specials.extend((0..1u32 << 16).map(|i| f32::from_bits(0x0001_0000 ^ (i * 40503))));
         specials.extend(values(100_000, 7).iter().map(|x| x * 1e3));
         specials.extend((0..1u32 << 16).map(|i| f32::from_bits(0x3f80_0000 | i)));
         for x in specials {
-            let (got, want) = (x.bf16_bits(), bf16::from_f32(x).to_bits());
+            let (got, want) = (x.bf16_bits(), bf16::from_f64(f64::from(x)).to_bits());
             if x.is_nan() {
                 assert!(bf16::from_bits(got).is_nan(), "{x:?} stays NaN");
             } else {
@@ -448,7 +467,7 @@ mod tests {
     }
 
     #[test]
-    fn bf16_rounding_is_nearest_even_on_packing() {
+    fn bf16_rounding_on_packing() {
         // 1 + 2⁻⁸ lies halfway between two bf16 values: nearest even rounds it down to 1.
         let x = [1.0 + 2f32.powi(-8)];
         let y = product_bf16(&x, (1, 1), &[1.0f32], (1, 1), (1, 1, 1));

@@ -28,7 +28,7 @@ use burn::tensor::{backend::Backend, bf16, DType, Tensor, TensorPrimitive};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use super::bf16_gemm::{product_bf16, Bf16Operand};
+use super::bf16_gemm::product_bf16;
 use super::gemm::product;
 use super::{f32_values, flex_tensor_in as flex, on_backend, primitive, Ad};
 
@@ -63,12 +63,16 @@ impl<'a> Src<'a> {
     }
 }
 
-/// `v` rounded to bf16 in place (the values a bf16 tensor would hold), in parallel.
+/// `x` rounded to bf16 and widened back, as Flex rounds a bf16 op's f32 result
+/// (`bf16::from_f32`, nearest even).
+fn rne(x: f32) -> f32 {
+    bf16::from_f32(x).to_f32()
+}
+
+/// `v` rounded to bf16 in place (the values a bf16 product's tensor would hold), in parallel.
 fn round_bf16(v: &mut [f32]) {
-    v.par_chunks_mut(CHUNK).for_each(|c| {
-        c.iter_mut()
-            .for_each(|x| *x = f32::from_bits(u32::from(x.bf16_bits()) << 16))
-    });
+    v.par_chunks_mut(CHUNK)
+        .for_each(|c| c.iter_mut().for_each(|x| *x = rne(*x)));
 }
 
 /// `l · r` for views with (row, column) strides, rounded to bf16 when `low`.
@@ -112,13 +116,7 @@ fn t_mul(low: bool, a: Src, b: Src, k: usize, rows: usize, cols: usize) -> Vec<f
 /// `y ← y + t·s` element-wise, in parallel (the composition's `y + t.mul_scalar(s)`), each
 /// step rounded to bf16 when `low`.
 fn add_scaled(low: bool, y: &mut [f32], t: &[f32], s: f32) {
-    let r = |v: f32| {
-        if low {
-            f32::from_bits(u32::from(v.bf16_bits()) << 16)
-        } else {
-            v
-        }
-    };
+    let r = |v: f32| if low { rne(v) } else { v };
     y.par_chunks_mut(CHUNK)
         .zip(t.par_chunks(CHUNK))
         .for_each(|(y, t)| {

@@ -12,12 +12,16 @@ use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
 mod bf16_gemm;
+mod cast;
 mod gemm;
 mod linear;
+mod matmul;
 
-pub use bf16_gemm::{has_bf16_dot, product_bf16, product_bf16_via_f32, Bf16Operand};
+pub use bf16_gemm::{cast_bits, has_bf16_dot, product_bf16, product_bf16_via_f32, Bf16Operand};
+pub use cast::cast;
 pub use gemm::{matmul_strided, product};
 pub use linear::linear_lora;
+pub use matmul::matmul_bf16;
 
 /// The training backend the fused ops are written for.
 pub type Ad = Autodiff<Flex>;

@@ -5,6 +5,9 @@
 //! operand for the backward pass, so every layer's full weight would stay alive from forward to
 //! backward. The custom op keeps `x` and the shard only, as PyTorch FSDP's
 //! `reshard_after_forward` does.
+//!
+//! In bf16 on the CPU the products run on the bf16 kernel ([`crate::fused::matmul_bf16`]), as
+//! the unsharded layer's fused op does, so a sharded layer computes the same bits.
 
 use std::any::Any;
 
@@ -15,6 +18,7 @@ use burn::backend::Autodiff;
 use burn::tensor::{backend::Backend, Tensor, TensorPrimitive};
 
 use super::Sharding;
+use crate::fused::matmul_bf16;
 
 #[derive(Debug)]
 struct ShardedMatmulBackward;
@@ -32,13 +36,15 @@ impl<I: Backend> Backward<I, 2> for ShardedMatmulBackward {
         let shard_dtype = shard.dtype();
         let w = sharding.gather_for_backward(shard, dy.dtype());
         if let Some(px) = px {
-            let dx = dy.clone().matmul(w);
+            let dx =
+                matmul_bf16(dy.clone(), false, w, false).unwrap_or_else(|(dy, w)| dy.matmul(w));
             grads.register::<I>(px.id, dx.into_primitive().tensor());
         }
         if let Some(pw) = pw {
             let x = Tensor::<I, 2>::from_primitive(TensorPrimitive::Float(x));
             let dt = dy.dtype();
-            let dw = dy.transpose().matmul(x.cast(dt));
+            let dw = matmul_bf16(dy, true, x.cast(dt), false)
+                .unwrap_or_else(|(dy, x)| dy.transpose().matmul(x));
             let mine = sharding.reduce_scatter(dw, shard_dtype);
             grads.register::<I>(pw.id, mine.into_primitive().tensor());
         }
@@ -58,8 +64,9 @@ fn matmul_autodiff<I: Backend, C: CheckpointStrategy>(
     let x_inner = Tensor::<I, 2>::from_primitive(TensorPrimitive::Float(xp.primitive.clone()));
     let w_inner = Tensor::<I, 2>::from_primitive(TensorPrimitive::Float(wp.primitive.clone()));
     let dtype = x_inner.dtype();
-    let y = x_inner
-        .matmul(sharding.gather(w_inner, dtype).transpose())
+    let w = sharding.gather(w_inner, dtype);
+    let y = matmul_bf16(x_inner, false, w, true)
+        .unwrap_or_else(|(x, w)| x.matmul(w.transpose()))
         .into_primitive()
         .tensor();
     let out = match ShardedMatmulBackward
