@@ -3,15 +3,20 @@
 //! (max and sum of exponentials per row) and one backward (`dx = g·w·(softmax(x) − onehot)`)
 //! replace the composition's slice copy, log-softmax, gather, weighting and their backward nodes
 //! — about fifteen single-threaded passes over a `[batch, seq, vocab]` tensor.
+//!
+//! bf16 logits (mixed precision) are widened row by row — the composition's f32 cast, without
+//! its f32 copy of the logits — and the gradient is rounded back to bf16 as that cast's
+//! backward rounds it ([`bellows_peft::fused::cast_bits`]), so the two paths agree as in f32.
 
 use std::any::TypeId;
 use std::sync::Arc;
 
+use bellows_peft::fused::cast_bits;
 use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::NoCheckpointing};
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Flex;
-use burn::tensor::{backend::Backend, DType, Tensor, TensorPrimitive};
+use burn::tensor::{backend::Backend, bf16, DType, Tensor, TensorData, TensorPrimitive};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
@@ -35,16 +40,36 @@ impl Targets {
     }
 }
 
+/// Logits the op reads: f32, or bf16 widened on the fly.
+trait Logit: Copy + Send + Sync {
+    fn f32(self) -> f32;
+}
+
+impl Logit for f32 {
+    fn f32(self) -> f32 {
+        self
+    }
+}
+
+impl Logit for bf16 {
+    fn f32(self) -> f32 {
+        self.to_f32()
+    }
+}
+
 /// `logsumexp` of every counted row (f32, max-shifted) and the weighted sum of
 /// `lse − x[label]` (accumulated in f64).
-fn forward(x: &[f32], t: &Targets) -> (Vec<f32>, f64) {
+fn forward<E: Logit>(x: &[E], t: &Targets) -> (Vec<f32>, f64) {
     let v = t.v;
     let lse: Vec<f32> = (0..t.targets.len())
         .into_par_iter()
         .map(|p| {
             let row = &x[t.row(p) * v..(t.row(p) + 1) * v];
-            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let z: f32 = row.iter().map(|&a| (a - m).exp()).sum();
+            let m = row
+                .iter()
+                .map(|a| a.f32())
+                .fold(f32::NEG_INFINITY, f32::max);
+            let z: f32 = row.iter().map(|&a| (a.f32() - m).exp()).sum();
             m + z.ln()
         })
         .collect();
@@ -54,7 +79,7 @@ fn forward(x: &[f32], t: &Targets) -> (Vec<f32>, f64) {
             if w == 0.0 {
                 0.0
             } else {
-                f64::from(w) * f64::from(lse[p] - x[t.row(p) * v + t.targets[p]])
+                f64::from(w) * f64::from(lse[p] - x[t.row(p) * v + t.targets[p]].f32())
             }
         })
         .sum();
@@ -63,9 +88,17 @@ fn forward(x: &[f32], t: &Targets) -> (Vec<f32>, f64) {
 
 /// `d logits` for the upstream gradient `g` of the sum: `g·w·(softmax(x) − onehot(label))` on
 /// counted rows, 0 elsewhere (the last position of each sequence, ignored labels).
-fn backward(x: &[f32], t: &Targets, lse: &[f32], g: f32) -> Vec<f32> {
+///
+/// Each value goes out through `narrow` (identity in f32; bf16 rounding for bf16 logits).
+fn backward<E: Logit, O: Copy + Send + Sync + Default>(
+    x: &[E],
+    t: &Targets,
+    lse: &[f32],
+    g: f32,
+    narrow: impl Fn(f32) -> O + Sync,
+) -> Vec<O> {
     let (s, v) = (t.s, t.v);
-    let mut dx = vec![0.0f32; t.b * s * v];
+    let mut dx = vec![O::default(); t.b * s * v];
     dx.par_chunks_mut(v).enumerate().for_each(|(r, out)| {
         let (bi, pos) = (r / s, r % s);
         if pos == s - 1 {
@@ -77,12 +110,21 @@ fn backward(x: &[f32], t: &Targets, lse: &[f32], g: f32) -> Vec<f32> {
             return;
         }
         let row = &x[r * v..(r + 1) * v];
-        for (o, &a) in out.iter_mut().zip(row) {
-            *o = gw * (a - lse[p]).exp();
+        let label = t.targets[p];
+        for (i, (o, &a)) in out.iter_mut().zip(row).enumerate() {
+            let d = gw * (a.f32() - lse[p]).exp();
+            *o = narrow(if i == label { d - gw } else { d });
         }
-        out[t.targets[p]] -= gw;
     });
     dx
+}
+
+/// `f(x, dtype)` on the f32 or bf16 elements of a contiguous Flex tensor.
+fn read<R>(x: &FlexTensor, f32s: impl FnOnce(&[f32]) -> R, bf16s: impl FnOnce(&[bf16]) -> R) -> R {
+    match x.dtype() {
+        DType::BF16 => bf16s(x.as_slice().expect("contiguous bf16 logits")),
+        _ => f32s(slice(x)),
+    }
 }
 
 #[derive(Debug)]
@@ -104,9 +146,17 @@ impl Backward<Flex, 1> for CrossEntropyBackward {
         if let Some(parent) = parent {
             let st = ops.state;
             let g = slice(&grad)[0];
-            let dx = backward(slice(&st.logits), &st.targets, &st.lse, g);
             let t = &st.targets;
-            let dx = flex_tensor(dx, [t.b, t.s, t.v]);
+            let shape = [t.b, t.s, t.v];
+            let dx = read(
+                &st.logits,
+                |x| flex_tensor(backward(x, t, &st.lse, g, |d| d), shape),
+                |x| {
+                    // The composition's `cast(F32)` backward: Flex's cast to bf16.
+                    let dx = backward(x, t, &st.lse, g, |d| bf16::from_bits(cast_bits(d)));
+                    FlexTensor::from_data(TensorData::new(dx, shape))
+                },
+            );
             grads.register::<Flex>(parent.id, dx);
         }
     }
@@ -117,7 +167,7 @@ fn scalar(sum: f64) -> FlexTensor {
 }
 
 /// `Σ w·(logsumexp(logits[bi, t]) − logits[bi, t, target])` over `t < s − 1`, as a `[1]` f32
-/// tensor, for f32 `logits: [b, s, v]` on `Autodiff<Flex>` or `Flex`; `targets` and `weights`
+/// tensor, for f32 or bf16 `logits: [b, s, v]` on `Autodiff<Flex>` or `Flex`; `targets` and `weights`
 /// are `[b, s − 1]` (targets inside the vocabulary). Other backends and dtypes get `logits`
 /// back as `Err`.
 pub(crate) fn cross_entropy_sum<B: Backend>(
@@ -127,7 +177,7 @@ pub(crate) fn cross_entropy_sum<B: Backend>(
 ) -> Result<Tensor<B, 1>, Tensor<B, 3>> {
     let ty = TypeId::of::<B>();
     let [b, s, v] = logits.dims();
-    if logits.dtype() != DType::F32
+    if !matches!(logits.dtype(), DType::F32 | DType::BF16)
         || s < 2
         || (ty != TypeId::of::<Ad>() && ty != TypeId::of::<Flex>())
     {
@@ -145,7 +195,7 @@ pub(crate) fn cross_entropy_sum<B: Backend>(
     } else {
         on_backend(logits, |x: Tensor<Flex, 3>| {
             let x = primitive(x).to_contiguous();
-            let (_, sum) = forward(slice(&x), &t);
+            let (_, sum) = read(&x, |x| forward(x, &t), |x| forward(x, &t));
             Tensor::<Flex, 1>::from_primitive(TensorPrimitive::Float(scalar(sum)))
         })
     }
@@ -154,7 +204,7 @@ pub(crate) fn cross_entropy_sum<B: Backend>(
 fn tracked(x: Tensor<Ad, 3>, t: Targets) -> Tensor<Ad, 1> {
     let xp = primitive(x);
     let logits = xp.primitive.to_contiguous();
-    let (lse, sum) = forward(slice(&logits), &t);
+    let (lse, sum) = read(&logits, |x| forward(x, &t), |x| forward(x, &t));
     let y = scalar(sum);
     let out = match CrossEntropyBackward
         .prepare::<NoCheckpointing>([xp.node])
@@ -191,16 +241,18 @@ mod tests {
         (t, w)
     }
 
-    #[test]
-    fn fused_cross_entropy_matches_the_composition_and_its_gradient() {
+    /// Fused vs composition, the sum and its gradient, for f32 and bf16 logits (the
+    /// composition casts bf16 to f32; its cast's backward rounds the gradient back to bf16).
+    fn check(dtype: DType, dx_tol: (f32, f32)) {
         let x = leaf([2, 7, 11], DType::F32, 4)
             .mul_scalar(3.0)
+            .cast(dtype)
             .detach()
             .require_grad();
         let (xa, xb) = (twin(&x), twin(&x));
         let (t, w) = targets();
         let fused = cross_entropy_sum(xa.clone(), &t, &w)
-            .unwrap_or_else(|_| panic!("the fused path is taken for f32 on Autodiff<Flex>"));
+            .unwrap_or_else(|_| panic!("the fused path is taken on Autodiff<Flex>"));
         let plain = composed_sum(xb.clone(), t, w);
         assert_close("sum", fused.clone(), plain.clone(), 1e-5, 1e-6);
         // A non-unit upstream gradient.
@@ -209,7 +261,16 @@ mod tests {
             plain.mul_scalar(0.37).backward(),
         );
         let (da, db) = (xa.grad(&ga).expect("dx"), xb.grad(&gb).expect("dx"));
-        assert_close("dx", da, db, 1e-6, 1e-5);
+        assert_eq!(da.dtype(), dtype, "the gradient in the logits' dtype");
+        assert_close("dx", da, db, dx_tol.0, dx_tol.1);
+    }
+
+    #[test]
+    fn fused_cross_entropy_matches_the_composition_and_its_gradient() {
+        check(DType::F32, (1e-6, 1e-5));
+        // bf16: the same f32 values before the gradient's rounding, so equal up to one bf16
+        // step where f32 rounding differences straddle a rounding boundary.
+        check(DType::BF16, (1e-6, 8e-3));
     }
 
     #[test]
@@ -220,11 +281,11 @@ mod tests {
         let fused = cross_entropy_sum(x.clone(), &t, &w)
             .unwrap_or_else(|_| panic!("the fused path is taken for f32 on Flex"));
         assert_close("sum", fused, composed_sum(x, t, w), 1e-5, 1e-6);
-        let low = leaf([2, 7, 11], DType::F32, 4).cast(DType::BF16);
+        let half = leaf([2, 7, 11], DType::F32, 4).cast(DType::F16);
         let (t, w) = targets();
         assert!(
-            cross_entropy_sum(low, &t, &w).is_err(),
-            "bf16 logits keep the composition"
+            cross_entropy_sum(half, &t, &w).is_err(),
+            "f16 logits keep the composition"
         );
     }
 }

@@ -94,8 +94,14 @@ mod same_bits {
         let wb = crate::in_dtype(w, DType::BF16);
         let plain = super::matmul_bf16(x, false, wb, true).unwrap_or_else(|_| panic!("plain"));
         let (a, b) = (
-            fused.into_data().to_vec::<burn::tensor::bf16>().expect("bf16"),
-            plain.into_data().to_vec::<burn::tensor::bf16>().expect("bf16"),
+            fused
+                .into_data()
+                .to_vec::<burn::tensor::bf16>()
+                .expect("bf16"),
+            plain
+                .into_data()
+                .to_vec::<burn::tensor::bf16>()
+                .expect("bf16"),
         );
         let diff = a
             .iter()
