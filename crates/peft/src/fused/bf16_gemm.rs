@@ -39,12 +39,41 @@ const PARALLEL: usize = 64 * 64 * 64;
 pub trait Bf16Operand: Copy + Send + Sync {
     /// The value as bf16 bits, an f32 rounded as Flex's `cast` rounds it ([`cast_bits`]).
     fn bf16_bits(self) -> u16;
+
+    /// [`Self::bf16_bits`] of every element of `src` into `dst` (the same length).
+    #[inline(always)]
+    fn row_bits(src: &[Self], dst: &mut [u16]) {
+        for (d, &x) in dst.iter_mut().zip(src) {
+            *d = x.bf16_bits();
+        }
+    }
 }
 
 impl Bf16Operand for f32 {
     #[inline(always)]
     fn bf16_bits(self) -> u16 {
         cast_bits(self)
+    }
+
+    /// Rows of normal numbers, zeros and infinities (nearly always all of them) take the
+    /// branch-free form of [`cast_bits`], which vectorises; a row with a subnormal or a NaN
+    /// goes element by element.
+    #[inline(always)]
+    fn row_bits(src: &[f32], dst: &mut [u16]) {
+        let odd = src.iter().fold(false, |odd, x| {
+            let b = x.to_bits() & 0x7fff_ffff;
+            odd | (b > 0x7f80_0000) | ((b != 0) & (b < 0x0080_0000))
+        });
+        if odd {
+            for (d, &x) in dst.iter_mut().zip(src) {
+                *d = cast_bits(x);
+            }
+        } else {
+            for (d, &x) in dst.iter_mut().zip(src) {
+                let t = x.to_bits() & !7;
+                *d = (t.wrapping_add(0x7fff + ((t >> 16) & 1)) >> 16) as u16;
+            }
+        }
     }
 }
 
@@ -76,6 +105,8 @@ pub fn has_bf16_dot() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl")
             && std::arch::is_x86_feature_detected!("avx512bf16")
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -144,7 +175,7 @@ fn for_each(par: bool, n: usize, f: impl Fn(usize) + Send + Sync) {
 /// consecutive-`k` bf16 values (low half the even `k`), zero beyond the view.
 fn pack<T: Bf16Operand>(
     v: &[T],
-    (along, across): (usize, usize),
+    strides: (usize, usize),
     (rows, k): (usize, usize),
     width: usize,
     par: bool,
@@ -152,50 +183,20 @@ fn pack<T: Bf16Operand>(
     let kp = k.div_ceil(2);
     let panels = rows.div_ceil(width);
     let mut out = vec![0u32; panels * kp * width];
-    let pair = |lo: T, hi: T| u32::from(lo.bf16_bits()) | (u32::from(hi.bf16_bits()) << 16);
+    let view = View {
+        strides,
+        rows,
+        k,
+        width,
+    };
     let fill = |(p, panel): (usize, &mut [u32])| {
-        let n = width.min(rows - p * width);
-        let first = p * width * along;
-        if along == 1 {
-            // A panel's rows are adjacent in memory for each `k`: contiguous reads and writes.
-            for (q, dst) in panel.chunks_exact_mut(width).enumerate() {
-                let even = &v[first + 2 * q * across..][..n];
-                if 2 * q + 1 < k {
-                    let odd = &v[first + (2 * q + 1) * across..][..n];
-                    for ((d, &lo), &hi) in dst.iter_mut().zip(even).zip(odd) {
-                        *d = pair(lo, hi);
-                    }
-                } else {
-                    for (d, &lo) in dst.iter_mut().zip(even) {
-                        *d = u32::from(lo.bf16_bits());
-                    }
-                }
-            }
-        } else if across == 1 {
-            // Each row's `k` values are contiguous: read them in pairs.
-            for i in 0..n {
-                let row = &v[first + i * along..][..k];
-                let mut pairs = row.chunks_exact(2);
-                for (q, two) in pairs.by_ref().enumerate() {
-                    panel[q * width + i] = pair(two[0], two[1]);
-                }
-                if let [lo] = pairs.remainder() {
-                    panel[(kp - 1) * width + i] = u32::from(lo.bf16_bits());
-                }
-            }
-        } else {
-            for i in 0..n {
-                for q in 0..kp {
-                    let lo = v[first + i * along + 2 * q * across].bf16_bits();
-                    let hi = if 2 * q + 1 < k {
-                        v[first + i * along + (2 * q + 1) * across].bf16_bits()
-                    } else {
-                        0
-                    };
-                    panel[q * width + i] = u32::from(lo) | (u32::from(hi) << 16);
-                }
-            }
+        #[cfg(target_arch = "x86_64")]
+        if has_bf16_dot() {
+            // SAFETY: the CPU has the features `fill_panel_v4` is compiled for.
+            unsafe { fill_panel_v4(v, view, p, panel) };
+            return;
         }
+        fill_panel(v, view, p, panel);
     };
     if par {
         out.par_chunks_mut(kp * width).enumerate().for_each(fill);
@@ -203,6 +204,76 @@ fn pack<T: Bf16Operand>(
         out.chunks_mut(kp * width).enumerate().for_each(fill);
     }
     out
+}
+
+/// A `[rows, k]` view with (row, column) strides, packed `width` rows per panel.
+#[derive(Clone, Copy)]
+struct View {
+    strides: (usize, usize),
+    rows: usize,
+    k: usize,
+    width: usize,
+}
+
+/// [`fill_panel`] compiled for AVX-512, so its conversion loops are vectorised.
+///
+/// # Safety
+/// The CPU must have `avx512f`, `avx512bw` and `avx512vl`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn fill_panel_v4<T: Bf16Operand>(v: &[T], view: View, p: usize, panel: &mut [u32]) {
+    fill_panel(v, view, p, panel);
+}
+
+/// Panel `p` of [`pack`].
+#[inline(always)]
+fn fill_panel<T: Bf16Operand>(v: &[T], view: View, p: usize, panel: &mut [u32]) {
+    let View {
+        strides: (along, across),
+        rows,
+        k,
+        width,
+    } = view;
+    let kp = k.div_ceil(2);
+    let n = width.min(rows - p * width);
+    let first = p * width * along;
+    if along == 1 {
+        // A panel's rows are adjacent in memory for each `k`: convert the two `k` rows of a
+        // pair, then interleave them.
+        let (mut even, mut odd) = (vec![0u16; n], vec![0u16; n]);
+        for (q, dst) in panel.chunks_exact_mut(width).enumerate() {
+            T::row_bits(&v[first + 2 * q * across..][..n], &mut even);
+            if 2 * q + 1 < k {
+                T::row_bits(&v[first + (2 * q + 1) * across..][..n], &mut odd);
+            } else {
+                odd.fill(0);
+            }
+            for ((d, &lo), &hi) in dst.iter_mut().zip(&even).zip(&odd) {
+                *d = u32::from(lo) | (u32::from(hi) << 16);
+            }
+        }
+    } else if across == 1 {
+        // Each row's `k` values are contiguous: convert the row, then spread its pairs.
+        let mut bits = vec![0u16; 2 * kp];
+        for i in 0..n {
+            T::row_bits(&v[first + i * along..][..k], &mut bits[..k]);
+            for (q, two) in bits.chunks_exact(2).enumerate() {
+                panel[q * width + i] = u32::from(two[0]) | (u32::from(two[1]) << 16);
+            }
+        }
+    } else {
+        for i in 0..n {
+            for q in 0..kp {
+                let lo = v[first + i * along + 2 * q * across].bf16_bits();
+                let hi = if 2 * q + 1 < k {
+                    v[first + i * along + (2 * q + 1) * across].bf16_bits()
+                } else {
+                    0
+                };
+                panel[q * width + i] = u32::from(lo) | (u32::from(hi) << 16);
+            }
+        }
+    }
 }
 
 /// The output pointer, shared by tasks that write disjoint tiles.
@@ -350,7 +421,7 @@ unsafe fn kernel(
 mod tests {
     use burn::tensor::bf16;
 
-    use super::{has_bf16_dot, product_bf16, product_bf16_via_f32};
+    use super::{has_bf16_dot, product_bf16, product_bf16_via_f32, Bf16Operand};
 
     /// Deterministic values of magnitude ≤ 2 that are not bf16-exact.
     fn values(n: usize, seed: u32) -> Vec<f32> {
@@ -429,6 +500,10 @@ mod tests {
             assert_close(&format!("{m}x{k}x{n} lhsᵀ bf16"), &got, &want, k);
             let got = product_bf16_via_f32(&l, (k, 1), &r, (n, 1), (m, k, n));
             assert_close(&format!("{m}x{k}x{n} via f32"), &got, &want, k);
+            // Neither stride 1 (every other element of a twice-as-wide buffer).
+            let spread: Vec<f32> = l.iter().flat_map(|&x| [x, -7.0]).collect();
+            let got = product_bf16(&spread, (2 * k, 2), &r, (n, 1), (m, k, n));
+            assert_close(&format!("{m}x{k}x{n} strided"), &got, &want, k);
         }
     }
 
@@ -436,7 +511,6 @@ mod tests {
     /// each rounding case, subnormals, zeros, infinities, NaN.
     #[test]
     fn f32_operands_round_as_flexs_cast() {
-        use super::Bf16Operand;
         let mut specials = vec![
             0.0f32,
             -0.0,
@@ -456,6 +530,25 @@ mod tests {
         specials.extend((0..1u32 << 16).map(|i| f32::from_bits(0x0001_0000 ^ (i * 40503))));
         specials.extend(values(100_000, 7).iter().map(|x| x * 1e3));
         specials.extend((0..1u32 << 16).map(|i| f32::from_bits(0x3f80_0000 | i)));
+        // Whole rows: one with a subnormal and NaN (element by element), one of normal
+        // numbers, zeros and infinities (the branch-free form).
+        let mut row = vec![0u16; specials.len()];
+        f32::row_bits(&specials, &mut row);
+        let normal: Vec<f32> = specials
+            .iter()
+            .copied()
+            .filter(|x| !x.is_nan() && (x.is_normal() || *x == 0.0 || x.is_infinite()))
+            .collect();
+        let mut fast = vec![0u16; normal.len()];
+        f32::row_bits(&normal, &mut fast);
+        for (x, b) in specials.iter().zip(&row).chain(normal.iter().zip(&fast)) {
+            let want = bf16::from_f64(f64::from(*x)).to_bits();
+            if x.is_nan() {
+                assert!(bf16::from_bits(*b).is_nan(), "row: {x:?} stays NaN");
+            } else {
+                assert_eq!(*b, want, "row: {x:e} ({:#x})", x.to_bits());
+            }
+        }
         for x in specials {
             let (got, want) = (x.bf16_bits(), bf16::from_f64(f64::from(x)).to_bits());
             if x.is_nan() {
