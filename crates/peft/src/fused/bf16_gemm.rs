@@ -299,17 +299,18 @@ fn packed_product<L: Bf16Operand, R: Bf16Operand>(
     (rrs, rcs): (usize, usize),
     (rows, k, cols): (usize, usize, usize),
 ) -> Vec<f32> {
-    let mut y = vec![0.0f32; rows * cols];
     if rows == 0 || cols == 0 || k == 0 {
-        return y;
+        return vec![0.0; rows * cols];
     }
+    // Not zero-filled: the first `k` block's kernel calls store every element.
+    let mut y: Vec<f32> = Vec::with_capacity(rows * cols);
     let par = rows * k * cols >= PARALLEL;
     let kp = k.div_ceil(2);
     // The right side's columns are its "rows" for packing: column j is `rhs[.., j]`.
     let a = pack(lhs, (lrs, lcs), (rows, k), MR, par);
     let b = pack(rhs, (rcs, rrs), (cols, k), NR, par);
     let (row_tiles, col_tiles) = (rows.div_ceil(MC), cols.div_ceil(NC));
-    let out = Out(y.as_mut_ptr());
+    let out = Out(y.spare_capacity_mut().as_mut_ptr().cast::<f32>());
     for_each(par, row_tiles * col_tiles, |t| {
         let (ti, tj) = (t / col_tiles, t % col_tiles);
         let (r0, r1) = (ti * MC, (ti * MC + MC).min(rows));
@@ -339,6 +340,9 @@ fn packed_product<L: Bf16Operand, R: Bf16Operand>(
             }
         }
     });
+    // SAFETY: the tiles cover every row and column, and each tile's first `k` block (q0 = 0,
+    // which every tile runs since k > 0) stores all of its elements.
+    unsafe { y.set_len(rows * cols) };
     y
 }
 

@@ -90,12 +90,17 @@ pub fn product(
         extent(k, cols, rhs_strides) <= rhs.len(),
         "rhs view out of its slice"
     );
-    let mut y = vec![0.0f32; rows * cols];
-    // SAFETY: both views were checked against their slices; `y` is a fresh rows×cols buffer.
+    if k == 0 {
+        return vec![0.0; rows * cols];
+    }
+    // Not zero-filled: the product overwrites every element (`accumulate` off).
+    let mut y: Vec<f32> = Vec::with_capacity(rows * cols);
+    // SAFETY: both views were checked against their slices; `y`'s spare capacity holds
+    // rows×cols elements, all of which `gemm` writes before `set_len` declares them.
     unsafe {
         matmul_strided(
             (rows, cols, k),
-            y.as_mut_ptr(),
+            y.spare_capacity_mut().as_mut_ptr().cast::<f32>(),
             cols,
             false,
             lhs.as_ptr(),
@@ -104,6 +109,7 @@ pub fn product(
             rhs_strides,
             1.0,
         );
+        y.set_len(rows * cols);
     }
     y
 }

@@ -75,7 +75,8 @@ fn round_bf16(v: &mut [f32]) {
         .for_each(|c| c.iter_mut().for_each(|x| *x = rne(*x)));
 }
 
-/// `l · r` for views with (row, column) strides, rounded to bf16 when `low`.
+/// `l · r` for views with (row, column) strides: f32, or bf16 products summed in f32 when
+/// `low` — not yet rounded: results that leave the op are rounded once, on the way out.
 fn mm(
     low: bool,
     l: Src,
@@ -85,17 +86,23 @@ fn mm(
     dims: (usize, usize, usize),
 ) -> Vec<f32> {
     use Src::{Bf16, F32};
-    let mut y = match (l, r) {
+    let y = match (l, r) {
         (F32(l), F32(r)) if !low => product(l, ls, r, rs, dims),
         (F32(l), F32(r)) => product_bf16(l, ls, r, rs, dims),
         (F32(l), Bf16(r)) => product_bf16(l, ls, r, rs, dims),
         (Bf16(l), F32(r)) => product_bf16(l, ls, r, rs, dims),
         (Bf16(l), Bf16(r)) => product_bf16(l, ls, r, rs, dims),
     };
-    if low {
-        round_bf16(&mut y);
-    }
     y
+}
+
+/// `v`, rounded to bf16 when `low`: a product the op multiplies again (the composition's bf16
+/// tensor; the packing would round it Flex's `cast` way, not the product's).
+fn rounded(low: bool, mut v: Vec<f32>) -> Vec<f32> {
+    if low {
+        round_bf16(&mut v);
+    }
+    v
 }
 
 /// `x·Mᵀ` for row-major `x: [rows, k]` and `M: [cols, k]` (read transposed in place).
@@ -113,8 +120,8 @@ fn t_mul(low: bool, a: Src, b: Src, k: usize, rows: usize, cols: usize) -> Vec<f
     mm(low, a, (1, rows), b, (cols, 1), (rows, k, cols))
 }
 
-/// `y ← y + t·s` element-wise, in parallel (the composition's `y + t.mul_scalar(s)`), each
-/// step rounded to bf16 when `low`.
+/// `y ← y + t·s` element-wise, in parallel (the composition's `y + t.mul_scalar(s)`); when
+/// `low`, the composition's bf16 roundings of `y`, `t`, `t·s` and the sum.
 fn add_scaled(low: bool, y: &mut [f32], t: &[f32], s: f32) {
     let r = |v: f32| if low { rne(v) } else { v };
     y.par_chunks_mut(CHUNK)
@@ -122,7 +129,7 @@ fn add_scaled(low: bool, y: &mut [f32], t: &[f32], s: f32) {
         .for_each(|(y, t)| {
             y.iter_mut()
                 .zip(t)
-                .for_each(|(y, &t)| *y = r(*y + r(t * s)))
+                .for_each(|(y, &t)| *y = r(r(*y) + r(r(t) * s)))
         });
 }
 
@@ -135,13 +142,14 @@ fn scale(low: bool, s: f64) -> f32 {
     }
 }
 
-/// The forward pass: `y` and, with an adapter, `x·Aᵀ` (kept for the backward pass).
+/// The forward pass: `y` (to be rounded on the way out) and, with an adapter, `x·Aᵀ` (kept
+/// for the backward pass).
 fn forward(d: Dims, x: Src, w: Src, lora: Option<(Src, Src, f32)>) -> (Vec<f32>, Vec<f32>) {
     let low = d.low;
     let mut y = mul_t(low, x, w, d.n, d.d_in, d.d_out);
     let xa = match lora {
         Some((a, b, s)) => {
-            let xa = mul_t(low, x, a, d.n, d.d_in, d.r);
+            let xa = rounded(low, mul_t(low, x, a, d.n, d.d_in, d.r));
             let t = mul_t(low, Src::F32(&xa), b, d.n, d.r, d.d_out);
             add_scaled(low, &mut y, &t, s);
             xa
@@ -161,7 +169,7 @@ struct State {
     lora: Option<(FlexTensor, FlexTensor, f32, Vec<f32>)>,
 }
 
-/// Gradients `[dX, dW, dA, dB]` for the parents that need them.
+/// Gradients `[dX, dW, dA, dB]` for the parents that need them (to be rounded on the way out).
 fn backward(st: &State, dy: &[f32], need: [bool; 4]) -> [Option<Vec<f32>>; 4] {
     let Dims {
         n,
@@ -185,7 +193,7 @@ fn backward(st: &State, dy: &[f32], need: [bool; 4]) -> [Option<Vec<f32>>; 4] {
         }
         let gs = Src::F32(&gs);
         if need[0] || need[2] {
-            let dxa = mul(low, gs, b, n, d_out, r);
+            let dxa = rounded(low, mul(low, gs, b, n, d_out, r));
             if let Some(dx) = dx.as_mut() {
                 let side = mul(low, Src::F32(&dxa), a, n, r, d_in);
                 add_scaled(low, dx, &side, 1.0);
@@ -227,6 +235,12 @@ impl<const N: usize> Backward<Flex, N> for LinearBackward {
         let gs = backward(&st, &f32_values(&grad), need);
         for (((parent, g), shape), dt) in ops.parents.into_iter().zip(gs).zip(shapes).zip(dtypes) {
             if let (Some(p), Some(g), Some(dt)) = (parent, g, dt) {
+                // bf16 gradients round on conversion; an f32 master's gets its bf16 value.
+                let g = if dt == DType::F32 {
+                    rounded(st.d.low, g)
+                } else {
+                    g
+                };
                 grads.register::<Flex>(p.id, flex(g, shape, dt));
             }
         }
