@@ -86,14 +86,13 @@ fn mm(
     dims: (usize, usize, usize),
 ) -> Vec<f32> {
     use Src::{Bf16, F32};
-    let y = match (l, r) {
+    match (l, r) {
         (F32(l), F32(r)) if !low => product(l, ls, r, rs, dims),
         (F32(l), F32(r)) => product_bf16(l, ls, r, rs, dims),
         (F32(l), Bf16(r)) => product_bf16(l, ls, r, rs, dims),
         (Bf16(l), F32(r)) => product_bf16(l, ls, r, rs, dims),
         (Bf16(l), Bf16(r)) => product_bf16(l, ls, r, rs, dims),
-    };
-    y
+    }
 }
 
 /// `v`, rounded to bf16 when `low`: a product the op multiplies again (the composition's bf16
