@@ -11,7 +11,7 @@
 use std::any::TypeId;
 use std::sync::Arc;
 
-use bellows_peft::fused::cast_bits;
+use bellows_peft::fused::bits::{cast_bits, widen};
 use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::NoCheckpointing};
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
@@ -53,7 +53,7 @@ impl Logit for f32 {
 
 impl Logit for bf16 {
     fn f32(self) -> f32 {
-        self.to_f32()
+        widen(self.to_bits())
     }
 }
 

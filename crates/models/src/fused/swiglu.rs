@@ -23,6 +23,8 @@ use burn::tensor::{
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
+use bellows_peft::fused::bits::{round, round_bits, widen};
+
 use super::{f32_slice as slice, flex_tensor, on_backend, primitive, Ad};
 
 /// Elements per task.
@@ -110,9 +112,9 @@ fn forward_bf16(g: &FlexTensor, u: &FlexTensor) -> Vec<bf16> {
         .zip(u.par_chunks(CHUNK))
         .for_each(|((y, g), u)| {
             for ((y, g), u) in y.iter_mut().zip(g).zip(u) {
-                let g = g.to_f32();
-                let h = bf16::from_f32(g * sigmoid(g));
-                *y = bf16::from_f32(h.to_f32() * u.to_f32());
+                let g = widen(g.to_bits());
+                let h = round(g * sigmoid(g));
+                *y = bf16::from_bits(round_bits(h * widen(u.to_bits())));
             }
         });
     y
@@ -128,12 +130,12 @@ fn backward_bf16(g: &FlexTensor, u: &FlexTensor, dy: &FlexTensor) -> (Vec<bf16>,
         .for_each(|(c, (dgc, duc))| {
             let at = c * CHUNK;
             for (k, (dgi, dui)) in dgc.iter_mut().zip(duc.iter_mut()).enumerate() {
-                let (gi, ui, d) = (g[at + k].to_f32(), u[at + k].to_f32(), dy[at + k].to_f32());
+                let [gi, ui, d] = [g[at + k], u[at + k], dy[at + k]].map(|x| widen(x.to_bits()));
                 let s = sigmoid(gi);
-                let h = bf16::from_f32(gi * s).to_f32();
-                *dui = bf16::from_f32(d * h);
+                let h = round(gi * s);
+                *dui = bf16::from_bits(round_bits(d * h));
                 let slope = s * (gi * (-s + 1.0) + 1.0);
-                *dgi = bf16::from_f32(d * ui * slope);
+                *dgi = bf16::from_bits(round_bits(d * ui * slope));
             }
         });
     (dg, du)

@@ -3,7 +3,7 @@
 //! lane, twice the f32 FMA's arithmetic per instruction).
 //!
 //! Operands are f32 or bf16 views with any (row, column) strides; each element is rounded to
-//! bf16 (as Flex's `cast` rounds, [`cast_bits`]) while it is packed, so an f32 master weight needs no
+//! bf16 (as Flex's `cast` rounds, [`super::cast_bits`]) while it is packed, so an f32 master weight needs no
 //! cast of its own. The packing is the classic one for a dot-product kernel: the left side in
 //! panels of [`MR`] rows and the right side in panels of [`NR`] columns, both as 32-bit pairs of
 //! consecutive-`k` bf16 values (zero-padded), and a 12×32 register-tile kernel runs over blocks
@@ -20,6 +20,7 @@
 use burn::tensor::bf16;
 use rayon::prelude::*;
 
+use super::bits::{cast_bits, cast_row};
 use super::gemm::{extent, product};
 
 /// Rows of the kernel's register tile.
@@ -37,7 +38,8 @@ const PARALLEL: usize = 64 * 64 * 64;
 
 /// An element a bf16 product can read: its bf16 bit pattern.
 pub trait Bf16Operand: Copy + Send + Sync {
-    /// The value as bf16 bits, an f32 rounded as Flex's `cast` rounds it ([`cast_bits`]).
+    /// The value as bf16 bits, an f32 rounded as Flex's `cast` rounds it
+    /// ([`super::cast_bits`]).
     fn bf16_bits(self) -> u16;
 
     /// [`Self::bf16_bits`] of every element of `src` into `dst` (the same length).
@@ -55,42 +57,10 @@ impl Bf16Operand for f32 {
         cast_bits(self)
     }
 
-    /// Rows of normal numbers, zeros and infinities (nearly always all of them) take the
-    /// branch-free form of [`cast_bits`], which vectorises; a row with a subnormal or a NaN
-    /// goes element by element.
+    /// [`cast_row`]: vectorised for rows without subnormals or NaN.
     #[inline(always)]
     fn row_bits(src: &[f32], dst: &mut [u16]) {
-        let odd = src.iter().fold(false, |odd, x| {
-            let b = x.to_bits() & 0x7fff_ffff;
-            odd | (b > 0x7f80_0000) | ((b != 0) & (b < 0x0080_0000))
-        });
-        if odd {
-            for (d, &x) in dst.iter_mut().zip(src) {
-                *d = cast_bits(x);
-            }
-        } else {
-            for (d, &x) in dst.iter_mut().zip(src) {
-                let t = x.to_bits() & !7;
-                *d = (t.wrapping_add(0x7fff + ((t >> 16) & 1)) >> 16) as u16;
-            }
-        }
-    }
-}
-
-/// Flex's f32 → bf16 `cast`, bit for bit: `half`'s `bf16::from_f64` of the exact f64, which
-/// truncates the f64 to 20 mantissa bits before rounding to nearest even — for a normal f32,
-/// nearest even with its three lowest mantissa bits dropped. (Flex's other bf16 ops round
-/// their f32 results with `bf16::from_f32`, plain nearest even.) Mixed precision casts the f32
-/// master weights this way, so the bf16 kernels round f32 operands the same way.
-#[inline(always)]
-pub fn cast_bits(x: f32) -> u16 {
-    let b = x.to_bits();
-    let exp = b & 0x7f80_0000;
-    if exp != 0 && exp != 0x7f80_0000 {
-        let t = b & !7;
-        (t.wrapping_add(0x7fff + ((t >> 16) & 1)) >> 16) as u16
-    } else {
-        bf16::from_f64(f64::from(x)).to_bits()
+        cast_row(src, dst);
     }
 }
 

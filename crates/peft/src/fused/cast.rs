@@ -9,22 +9,18 @@ use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::NoCheckp
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Flex;
-use burn::tensor::{backend::Backend, bf16, DType, Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{backend::Backend, DType, Tensor, TensorData, TensorPrimitive};
 use burn_flex::FlexTensor;
 
-use rayon::prelude::*;
-
-use super::{cast_bits, f32_slice, f32_values, flex_tensor, on_backend, primitive, Ad};
+use super::bits::cast_to_bf16;
+use super::{f32_slice, f32_values, flex_tensor, on_backend, primitive, Ad};
 
 /// `t` (contiguous f32 or bf16) converted to `to`.
 fn convert(t: &FlexTensor, to: DType) -> FlexTensor {
     let t = t.to_contiguous();
     let shape = t.layout().shape().clone();
     if to == DType::BF16 {
-        let v: Vec<bf16> = f32_slice(&t)
-            .par_iter()
-            .map(|&x| bf16::from_bits(cast_bits(x)))
-            .collect();
+        let v = cast_to_bf16(f32_slice(&t));
         FlexTensor::from_data(TensorData::new(v, shape))
     } else {
         flex_tensor(f32_values(&t).into_owned(), shape)

@@ -66,7 +66,7 @@ impl<'a> Src<'a> {
 /// `x` rounded to bf16 and widened back, as Flex rounds a bf16 op's f32 result
 /// (`bf16::from_f32`, nearest even).
 fn rne(x: f32) -> f32 {
-    bf16::from_f32(x).to_f32()
+    super::bits::round(x)
 }
 
 /// `v` rounded to bf16 in place (the values a bf16 product's tensor would hold), in parallel.

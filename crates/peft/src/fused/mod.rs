@@ -9,15 +9,16 @@ use std::borrow::Cow;
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::{backend::Backend, bf16, DType, Shape, Tensor, TensorData, TensorPrimitive};
 use burn_flex::FlexTensor;
-use rayon::prelude::*;
 
 mod bf16_gemm;
+pub mod bits;
 mod cast;
 mod gemm;
 mod linear;
 mod matmul;
 
-pub use bf16_gemm::{cast_bits, has_bf16_dot, product_bf16, product_bf16_via_f32, Bf16Operand};
+pub use bf16_gemm::{has_bf16_dot, product_bf16, product_bf16_via_f32, Bf16Operand};
+pub use bits::cast_bits;
 pub use cast::cast;
 pub use gemm::{matmul_strided, product};
 pub use linear::linear_lora;
@@ -83,7 +84,7 @@ pub fn f32_values(t: &FlexTensor) -> Cow<'_, [f32]> {
     match t.dtype() {
         DType::BF16 => {
             let v: &[bf16] = t.as_slice().expect("the fused ops' tensors are contiguous");
-            Cow::Owned(v.par_iter().map(|x| x.to_f32()).collect())
+            Cow::Owned(bits::to_f32(v))
         }
         _ => Cow::Borrowed(f32_slice(t)),
     }
@@ -93,8 +94,7 @@ pub fn f32_values(t: &FlexTensor) -> Cow<'_, [f32]> {
 /// nearest even, as Flex's `cast`).
 pub fn flex_tensor_in(values: Vec<f32>, shape: impl Into<Shape>, dtype: DType) -> FlexTensor {
     if dtype == DType::BF16 {
-        let v: Vec<bf16> = values.par_iter().map(|&x| bf16::from_f32(x)).collect();
-        FlexTensor::from_data(TensorData::new(v, shape.into()))
+        FlexTensor::from_data(TensorData::new(bits::to_bf16(&values), shape.into()))
     } else {
         flex_tensor(values, shape)
     }
