@@ -25,7 +25,7 @@ use rayon::prelude::*;
 
 use bellows_peft::fused::bits::{round, round_bits, widen};
 
-use super::{f32_slice as slice, flex_tensor, on_backend, primitive, Ad};
+use super::{f32_slice, on_backend, primitive, Ad};
 
 /// Elements per task.
 const CHUNK: usize = 1 << 14;
@@ -38,6 +38,91 @@ fn sigmoid(x: f32) -> f32 {
         let e = x.exp();
         e / (1.0 + e)
     }
+}
+
+/// An element the op computes on: f32, or bf16 with the roundings of the module docs.
+trait Elem: Copy + Send + Sync + Default + burn::tensor::Element {
+    /// The elements of a contiguous Flex tensor of this dtype.
+    fn slice(t: &FlexTensor) -> &[Self];
+    /// The value as f32.
+    fn wide(self) -> f32;
+    /// An f32 result in this dtype.
+    fn narrow(x: f32) -> Self;
+    /// `silu(g)` as this dtype holds it (bf16 rounds it before it is multiplied again).
+    fn held(x: f32) -> f32;
+}
+
+impl Elem for f32 {
+    fn slice(t: &FlexTensor) -> &[Self] {
+        f32_slice(t)
+    }
+    fn wide(self) -> f32 {
+        self
+    }
+    fn narrow(x: f32) -> Self {
+        x
+    }
+    fn held(x: f32) -> f32 {
+        x
+    }
+}
+
+impl Elem for bf16 {
+    fn slice(t: &FlexTensor) -> &[Self] {
+        t.as_slice().expect("the fused ops' tensors are contiguous")
+    }
+    fn wide(self) -> f32 {
+        widen(self.to_bits())
+    }
+    fn narrow(x: f32) -> Self {
+        bf16::from_bits(round_bits(x))
+    }
+    fn held(x: f32) -> f32 {
+        round(x)
+    }
+}
+
+/// A Flex tensor owning `v`.
+fn tensor<E: Elem>(v: Vec<E>, shape: Shape) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(v, shape))
+}
+
+/// `silu(g)·u`, one parallel pass (f32: the composition's `g·σ(g)·u`, bit for bit).
+fn forward<E: Elem>(g: &FlexTensor, u: &FlexTensor) -> Vec<E> {
+    let (g, u) = (E::slice(g), E::slice(u));
+    let mut y = vec![E::default(); g.len()];
+    y.par_chunks_mut(CHUNK)
+        .zip(g.par_chunks(CHUNK))
+        .zip(u.par_chunks(CHUNK))
+        .for_each(|((y, g), u)| {
+            for ((y, g), u) in y.iter_mut().zip(g).zip(u) {
+                let g = g.wide();
+                *y = E::narrow(E::held(g * sigmoid(g)) * u.wide());
+            }
+        });
+    y
+}
+
+/// `(dg, du)` for upstream `dy`, both in one pass (g and u are both projections' outputs, so
+/// both are nearly always wanted; an unwanted one is dropped by the caller).
+fn backward<E: Elem>(g: &FlexTensor, u: &FlexTensor, dy: &FlexTensor) -> (Vec<E>, Vec<E>) {
+    let (g, u, dy) = (E::slice(g), E::slice(u), E::slice(dy));
+    let (mut dg, mut du) = (vec![E::default(); g.len()], vec![E::default(); g.len()]);
+    dg.par_chunks_mut(CHUNK)
+        .zip(du.par_chunks_mut(CHUNK))
+        .enumerate()
+        .for_each(|(c, (dgc, duc))| {
+            let at = c * CHUNK;
+            for (k, (dgi, dui)) in dgc.iter_mut().zip(duc.iter_mut()).enumerate() {
+                let [gi, ui, d] = [g[at + k], u[at + k], dy[at + k]].map(E::wide);
+                let s = sigmoid(gi);
+                *dui = E::narrow(d * E::held(gi * s));
+                // σ'(g) = σ(g)(1 − σ(g)), so d(g·σ(g))/dg = σ(g)·(1 + g·(1 − σ(g))).
+                let slope = s * (gi * (-s + 1.0) + 1.0);
+                *dgi = E::narrow(d * ui * slope);
+            }
+        });
+    (dg, du)
 }
 
 #[derive(Debug)]
@@ -57,88 +142,21 @@ impl Backward<Flex, 2> for SwigluBackward {
         let [pg, pu] = ops.parents;
         let dy = grads.consume::<Flex>(&ops.node).to_contiguous();
         let st = ops.state;
-        if st.g.dtype() == DType::BF16 {
-            let (dg, du) = backward_bf16(&st.g, &st.u, &dy);
-            let shape = st.shape.clone();
-            let bf = |v: Vec<bf16>| FlexTensor::from_data(TensorData::new(v, shape.clone()));
-            if let Some(pg) = pg {
-                grads.register::<Flex>(pg.id, bf(dg));
-            }
-            if let Some(pu) = pu {
-                grads.register::<Flex>(pu.id, bf(du));
-            }
-            return;
-        }
-        let (g, u, dy) = (slice(&st.g), slice(&st.u), slice(&dy));
-        let n = g.len();
-        // Both gradients in one pass (g and u are both projections' outputs, so both are
-        // nearly always wanted); an unwanted one is dropped below.
-        let (mut dg, mut du) = (vec![0.0f32; n], vec![0.0f32; n]);
-        dg.par_chunks_mut(CHUNK)
-            .zip(du.par_chunks_mut(CHUNK))
-            .enumerate()
-            .for_each(|(c, (dgc, duc))| {
-                let at = c * CHUNK;
-                for (k, (dgi, dui)) in dgc.iter_mut().zip(duc.iter_mut()).enumerate() {
-                    let (gi, ui, d) = (g[at + k], u[at + k], dy[at + k]);
-                    let s = sigmoid(gi);
-                    *dui = d * (gi * s);
-                    // σ'(g) = σ(g)(1 − σ(g)), so d(g·σ(g))/dg = σ(g)·(1 + g·(1 − σ(g))).
-                    let slope = s * (gi * (-s + 1.0) + 1.0);
-                    *dgi = d * ui * slope;
-                }
-            });
         let shape = st.shape.clone();
+        let (dg, du) = if st.g.dtype() == DType::BF16 {
+            let (dg, du) = backward::<bf16>(&st.g, &st.u, &dy);
+            (tensor(dg, shape.clone()), tensor(du, shape))
+        } else {
+            let (dg, du) = backward::<f32>(&st.g, &st.u, &dy);
+            (tensor(dg, shape.clone()), tensor(du, shape))
+        };
         if let Some(pg) = pg {
-            grads.register::<Flex>(pg.id, flex_tensor(dg, shape.clone()));
+            grads.register::<Flex>(pg.id, dg);
         }
         if let Some(pu) = pu {
-            grads.register::<Flex>(pu.id, flex_tensor(du, shape));
+            grads.register::<Flex>(pu.id, du);
         }
     }
-}
-
-/// The bf16 elements of a contiguous Flex tensor.
-fn bf16s(t: &FlexTensor) -> &[bf16] {
-    t.as_slice().expect("contiguous bf16")
-}
-
-/// `r(r(silu(g))·u)` for bf16 `g`, `u`.
-fn forward_bf16(g: &FlexTensor, u: &FlexTensor) -> Vec<bf16> {
-    let (g, u) = (bf16s(g), bf16s(u));
-    let mut y = vec![bf16::ZERO; g.len()];
-    y.par_chunks_mut(CHUNK)
-        .zip(g.par_chunks(CHUNK))
-        .zip(u.par_chunks(CHUNK))
-        .for_each(|((y, g), u)| {
-            for ((y, g), u) in y.iter_mut().zip(g).zip(u) {
-                let g = widen(g.to_bits());
-                let h = round(g * sigmoid(g));
-                *y = bf16::from_bits(round_bits(h * widen(u.to_bits())));
-            }
-        });
-    y
-}
-
-/// `(dg, du)` for bf16 `g`, `u` and upstream `dy`, each rounded once to bf16.
-fn backward_bf16(g: &FlexTensor, u: &FlexTensor, dy: &FlexTensor) -> (Vec<bf16>, Vec<bf16>) {
-    let (g, u, dy) = (bf16s(g), bf16s(u), bf16s(dy));
-    let (mut dg, mut du) = (vec![bf16::ZERO; g.len()], vec![bf16::ZERO; g.len()]);
-    dg.par_chunks_mut(CHUNK)
-        .zip(du.par_chunks_mut(CHUNK))
-        .enumerate()
-        .for_each(|(c, (dgc, duc))| {
-            let at = c * CHUNK;
-            for (k, (dgi, dui)) in dgc.iter_mut().zip(duc.iter_mut()).enumerate() {
-                let [gi, ui, d] = [g[at + k], u[at + k], dy[at + k]].map(|x| widen(x.to_bits()));
-                let s = sigmoid(gi);
-                let h = round(gi * s);
-                *dui = bf16::from_bits(round_bits(d * h));
-                let slope = s * (gi * (-s + 1.0) + 1.0);
-                *dgi = bf16::from_bits(round_bits(d * ui * slope));
-            }
-        });
-    (dg, du)
 }
 
 fn swiglu_autodiff<const D: usize>(g: Tensor<Ad, D>, u: Tensor<Ad, D>) -> Tensor<Ad, D> {
@@ -146,18 +164,9 @@ fn swiglu_autodiff<const D: usize>(g: Tensor<Ad, D>, u: Tensor<Ad, D>) -> Tensor
     let (gp, up) = (primitive(g), primitive(u));
     let (gi, ui) = (gp.primitive.to_contiguous(), up.primitive.to_contiguous());
     let y = if gi.dtype() == DType::BF16 {
-        FlexTensor::from_data(TensorData::new(forward_bf16(&gi, &ui), shape.clone()))
+        tensor(forward::<bf16>(&gi, &ui), shape.clone())
     } else {
-        let mut y = vec![0.0f32; shape.num_elements()];
-        y.par_chunks_mut(CHUNK)
-            .zip(slice(&gi).par_chunks(CHUNK))
-            .zip(slice(&ui).par_chunks(CHUNK))
-            .for_each(|((y, g), u)| {
-                for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
-                    *y = g * sigmoid(g) * u;
-                }
-            });
-        flex_tensor(y, shape.clone())
+        tensor(forward::<f32>(&gi, &ui), shape.clone())
     };
     let out = match SwigluBackward
         .prepare::<NoCheckpointing>([gp.node, up.node])

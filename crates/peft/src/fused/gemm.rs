@@ -61,8 +61,24 @@ pub unsafe fn matmul_strided(
     }
 }
 
+/// Panics unless `lhs` (`len` elements) holds its `[rows, k]` view and `rhs` its `[k, cols]`.
+pub(super) fn check_views(
+    (lhs, lhs_strides): (usize, (usize, usize)),
+    (rhs, rhs_strides): (usize, (usize, usize)),
+    (rows, k, cols): (usize, usize, usize),
+) {
+    assert!(
+        extent(rows, k, lhs_strides) <= lhs,
+        "lhs view out of its slice"
+    );
+    assert!(
+        extent(k, cols, rhs_strides) <= rhs,
+        "rhs view out of its slice"
+    );
+}
+
 /// The last element a `[rows, cols]` view with strides `(rs, cs)` touches, plus one.
-pub(super) fn extent(rows: usize, cols: usize, (rs, cs): (usize, usize)) -> usize {
+fn extent(rows: usize, cols: usize, (rs, cs): (usize, usize)) -> usize {
     if rows == 0 || cols == 0 {
         0
     } else {
@@ -82,14 +98,8 @@ pub fn product(
     rhs_strides: (usize, usize),
     (rows, k, cols): (usize, usize, usize),
 ) -> Vec<f32> {
-    assert!(
-        extent(rows, k, lhs_strides) <= lhs.len(),
-        "lhs view out of its slice"
-    );
-    assert!(
-        extent(k, cols, rhs_strides) <= rhs.len(),
-        "rhs view out of its slice"
-    );
+    let dims = (rows, k, cols);
+    check_views((lhs.len(), lhs_strides), (rhs.len(), rhs_strides), dims);
     if k == 0 {
         return vec![0.0; rows * cols];
     }
