@@ -49,11 +49,13 @@ pub fn cast_bits(x: f32) -> u16 {
 /// vectorises; a row with a subnormal or a NaN goes element by element.
 #[inline(always)]
 pub fn cast_row(src: &[f32], dst: &mut [u16]) {
-    let odd = src.iter().fold(false, |odd, x| {
+    // An integer OR over the row (vectorises; a `bool` fold or `any` does not).
+    let mut odd = 0u32;
+    for x in src {
         let b = x.to_bits() & 0x7fff_ffff;
-        odd | (b > 0x7f80_0000) | ((b != 0) & (b < 0x0080_0000))
-    });
-    if odd {
+        odd |= u32::from(b > 0x7f80_0000) | u32::from(b.wrapping_sub(1) < 0x007f_ffff);
+    }
+    if odd != 0 {
         for (d, &x) in dst.iter_mut().zip(src) {
             *d = cast_bits(x);
         }
