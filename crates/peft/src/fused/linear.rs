@@ -132,10 +132,10 @@ fn add_scaled(low: bool, y: &mut [f32], t: &[f32], s: f32) {
         });
 }
 
-/// The op's scale: bf16 scalar ops round theirs first.
+/// The op's scale: Flex's bf16 scalar ops round theirs first (`bf16::from_f32(s as f32)`).
 fn scale(low: bool, s: f64) -> f32 {
     if low {
-        bf16::from_f64(s).to_f32()
+        rne(s as f32)
     } else {
         s as f32
     }
