@@ -5,7 +5,8 @@
 //! would stay alive from forward to backward, so training would hold the full-precision model
 //! after all. The custom op below keeps only the quantized weight and dequantizes again in the
 //! backward pass (`dx = dy · W`), as bitsandbytes' `MatMul4Bit` does. No gradient reaches the
-//! weight: it is frozen.
+//! weight: it is frozen. Under bf16 compute on the CPU both products run on the bf16 kernel
+//! ([`crate::fused::matmul_bf16`]).
 
 use std::any::Any;
 
@@ -17,6 +18,8 @@ use burn::module::AutodiffModule;
 use burn::tensor::{backend::Backend, Tensor, TensorPrimitive};
 
 use super::weight::Nf4Weight;
+use crate::dtype::in_dtype;
+use crate::fused::matmul_bf16;
 
 #[derive(Debug)]
 struct Nf4MatmulBackward;
@@ -29,8 +32,8 @@ impl<I: Backend> Backward<I, 1> for Nf4MatmulBackward {
         let grad = grads.consume::<I>(&ops.node);
         if let Some(parent) = parent {
             let dy = Tensor::<I, 2>::from_primitive(TensorPrimitive::Float(grad));
-            let w = ops.state.dequantize().cast(dy.dtype());
-            let dx = dy.matmul(w);
+            let w = in_dtype(ops.state.dequantize(), dy.dtype());
+            let dx = matmul_bf16(dy, false, w, false).unwrap_or_else(|(dy, w)| dy.matmul(w));
             grads.register::<I>(parent.id, dx.into_primitive().tensor());
         }
     }
@@ -49,8 +52,9 @@ fn matmul_autodiff<I: Backend, C: CheckpointStrategy>(
     };
     let x_inner = Tensor::<I, 2>::from_primitive(TensorPrimitive::Float(xp.primitive.clone()));
     let dtype = x_inner.dtype();
-    let y = x_inner
-        .matmul(inner.dequantize().cast(dtype).transpose())
+    let w = in_dtype(inner.dequantize(), dtype);
+    let y = matmul_bf16(x_inner, false, w, true)
+        .unwrap_or_else(|(x, w)| x.matmul(w.transpose()))
         .into_primitive()
         .tensor();
     let out = match Nf4MatmulBackward
@@ -105,4 +109,50 @@ pub(crate) fn nf4_matmul_t<B: Backend>(x: Tensor<B, 2>, w: &Nf4Weight<B>) -> Ten
     };
     let dtype = x.dtype();
     x.matmul(w.dequantize().cast(dtype).transpose())
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::{Autodiff, Flex};
+    use burn::tensor::{DType, Distribution, Tensor, Tolerance};
+
+    use super::super::{quantize_nf4, Nf4Options, Nf4Weight};
+    use crate::in_dtype;
+
+    type Ad = Autodiff<Flex>;
+
+    /// Under bf16 compute the op (bf16 kernel, fast casts) gives the composition's output and
+    /// input gradient, to bf16 rounding.
+    #[test]
+    fn nf4_matmul_in_bf16_matches_the_composition() {
+        let dev = Default::default();
+        let values: Vec<f32> = (0..24 * 64)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 60.0)
+            .collect();
+        let w = Nf4Weight::<Ad>::from_data(
+            &quantize_nf4(&values, &[24, 64], Nf4Options::default()),
+            &dev,
+        );
+        let x = Tensor::<Ad, 2>::random([9, 64], Distribution::Normal(0.0, 1.0), &dev)
+            .cast(DType::BF16);
+        let (xa, xb) = (x.clone().detach().require_grad(), x.detach().require_grad());
+        let ya = w.matmul_t(xa.clone());
+        let yb = xb
+            .clone()
+            .matmul(in_dtype(w.dequantize(), DType::BF16).transpose());
+        assert_eq!(ya.dtype(), DType::BF16);
+        let close = |a: Tensor<Flex, 2>, b: Tensor<Flex, 2>| {
+            a.cast(DType::F32).into_data().assert_approx_eq::<f32>(
+                &b.cast(DType::F32).into_data(),
+                Tolerance::rel_abs(8e-3, 1e-2),
+            );
+        };
+        close(ya.clone().inner(), yb.clone().inner());
+        let c = Tensor::<Ad, 2>::random([9, 24], Distribution::Normal(0.0, 1.0), &dev);
+        let (ga, gb) = (
+            (ya.cast(DType::F32) * c.clone()).sum().backward(),
+            (yb.cast(DType::F32) * c).sum().backward(),
+        );
+        close(xa.grad(&ga).expect("dx"), xb.grad(&gb).expect("dx"));
+    }
 }
