@@ -177,14 +177,106 @@ struct View {
     width: usize,
 }
 
-/// [`fill_panel`] compiled for AVX-512, so its conversion loops are vectorised.
+/// [`fill_panel`] compiled for AVX-512, so its conversion loops are vectorised; a view whose
+/// rows are `k`-contiguous (the usual case: `x`, and `W` read as `Wᵀ`) is converted row by
+/// row and then transposed 16×16 pairs at a time in registers, instead of scattering each
+/// pair to its own cache line.
 ///
 /// # Safety
 /// The CPU must have `avx512f`, `avx512bw` and `avx512vl`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn fill_panel_v4<T: Bf16Operand>(v: &[T], view: View, p: usize, panel: &mut [u32]) {
-    fill_panel(v, view, p, panel);
+    let View {
+        strides: (along, across),
+        rows,
+        k,
+        width,
+    } = view;
+    if across != 1 || along == 1 {
+        fill_panel(v, view, p, panel);
+        return;
+    }
+    let kp = k.div_ceil(2);
+    let n = width.min(rows - p * width);
+    let first = p * width * along;
+    // Rows of pairs, zero-padded to whole 16×16 blocks.
+    let (rows16, kp16) = (n.div_ceil(16) * 16, kp.div_ceil(16) * 16);
+    let mut pairs = vec![0u32; rows16 * kp16];
+    let mut bits = vec![0u16; 2 * kp];
+    for (i, dst) in pairs.chunks_exact_mut(kp16).take(n).enumerate() {
+        T::row_bits(&v[first + i * along..][..k], &mut bits[..k]);
+        for (d, two) in dst.iter_mut().zip(bits.chunks_exact(2)) {
+            *d = u32::from(two[0]) | (u32::from(two[1]) << 16);
+        }
+    }
+    for g in (0..n).step_by(16) {
+        let lanes = (n - g).min(16);
+        let mask = ((1u32 << lanes) - 1) as u16;
+        for b in (0..kp).step_by(16) {
+            // SAFETY: `pairs` holds rows g..g + 16 of kp16 ≥ b + 16 pairs each.
+            let cols = unsafe { transpose16(&pairs[g * kp16 + b..], kp16) };
+            for (j, col) in cols.iter().enumerate().take(kp - b) {
+                let at = (b + j) * width + g;
+                debug_assert!(at + lanes <= panel.len());
+                // SAFETY: panel row b + j < kp holds `width` ≥ g + lanes values.
+                unsafe {
+                    std::arch::x86_64::_mm512_mask_storeu_epi32(
+                        panel.as_mut_ptr().add(at).cast(),
+                        mask,
+                        *col,
+                    )
+                };
+            }
+        }
+    }
+}
+
+/// The 16×16 block of `u32` at `m` (row stride `stride`) transposed: vector `j` holds column
+/// `j` (rows 0..16). Three rounds of interleaves: 32-bit, 64-bit, then 128-bit lanes.
+///
+/// # Safety
+/// `m` must hold 15·`stride` + 16 values; the CPU must have `avx512f`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose16(m: &[u32], stride: usize) -> [std::arch::x86_64::__m512i; 16] {
+    use std::arch::x86_64::*;
+    debug_assert!(m.len() >= 15 * stride + 16);
+    // SAFETY: 16 rows of 16 values, inside `m` (the caller's bound).
+    let r: [__m512i; 16] =
+        std::array::from_fn(|i| unsafe { _mm512_loadu_si512(m.as_ptr().add(i * stride).cast()) });
+    // t[2i] lane L: r[2i][4L], r[2i+1][4L], r[2i][4L+1], r[2i+1][4L+1]; t[2i+1]: columns 4L+2, 4L+3.
+    let t: [__m512i; 16] = std::array::from_fn(|x| {
+        let (a, b) = (r[x & !1], r[x | 1]);
+        if x % 2 == 0 {
+            _mm512_unpacklo_epi32(a, b)
+        } else {
+            _mm512_unpackhi_epi32(a, b)
+        }
+    });
+    // u[4i + c] lane L: column 4L + c, rows 4i..4i + 4.
+    let u: [__m512i; 16] = std::array::from_fn(|x| {
+        let (i, c) = (x / 4, x % 4);
+        let (a, b) = (t[4 * i + c / 2], t[4 * i + 2 + c / 2]);
+        if c % 2 == 0 {
+            _mm512_unpacklo_epi64(a, b)
+        } else {
+            _mm512_unpackhi_epi64(a, b)
+        }
+    });
+    // Column 4L + c gathers lane L of u[c], u[4 + c], u[8 + c], u[12 + c].
+    let mut out = [_mm512_setzero_si512(); 16];
+    for c in 0..4 {
+        let v_lo = _mm512_shuffle_i32x4::<0x88>(u[c], u[4 + c]);
+        let v_hi = _mm512_shuffle_i32x4::<0xdd>(u[c], u[4 + c]);
+        let w_lo = _mm512_shuffle_i32x4::<0x88>(u[8 + c], u[12 + c]);
+        let w_hi = _mm512_shuffle_i32x4::<0xdd>(u[8 + c], u[12 + c]);
+        out[c] = _mm512_shuffle_i32x4::<0x88>(v_lo, w_lo);
+        out[8 + c] = _mm512_shuffle_i32x4::<0xdd>(v_lo, w_lo);
+        out[4 + c] = _mm512_shuffle_i32x4::<0x88>(v_hi, w_hi);
+        out[12 + c] = _mm512_shuffle_i32x4::<0xdd>(v_hi, w_hi);
+    }
+    out
 }
 
 /// Panel `p` of [`pack`].
