@@ -3,18 +3,21 @@
 //! lane, twice the f32 FMA's arithmetic per instruction).
 //!
 //! Operands are f32 or bf16 views with any (row, column) strides; each element is rounded to
-//! bf16 (as Flex's `cast` rounds, [`super::cast_bits`]) while it is packed, so an f32 master weight needs no
-//! cast of its own. The packing is the classic one for a dot-product kernel: the left side in
-//! panels of [`MR`] rows and the right side in panels of [`NR`] columns, both as 32-bit pairs of
-//! consecutive-`k` bf16 values (zero-padded), and a 12×32 register-tile kernel runs over blocks
-//! of [`KC`] `k` values, the product's tiles spread over the rayon pool.
+//! bf16 (as Flex's `cast` rounds, [`super::cast_bits`]) while it is packed, so an f32 master
+//! weight needs no cast of its own. The packing is the classic one for a dot-product kernel:
+//! the left side in panels of [`MR`] rows and the right side in panels of [`NR`] columns, both
+//! as 32-bit pairs of consecutive-`k` bf16 values (zero-padded; a `k`-contiguous operand is
+//! converted row by row and transposed 16×16 pairs at a time in registers), and a 12×32
+//! register-tile kernel runs over blocks of [`KC`] `k` values, the product's tiles spread over
+//! the rayon pool.
 //!
 //! On a CPU without `avx512_bf16` (or another architecture) the same rounded operands go
 //! through the f32 `gemm` kernels: the result is the same exact bf16 products summed in f32,
 //! up to summation order.
 //!
-//! Unsafe code: the SIMD kernel (raw pointers into the packed buffers and the output, whose
-//! extents the packing fixes) and the per-tile writes into disjoint parts of the output.
+//! Unsafe code: the SIMD kernel and the packing's register transpose (raw pointers into the
+//! packed buffers and the output, whose extents the packing fixes) and the per-tile writes into
+//! disjoint parts of the output.
 #![allow(unsafe_code)]
 
 use burn::tensor::bf16;
