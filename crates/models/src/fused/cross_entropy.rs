@@ -6,20 +6,21 @@
 //!
 //! bf16 logits (mixed precision) are widened row by row — the composition's f32 cast, without
 //! its f32 copy of the logits — and the gradient is rounded back to bf16 as that cast's
-//! backward rounds it ([`bellows_peft::fused::cast_bits`]), so the two paths agree as in f32.
+//! backward rounds it ([`bellows_peft::fused::bits::cast_bits`]), so the two paths agree as in f32.
 
 use std::any::TypeId;
 use std::sync::Arc;
 
-use bellows_peft::fused::bits::{cast_bits, widen};
+use bellows_peft::fused::bits::cast_bits;
 use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::NoCheckpointing};
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Flex;
-use burn::tensor::{backend::Backend, bf16, DType, Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{backend::Backend, bf16, DType, Tensor, TensorPrimitive};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
+use super::elem::{tensor, Elem};
 use super::{f32_slice as slice, flex_tensor, on_backend, primitive, Ad};
 
 /// Targets of one call: position `t < s − 1` of sequence `bi` predicts `targets[bi·(s−1) + t]`
@@ -40,26 +41,9 @@ impl Targets {
     }
 }
 
-/// Logits the op reads: f32, or bf16 widened on the fly.
-trait Logit: Copy + Send + Sync {
-    fn f32(self) -> f32;
-}
-
-impl Logit for f32 {
-    fn f32(self) -> f32 {
-        self
-    }
-}
-
-impl Logit for bf16 {
-    fn f32(self) -> f32 {
-        widen(self.to_bits())
-    }
-}
-
 /// `logsumexp` of every counted row (f32, max-shifted) and the weighted sum of
 /// `lse − x[label]` (accumulated in f64).
-fn forward<E: Logit>(x: &[E], t: &Targets) -> (Vec<f32>, f64) {
+fn forward<E: Elem>(x: &[E], t: &Targets) -> (Vec<f32>, f64) {
     let v = t.v;
     let lse: Vec<f32> = (0..t.targets.len())
         .into_par_iter()
@@ -67,9 +51,9 @@ fn forward<E: Logit>(x: &[E], t: &Targets) -> (Vec<f32>, f64) {
             let row = &x[t.row(p) * v..(t.row(p) + 1) * v];
             let m = row
                 .iter()
-                .map(|a| a.f32())
+                .map(|a| a.wide())
                 .fold(f32::NEG_INFINITY, f32::max);
-            let z: f32 = row.iter().map(|&a| (a.f32() - m).exp()).sum();
+            let z: f32 = row.iter().map(|&a| (a.wide() - m).exp()).sum();
             m + z.ln()
         })
         .collect();
@@ -79,7 +63,7 @@ fn forward<E: Logit>(x: &[E], t: &Targets) -> (Vec<f32>, f64) {
             if w == 0.0 {
                 0.0
             } else {
-                f64::from(w) * f64::from(lse[p] - x[t.row(p) * v + t.targets[p]].f32())
+                f64::from(w) * f64::from(lse[p] - x[t.row(p) * v + t.targets[p]].wide())
             }
         })
         .sum();
@@ -90,7 +74,7 @@ fn forward<E: Logit>(x: &[E], t: &Targets) -> (Vec<f32>, f64) {
 /// counted rows, 0 elsewhere (the last position of each sequence, ignored labels).
 ///
 /// Each value goes out through `narrow` (identity in f32; bf16 rounding for bf16 logits).
-fn backward<E: Logit, O: Copy + Send + Sync + Default>(
+fn backward<E: Elem, O: Copy + Send + Sync + Default>(
     x: &[E],
     t: &Targets,
     lse: &[f32],
@@ -112,7 +96,7 @@ fn backward<E: Logit, O: Copy + Send + Sync + Default>(
         let row = &x[r * v..(r + 1) * v];
         let label = t.targets[p];
         for (i, (o, &a)) in out.iter_mut().zip(row).enumerate() {
-            let d = gw * (a.f32() - lse[p]).exp();
+            let d = gw * (a.wide() - lse[p]).exp();
             *o = narrow(if i == label { d - gw } else { d });
         }
     });
@@ -122,8 +106,8 @@ fn backward<E: Logit, O: Copy + Send + Sync + Default>(
 /// `f(x, dtype)` on the f32 or bf16 elements of a contiguous Flex tensor.
 fn read<R>(x: &FlexTensor, f32s: impl FnOnce(&[f32]) -> R, bf16s: impl FnOnce(&[bf16]) -> R) -> R {
     match x.dtype() {
-        DType::BF16 => bf16s(x.as_slice().expect("contiguous bf16 logits")),
-        _ => f32s(slice(x)),
+        DType::BF16 => bf16s(Elem::slice(x)),
+        _ => f32s(Elem::slice(x)),
     }
 }
 
@@ -150,11 +134,13 @@ impl Backward<Flex, 1> for CrossEntropyBackward {
             let shape = [t.b, t.s, t.v];
             let dx = read(
                 &st.logits,
-                |x| flex_tensor(backward(x, t, &st.lse, g, |d| d), shape),
+                |x| tensor(backward(x, t, &st.lse, g, |d| d), shape),
+                // The composition's `cast(F32)` backward: Flex's cast to bf16.
                 |x| {
-                    // The composition's `cast(F32)` backward: Flex's cast to bf16.
-                    let dx = backward(x, t, &st.lse, g, |d| bf16::from_bits(cast_bits(d)));
-                    FlexTensor::from_data(TensorData::new(dx, shape))
+                    tensor(
+                        backward(x, t, &st.lse, g, |d| bf16::from_bits(cast_bits(d))),
+                        shape,
+                    )
                 },
             );
             grads.register::<Flex>(parent.id, dx);

@@ -18,6 +18,7 @@ pub(crate) use bellows_peft::fused::{
 pub(crate) mod attention;
 mod attention_kernel;
 pub(crate) mod cross_entropy;
+mod elem;
 pub(crate) mod rms_norm;
 pub(crate) mod softmax;
 pub(crate) mod swiglu;

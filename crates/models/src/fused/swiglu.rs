@@ -17,15 +17,12 @@ use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::NoCheckp
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Flex;
-use burn::tensor::{
-    activation, backend::Backend, bf16, DType, Shape, Tensor, TensorData, TensorPrimitive,
-};
+use burn::tensor::{activation, backend::Backend, bf16, DType, Shape, Tensor, TensorPrimitive};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use bellows_peft::fused::bits::{round, round_bits, widen};
-
-use super::{f32_slice, on_backend, primitive, Ad};
+use super::elem::{tensor, Elem};
+use super::{on_backend, primitive, Ad};
 
 /// Elements per task.
 const CHUNK: usize = 1 << 14;
@@ -40,53 +37,6 @@ fn sigmoid(x: f32) -> f32 {
     }
 }
 
-/// An element the op computes on: f32, or bf16 with the roundings of the module docs.
-trait Elem: Copy + Send + Sync + Default + burn::tensor::Element {
-    /// The elements of a contiguous Flex tensor of this dtype.
-    fn slice(t: &FlexTensor) -> &[Self];
-    /// The value as f32.
-    fn wide(self) -> f32;
-    /// An f32 result in this dtype.
-    fn narrow(x: f32) -> Self;
-    /// `silu(g)` as this dtype holds it (bf16 rounds it before it is multiplied again).
-    fn held(x: f32) -> f32;
-}
-
-impl Elem for f32 {
-    fn slice(t: &FlexTensor) -> &[Self] {
-        f32_slice(t)
-    }
-    fn wide(self) -> f32 {
-        self
-    }
-    fn narrow(x: f32) -> Self {
-        x
-    }
-    fn held(x: f32) -> f32 {
-        x
-    }
-}
-
-impl Elem for bf16 {
-    fn slice(t: &FlexTensor) -> &[Self] {
-        t.as_slice().expect("the fused ops' tensors are contiguous")
-    }
-    fn wide(self) -> f32 {
-        widen(self.to_bits())
-    }
-    fn narrow(x: f32) -> Self {
-        bf16::from_bits(round_bits(x))
-    }
-    fn held(x: f32) -> f32 {
-        round(x)
-    }
-}
-
-/// A Flex tensor owning `v`.
-fn tensor<E: Elem>(v: Vec<E>, shape: Shape) -> FlexTensor {
-    FlexTensor::from_data(TensorData::new(v, shape))
-}
-
 /// `silu(g)·u`, one parallel pass (f32: the composition's `g·σ(g)·u`, bit for bit).
 fn forward<E: Elem>(g: &FlexTensor, u: &FlexTensor) -> Vec<E> {
     let (g, u) = (E::slice(g), E::slice(u));
@@ -97,7 +47,7 @@ fn forward<E: Elem>(g: &FlexTensor, u: &FlexTensor) -> Vec<E> {
         .for_each(|((y, g), u)| {
             for ((y, g), u) in y.iter_mut().zip(g).zip(u) {
                 let g = g.wide();
-                *y = E::narrow(E::held(g * sigmoid(g)) * u.wide());
+                *y = E::narrow(E::narrow(g * sigmoid(g)).wide() * u.wide());
             }
         });
     y
@@ -116,7 +66,7 @@ fn backward<E: Elem>(g: &FlexTensor, u: &FlexTensor, dy: &FlexTensor) -> (Vec<E>
             for (k, (dgi, dui)) in dgc.iter_mut().zip(duc.iter_mut()).enumerate() {
                 let [gi, ui, d] = [g[at + k], u[at + k], dy[at + k]].map(E::wide);
                 let s = sigmoid(gi);
-                *dui = E::narrow(d * E::held(gi * s));
+                *dui = E::narrow(d * E::narrow(gi * s).wide());
                 // σ'(g) = σ(g)(1 − σ(g)), so d(g·σ(g))/dg = σ(g)·(1 + g·(1 − σ(g))).
                 let slope = s * (gi * (-s + 1.0) + 1.0);
                 *dgi = E::narrow(d * ui * slope);

@@ -154,9 +154,12 @@ fn pack<T: Bf16Operand>(
         k,
         width,
     };
+    // Asked once per operand, not once per panel.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+    let v4 = has_bf16_dot();
     let fill = |(p, panel): (usize, &mut [u32])| {
         #[cfg(target_arch = "x86_64")]
-        if has_bf16_dot() {
+        if v4 {
             // SAFETY: the CPU has the features `fill_panel_v4` is compiled for.
             unsafe { fill_panel_v4(v, view, p, panel) };
             return;

@@ -1,7 +1,8 @@
-//! A plain bf16 matrix product on Flex through the bf16 kernel, for the ops that multiply
-//! tensors they already hold (the sharded linear layer's gathered weight): the same kernel and
-//! rounding as the fused linear op, so a layer computes the same bits whether its weight is
-//! whole or sharded.
+//! A plain matrix product for the ops that multiply tensors they already hold (the sharded
+//! linear layer's gathered weight, the NF4 layer's dequantized one): bf16 on Flex goes through
+//! the bf16 kernel — the same kernel and rounding as the fused linear op, so a layer computes
+//! the same bits whether its weight is whole, sharded or quantized — and everything else
+//! through burn's `matmul`.
 
 use std::any::TypeId;
 
@@ -13,10 +14,19 @@ use super::{flex_tensor_in, on_backend, primitive};
 
 type Pair<B> = (Tensor<B, 2>, Tensor<B, 2>);
 
-/// `op(l) · op(r)` for bf16 `l`, `r` on `Flex` (not autodiff), `op` transposing where `lt` /
-/// `rt` say: products of the bf16 values summed in f32, rounded to bf16 (as Flex's own bf16
-/// matmul rounds). Other backends and dtypes get the operands back as `Err`.
-pub fn matmul_bf16<B: Backend>(
+/// `op(l) · op(r)`, `op` transposing where `lt` / `rt` say. For bf16 `l`, `r` on `Flex` (not
+/// autodiff): products of the bf16 values summed in f32, rounded to bf16 (as Flex's own bf16
+/// matmul rounds), on the bf16 kernel; elsewhere burn's `matmul` of the (transposed) operands.
+pub fn matmul<B: Backend>(l: Tensor<B, 2>, lt: bool, r: Tensor<B, 2>, rt: bool) -> Tensor<B, 2> {
+    matmul_bf16(l, lt, r, rt).unwrap_or_else(|(l, r)| {
+        let l = if lt { l.transpose() } else { l };
+        let r = if rt { r.transpose() } else { r };
+        l.matmul(r)
+    })
+}
+
+/// [`matmul`]'s bf16 kernel path; other backends and dtypes get the operands back as `Err`.
+fn matmul_bf16<B: Backend>(
     l: Tensor<B, 2>,
     lt: bool,
     r: Tensor<B, 2>,
@@ -74,7 +84,18 @@ mod tests {
                 Tolerance::rel_abs(8e-3, 1e-2),
             );
         }
-        assert!(matmul_bf16(a.clone().cast(DType::F32), false, b.cast(DType::F32), false).is_err());
+        assert!(matmul_bf16(
+            a.clone().cast(DType::F32),
+            false,
+            b.clone().cast(DType::F32),
+            false
+        )
+        .is_err());
+        // f32 takes burn's product, transposes included.
+        let (af, bf) = (a.cast(DType::F32), b.cast(DType::F32));
+        let got = super::matmul(af.clone().transpose(), true, bf.clone(), false);
+        got.into_data()
+            .assert_approx_eq::<f32>(&af.matmul(bf).into_data(), Tolerance::rel_abs(1e-6, 1e-6));
     }
 }
 

@@ -17,12 +17,11 @@ mod gemm;
 mod linear;
 mod matmul;
 
-pub use bf16_gemm::{has_bf16_dot, product_bf16, product_bf16_via_f32, Bf16Operand};
-pub use bits::cast_bits;
+pub use bf16_gemm::{product_bf16, Bf16Operand};
 pub use cast::cast;
 pub use gemm::{matmul_strided, product};
 pub use linear::linear_lora;
-pub use matmul::matmul_bf16;
+pub use matmul::matmul;
 
 /// The training backend the fused ops are written for.
 pub type Ad = Autodiff<Flex>;
@@ -91,7 +90,7 @@ pub fn f32_values(t: &FlexTensor) -> Cow<'_, [f32]> {
 }
 
 /// A Flex tensor of `values` in `dtype`: f32 (owning `values`), or bf16 (each value rounded to
-/// nearest even, as Flex's `cast`).
+/// nearest even, as Flex's bf16 ops round their results: [`bits::round_bits`]).
 pub fn flex_tensor_in(values: Vec<f32>, shape: impl Into<Shape>, dtype: DType) -> FlexTensor {
     if dtype == DType::BF16 {
         FlexTensor::from_data(TensorData::new(bits::to_bf16(&values), shape.into()))

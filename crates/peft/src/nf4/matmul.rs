@@ -6,7 +6,7 @@
 //! after all. The custom op below keeps only the quantized weight and dequantizes again in the
 //! backward pass (`dx = dy · W`), as bitsandbytes' `MatMul4Bit` does. No gradient reaches the
 //! weight: it is frozen. Under bf16 compute on the CPU both products run on the bf16 kernel
-//! ([`crate::fused::matmul_bf16`]).
+//! ([`crate::fused::matmul`]).
 
 use std::any::Any;
 
@@ -19,7 +19,7 @@ use burn::tensor::{backend::Backend, Tensor, TensorPrimitive};
 
 use super::weight::Nf4Weight;
 use crate::dtype::in_dtype;
-use crate::fused::matmul_bf16;
+use crate::fused::matmul;
 
 #[derive(Debug)]
 struct Nf4MatmulBackward;
@@ -33,7 +33,7 @@ impl<I: Backend> Backward<I, 1> for Nf4MatmulBackward {
         if let Some(parent) = parent {
             let dy = Tensor::<I, 2>::from_primitive(TensorPrimitive::Float(grad));
             let w = in_dtype(ops.state.dequantize(), dy.dtype());
-            let dx = matmul_bf16(dy, false, w, false).unwrap_or_else(|(dy, w)| dy.matmul(w));
+            let dx = matmul(dy, false, w, false);
             grads.register::<I>(parent.id, dx.into_primitive().tensor());
         }
     }
@@ -53,10 +53,7 @@ fn matmul_autodiff<I: Backend, C: CheckpointStrategy>(
     let x_inner = Tensor::<I, 2>::from_primitive(TensorPrimitive::Float(xp.primitive.clone()));
     let dtype = x_inner.dtype();
     let w = in_dtype(inner.dequantize(), dtype);
-    let y = matmul_bf16(x_inner, false, w, true)
-        .unwrap_or_else(|(x, w)| x.matmul(w.transpose()))
-        .into_primitive()
-        .tensor();
+    let y = matmul(x_inner, false, w, true).into_primitive().tensor();
     let out = match Nf4MatmulBackward
         .prepare::<C>([xp.node.clone()])
         .compute_bound()
@@ -108,7 +105,7 @@ pub(crate) fn nf4_matmul_t<B: Backend>(x: Tensor<B, 2>, w: &Nf4Weight<B>) -> Ten
         Err(x) => x,
     };
     let dtype = x.dtype();
-    x.matmul(w.dequantize().cast(dtype).transpose())
+    matmul(x, false, in_dtype(w.dequantize(), dtype), true)
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@
 //! backward. The custom op keeps `x` and the shard only, as PyTorch FSDP's
 //! `reshard_after_forward` does.
 //!
-//! In bf16 on the CPU the products run on the bf16 kernel ([`crate::fused::matmul_bf16`]), as
+//! In bf16 on the CPU the products run on the bf16 kernel ([`crate::fused::matmul`]), as
 //! the unsharded layer's fused op does, so a sharded layer computes the same bits.
 
 use std::any::Any;
@@ -18,7 +18,7 @@ use burn::backend::Autodiff;
 use burn::tensor::{backend::Backend, Tensor, TensorPrimitive};
 
 use super::Sharding;
-use crate::fused::matmul_bf16;
+use crate::fused::matmul;
 
 #[derive(Debug)]
 struct ShardedMatmulBackward;
@@ -36,15 +36,13 @@ impl<I: Backend> Backward<I, 2> for ShardedMatmulBackward {
         let shard_dtype = shard.dtype();
         let w = sharding.gather_for_backward(shard, dy.dtype());
         if let Some(px) = px {
-            let dx =
-                matmul_bf16(dy.clone(), false, w, false).unwrap_or_else(|(dy, w)| dy.matmul(w));
+            let dx = matmul(dy.clone(), false, w, false);
             grads.register::<I>(px.id, dx.into_primitive().tensor());
         }
         if let Some(pw) = pw {
             let x = Tensor::<I, 2>::from_primitive(TensorPrimitive::Float(x));
             let dt = dy.dtype();
-            let dw = matmul_bf16(dy, true, x.cast(dt), false)
-                .unwrap_or_else(|(dy, x)| dy.transpose().matmul(x));
+            let dw = matmul(dy, true, x.cast(dt), false);
             let mine = sharding.reduce_scatter(dw, shard_dtype);
             grads.register::<I>(pw.id, mine.into_primitive().tensor());
         }
@@ -65,10 +63,7 @@ fn matmul_autodiff<I: Backend, C: CheckpointStrategy>(
     let w_inner = Tensor::<I, 2>::from_primitive(TensorPrimitive::Float(wp.primitive.clone()));
     let dtype = x_inner.dtype();
     let w = sharding.gather(w_inner, dtype);
-    let y = matmul_bf16(x_inner, false, w, true)
-        .unwrap_or_else(|(x, w)| x.matmul(w.transpose()))
-        .into_primitive()
-        .tensor();
+    let y = matmul(x_inner, false, w, true).into_primitive().tensor();
     let out = match ShardedMatmulBackward
         .prepare::<C>([xp.node.clone(), wp.node.clone()])
         .compute_bound()
@@ -139,5 +134,5 @@ pub fn sharded_matmul_t<B: Backend>(
         ));
     }
     let dtype = x.dtype();
-    x.matmul(sharding.gather(shard, dtype).transpose())
+    matmul(x, false, sharding.gather(shard, dtype), true)
 }
