@@ -426,12 +426,13 @@ fn a_killed_rank_under_fsdp_is_reported_by_the_survivor() {
 ///
 /// Both strategies run the same bf16 kernel on the same bits in every linear layer (a sharded
 /// layer's product is bit-identical to the whole layer's, `bellows_peft` `same_bits` test), and
-/// with the attention on burn's composition the two runs end 7.5e-9 apart. With the fused bf16
-/// attention (f32 inside, gradients rounded to bf16) they end 9.3e-6 apart (losses equal to four
-/// digits): a bf16 gradient one rounding step (2⁻⁸ relative) apart somewhere moves an AdamW
-/// weight by ~lr·2⁻⁸ = 4e-5 per step at this job's lr 1e-2; which accumulation order differs
-/// between the strategies' graphs was not pinned down. The bound is that per-step size, still
-/// 50× below the host-cast bug above.
+/// with the attention on burn's composition (a temporary switch while measuring, not kept) the
+/// two runs end 7.5e-9 apart. With the fused bf16 attention (f32 inside, gradients rounded to
+/// bf16) they end 9.3e-6 apart, their per-step losses bit-identical and only `grad_norm` differing
+/// (9th digit, the sharded norm's summation order): a bf16 gradient one rounding step (2⁻⁸
+/// relative) apart somewhere moves an AdamW weight by ~lr·2⁻⁸ = 4e-5 per step at this job's lr
+/// 1e-2; which accumulation order differs between the strategies' graphs was not pinned down.
+/// The bound is that per-step size, still 50× below the host-cast bug above.
 #[test]
 fn fsdp_with_bf16_compute_matches_ddp() {
     let dir = tempfile::tempdir().expect("tempdir");
