@@ -63,10 +63,22 @@ pub(crate) mod testing {
             .require_grad()
     }
 
-    /// `Σ y·c` for fixed random `c`, so that `dy = c` is not uniform.
+    /// `Σ y·c` for a fixed non-uniform `c`, so that `dy = c` is not uniform. `c` is built from
+    /// data, not drawn: the backend's seeded RNG is global, and another test running in
+    /// parallel could draw between a reseed and the draw, handing the fused op and its
+    /// composition different upstream gradients.
     pub(crate) fn loss<const D: usize>(y: Tensor<Ad, D>) -> Tensor<Ad, 1> {
-        let c = leaf(y.dims(), DType::F32, 99).detach();
+        let c = fixed(y.dims());
         (y.cast(DType::F32) * c).sum()
+    }
+
+    /// Deterministic values in [−2, 2) of `shape`, independent of any RNG.
+    pub(crate) fn fixed<const D: usize>(shape: [usize; D]) -> Tensor<Ad, D> {
+        let n = shape.iter().product::<usize>();
+        let v: Vec<f32> = (0..n)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+            .collect();
+        Tensor::<Ad, D>::from_data(burn::tensor::TensorData::new(v, shape), &Default::default())
     }
 
     /// Panics unless `a` and `b` have the same shape, and `|a − b| ≤ atol + rtol·|b|` everywhere.
