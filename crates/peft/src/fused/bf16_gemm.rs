@@ -20,10 +20,13 @@
 //! disjoint parts of the output.
 #![allow(unsafe_code)]
 
+use std::mem::MaybeUninit;
+
 use burn::tensor::bf16;
 use rayon::prelude::*;
 
 use super::bits::{cast_bits, cast_row};
+use super::epilogue::{finish_all, finish_row, Addend};
 use super::gemm::{check_views, product};
 
 /// Rows of the kernel's register tile.
@@ -102,11 +105,89 @@ pub fn product_bf16<L: Bf16Operand, R: Bf16Operand>(
     dims: (usize, usize, usize),
 ) -> Vec<f32> {
     check_views((lhs.len(), lhs_strides), (rhs.len(), rhs_strides), dims);
-    if has_bf16_dot() {
-        packed_product(lhs, lhs_strides, rhs, rhs_strides, dims)
-    } else {
-        product_bf16_via_f32(lhs, lhs_strides, rhs, rhs_strides, dims)
+    let (rows, k, cols) = dims;
+    if !has_bf16_dot() {
+        return product_bf16_via_f32(lhs, lhs_strides, rhs, rhs_strides, dims);
     }
+    if rows * k * cols == 0 {
+        return vec![0.0; rows * cols];
+    }
+    let mut y: Vec<f32> = Vec::with_capacity(rows * cols);
+    let out = Out(y.spare_capacity_mut().as_mut_ptr().cast::<f32>());
+    packed_product(lhs, lhs_strides, rhs, rhs_strides, dims, Dest::F32(out));
+    // SAFETY: the tiles cover every row and column, and each tile's first `k` block (which
+    // every tile runs since k > 0) stores all of its elements.
+    unsafe { y.set_len(rows * cols) };
+    y
+}
+
+/// [`product_bf16`] with each sum rounded to bf16 on its way out of the kernel, as Flex's bf16
+/// ops round their results — with an addend, `r(r(y) + r(r(t)·s))` ([`super::epilogue`]) —
+/// into a new row-major `[rows, cols]` bf16 buffer.
+///
+/// # Panics
+/// If a view reaches past its slice, or the addend is not `rows · cols` long.
+pub fn product_bf16_rounded<L: Bf16Operand, R: Bf16Operand>(
+    lhs: &[L],
+    lhs_strides: (usize, usize),
+    rhs: &[R],
+    rhs_strides: (usize, usize),
+    dims: (usize, usize, usize),
+    add: Addend,
+) -> Vec<bf16> {
+    check_views((lhs.len(), lhs_strides), (rhs.len(), rhs_strides), dims);
+    let (rows, k, cols) = dims;
+    if let Some((t, _)) = add {
+        assert_eq!(t.len(), rows * cols, "the addend has the product's shape");
+    }
+    let mut y: Vec<bf16> = Vec::with_capacity(rows * cols);
+    // `bf16` is a transparent `u16`.
+    let bits = y
+        .spare_capacity_mut()
+        .as_mut_ptr()
+        .cast::<MaybeUninit<u16>>();
+    if !has_bf16_dot() || rows * k * cols == 0 {
+        return rounded_via_f32(lhs, lhs_strides, rhs, rhs_strides, dims, add);
+    }
+    packed_product(
+        lhs,
+        lhs_strides,
+        rhs,
+        rhs_strides,
+        dims,
+        Dest::Bf16(Out(bits), add),
+    );
+    // SAFETY: the kernel's tiles cover every row and column, and each tile's rows were
+    // finished into the output.
+    unsafe { y.set_len(rows * cols) };
+    y
+}
+
+/// [`product_bf16_rounded`] without the bf16 kernel: [`product_bf16_via_f32`], then the same
+/// rounding as a pass of its own.
+fn rounded_via_f32<L: Bf16Operand, R: Bf16Operand>(
+    lhs: &[L],
+    lhs_strides: (usize, usize),
+    rhs: &[R],
+    rhs_strides: (usize, usize),
+    dims: (usize, usize, usize),
+    add: Addend,
+) -> Vec<bf16> {
+    let sums = product_bf16_via_f32(lhs, lhs_strides, rhs, rhs_strides, dims);
+    let mut y: Vec<bf16> = Vec::with_capacity(sums.len());
+    // SAFETY: `bf16` is a transparent `u16`; the capacity holds `sums.len()` values.
+    let out = unsafe {
+        std::slice::from_raw_parts_mut(
+            y.spare_capacity_mut()
+                .as_mut_ptr()
+                .cast::<MaybeUninit<u16>>(),
+            sums.len(),
+        )
+    };
+    finish_all(&sums, dims.2, add, out);
+    // SAFETY: `finish_all` stored every element.
+    unsafe { y.set_len(sums.len()) };
+    y
 }
 
 /// The fallback: both operands rounded into contiguous f32 copies, then the f32 kernels.
@@ -336,61 +417,76 @@ fn fill_panel<T: Bf16Operand>(v: &[T], view: View, p: usize, panel: &mut [u32]) 
     }
 }
 
-/// The output pointer, shared by tasks that write disjoint tiles.
+/// A raw output pointer, shared by tasks that write disjoint tiles.
 #[derive(Clone, Copy)]
-struct Out(*mut f32);
+struct Out<T>(*mut T);
 // SAFETY: each task writes its own tile of the output only.
-unsafe impl Send for Out {}
+unsafe impl<T> Send for Out<T> {}
 // SAFETY: as above.
-unsafe impl Sync for Out {}
+unsafe impl<T> Sync for Out<T> {}
 
-impl Out {
+impl<T> Out<T> {
     /// The pointer (a method, so closures capture the `Send` wrapper, not the bare pointer).
-    fn ptr(self) -> *mut f32 {
+    fn ptr(self) -> *mut T {
         self.0
     }
 }
 
-/// The packed path (the caller checked the views and the CPU).
+/// Where the packed path's results go: f32 sums straight into the output, or each tile's sums
+/// into a scratch tile that [`finish_row`] rounds into bf16 bits (with the addend).
+#[derive(Clone, Copy)]
+enum Dest<'a> {
+    F32(Out<f32>),
+    Bf16(Out<MaybeUninit<u16>>, Addend<'a>),
+}
+
+/// The packed path (the caller checked the views, the addend and the CPU), for a product
+/// with rows, `k` and columns all non-zero.
 fn packed_product<L: Bf16Operand, R: Bf16Operand>(
     lhs: &[L],
     (lrs, lcs): (usize, usize),
     rhs: &[R],
     (rrs, rcs): (usize, usize),
     (rows, k, cols): (usize, usize, usize),
-) -> Vec<f32> {
-    if rows == 0 || cols == 0 || k == 0 {
-        return vec![0.0; rows * cols];
-    }
-    // Not zero-filled: the first `k` block's kernel calls store every element.
-    let mut y: Vec<f32> = Vec::with_capacity(rows * cols);
+    dest: Dest,
+) {
     let par = rows * k * cols >= PARALLEL;
     let kp = k.div_ceil(2);
     // The right side's columns are its "rows" for packing: column j is `rhs[.., j]`.
     let a = pack(lhs, (lrs, lcs), (rows, k), MR, par);
     let b = pack(rhs, (rcs, rrs), (cols, k), NR, par);
     let (row_tiles, col_tiles) = (rows.div_ceil(MC), cols.div_ceil(NC));
-    let out = Out(y.spare_capacity_mut().as_mut_ptr().cast::<f32>());
     for_each(par, row_tiles * col_tiles, |t| {
         let (ti, tj) = (t / col_tiles, t % col_tiles);
         let (r0, r1) = (ti * MC, (ti * MC + MC).min(rows));
         let (c0, c1) = (tj * NC, (tj * NC + NC).min(cols));
+        // Not zero-filled: the first `k` block's kernel calls store every element.
+        let mut scratch: Vec<f32> = Vec::new();
+        let (base, ld) = match dest {
+            // SAFETY: (r0, c0) lies in the output.
+            Dest::F32(out) => (unsafe { out.ptr().add(r0 * cols + c0) }, cols),
+            Dest::Bf16(..) => {
+                scratch.reserve_exact(MC * NC);
+                (scratch.as_mut_ptr(), NC)
+            }
+        };
         for q0 in (0..kp).step_by(KC / 2) {
             let qn = (kp - q0).min(KC / 2);
             for c in (c0..c1).step_by(NR) {
                 let bp = &b[(c / NR) * kp * NR + q0 * NR..][..qn * NR];
                 for r in (r0..r1).step_by(MR) {
                     let ap = &a[(r / MR) * kp * MR + q0 * MR..][..qn * MR];
-                    // SAFETY: the tile [r, r + MR) × [c, c + NR), clipped to the output's
-                    // rows and columns, lies in `y` and belongs to this task alone; `ap` and
-                    // `bp` hold `qn` packed pairs of MR and NR values.
+                    // SAFETY: the tile [r, r + MR) × [c, c + NR), clipped to this task's
+                    // rows and columns, lies in the output (or the task's own scratch tile
+                    // of MC × NC) and belongs to this task alone; `ap` and `bp` hold `qn`
+                    // packed pairs of MR and NR values.
                     unsafe {
                         kernel(
                             qn,
                             ap,
                             bp,
-                            out.ptr().add(r * cols + c),
-                            cols,
+                            base.add((r - r0) * ld + (c - c0)),
+                            ld,
                             (r1 - r).min(MR),
                             (c1 - c).min(NR),
                             q0 > 0,
@@ -399,11 +495,21 @@ fn packed_product<L: Bf16Operand, R: Bf16Operand>(
                 }
             }
         }
+        if let Dest::Bf16(out, add) = dest {
+            let w = c1 - c0;
+            for i in r0..r1 {
+                // SAFETY: the first `k` block stored this row of the scratch tile; the
+                // output row's [c0, c1) belongs to this task alone.
+                let (sums, row) = unsafe {
+                    (
+                        std::slice::from_raw_parts(base.add((i - r0) * ld), w),
+                        std::slice::from_raw_parts_mut(out.ptr().add(i * cols + c0), w),
+                    )
+                };
+                finish_row(sums, add.map(|(t, s)| (&t[i * cols + c0..][..w], s)), row);
+            }
+        }
     });
-    // SAFETY: the tiles cover every row and column, and each tile's first `k` block (q0 = 0,
-    // which every tile runs since k > 0) stores all of its elements.
-    unsafe { y.set_len(rows * cols) };
-    y
 }
 
 /// One register tile: `c[rows × cols] (+)= Σ_q a[q] ⊗ b[q]` over `qn` packed pairs.
@@ -485,7 +591,9 @@ unsafe fn kernel(
 mod tests {
     use burn::tensor::bf16;
 
-    use super::{has_bf16_dot, product_bf16, product_bf16_via_f32};
+    use super::{
+        has_bf16_dot, product_bf16, product_bf16_rounded, product_bf16_via_f32, rounded_via_f32,
+    };
 
     /// Deterministic values of magnitude ≤ 2 that are not bf16-exact.
     fn values(n: usize, seed: u32) -> Vec<f32> {
@@ -596,5 +704,40 @@ mod tests {
             vec![0.0; 4]
         );
         eprintln!("avx512_bf16 kernel on this CPU: {}", has_bf16_dot());
+    }
+
+    /// Results rounded as they leave the kernel, with and without a side path's addend, equal
+    /// bit for bit to the composition's steps (`half`'s nearest-even conversion of the f32
+    /// sums, then `r(r(y) + r(r(t)·s))`) — on the kernel and on the fallback.
+    #[test]
+    fn rounded_results_match_the_compositions_steps() {
+        let r = |v: f32| bf16::from_f32(v).to_f32();
+        for &(m, k, n) in &[(1, 1, 1), (13, 33, 31), (97, 257, 300), (200, 40, 70)] {
+            let (l, rt) = (values(m * k, 3), values(n * k, 4));
+            let sums = product_bf16(&l, (k, 1), &rt, (1, k), (m, k, n));
+            let t = values(m * n, 5);
+            let s = r(0.37);
+            let want_plain: Vec<bf16> = sums.iter().map(|&y| bf16::from_f32(y)).collect();
+            let want_side: Vec<bf16> = sums
+                .iter()
+                .zip(&t)
+                .map(|(&y, &t)| bf16::from_f32(r(y) + r(r(t) * s)))
+                .collect();
+            let dims = (m, k, n);
+            let got = product_bf16_rounded(&l, (k, 1), &rt, (1, k), dims, None);
+            assert_eq!(got, want_plain, "{m}x{k}x{n}");
+            let got = product_bf16_rounded(&l, (k, 1), &rt, (1, k), dims, Some((&t, s)));
+            assert_eq!(got, want_side, "{m}x{k}x{n} with a side path");
+            // The fallback sums in another order: compare it with its own sums.
+            let sums = product_bf16_via_f32(&l, (k, 1), &rt, (1, k), dims);
+            let got = rounded_via_f32(&l, (k, 1), &rt, (1, k), dims, Some((&t, s)));
+            for (i, (g, (&y, &t))) in got.iter().zip(sums.iter().zip(&t)).enumerate() {
+                assert_eq!(
+                    *g,
+                    bf16::from_f32(r(y) + r(r(t) * s)),
+                    "fallback, element {i}"
+                );
+            }
+        }
     }
 }

@@ -24,13 +24,13 @@ use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::NoCheckp
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Flex;
-use burn::tensor::{backend::Backend, bf16, DType, Tensor, TensorPrimitive};
+use burn::tensor::{backend::Backend, bf16, DType, Tensor, TensorData, TensorPrimitive};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use super::bf16_gemm::product_bf16;
+use super::bf16_gemm::{product_bf16, product_bf16_rounded};
 use super::gemm::product;
-use super::{f32_values, flex_tensor_in as flex, on_backend, primitive, Ad};
+use super::{flex_tensor_in as flex, on_backend, primitive, Ad};
 
 /// Elements per task of the element-wise passes.
 const CHUNK: usize = 1 << 14;
@@ -76,7 +76,7 @@ fn round_bf16(v: &mut [f32]) {
 }
 
 /// `l · r` for views with (row, column) strides: f32, or bf16 products summed in f32 when
-/// `low` — not yet rounded: results that leave the op are rounded once, on the way out.
+/// `low` — not rounded.
 fn mm(
     low: bool,
     l: Src,
@@ -95,6 +95,25 @@ fn mm(
     }
 }
 
+/// The bf16 product `l · r` rounded to bf16 as it leaves the kernel, with an optional scaled
+/// addend ([`product_bf16_rounded`]): a bf16 tensor's values.
+fn mm_bf16(
+    l: Src,
+    ls: (usize, usize),
+    r: Src,
+    rs: (usize, usize),
+    dims: (usize, usize, usize),
+    add: Option<(&[f32], f32)>,
+) -> Vec<bf16> {
+    use Src::{Bf16, F32};
+    match (l, r) {
+        (F32(l), F32(r)) => product_bf16_rounded(l, ls, r, rs, dims, add),
+        (F32(l), Bf16(r)) => product_bf16_rounded(l, ls, r, rs, dims, add),
+        (Bf16(l), F32(r)) => product_bf16_rounded(l, ls, r, rs, dims, add),
+        (Bf16(l), Bf16(r)) => product_bf16_rounded(l, ls, r, rs, dims, add),
+    }
+}
+
 /// `v`, rounded to bf16 when `low`: a product the op multiplies again (the composition's bf16
 /// tensor; the packing would round it Flex's `cast` way, not the product's).
 fn rounded(low: bool, mut v: Vec<f32>) -> Vec<f32> {
@@ -104,32 +123,40 @@ fn rounded(low: bool, mut v: Vec<f32>) -> Vec<f32> {
     v
 }
 
+/// Views of row-major operands, for `x·Mᵀ`, `x·M` and `aᵀ·b`: `(lhs strides, rhs strides,
+/// (rows, k, cols))`.
+type Layout = ((usize, usize), (usize, usize), (usize, usize, usize));
+
 /// `x·Mᵀ` for row-major `x: [rows, k]` and `M: [cols, k]` (read transposed in place).
-fn mul_t(low: bool, x: Src, m: Src, rows: usize, k: usize, cols: usize) -> Vec<f32> {
-    mm(low, x, (k, 1), m, (1, k), (rows, k, cols))
+fn xm_t(rows: usize, k: usize, cols: usize) -> Layout {
+    ((k, 1), (1, k), (rows, k, cols))
 }
 
 /// `x·M` for row-major `x: [rows, k]` and `M: [k, cols]`.
-fn mul(low: bool, x: Src, m: Src, rows: usize, k: usize, cols: usize) -> Vec<f32> {
-    mm(low, x, (k, 1), m, (cols, 1), (rows, k, cols))
+fn xm(rows: usize, k: usize, cols: usize) -> Layout {
+    ((k, 1), (cols, 1), (rows, k, cols))
 }
 
 /// `aᵀ·b` for row-major `a: [k, rows]` (read transposed in place) and `b: [k, cols]`.
-fn t_mul(low: bool, a: Src, b: Src, k: usize, rows: usize, cols: usize) -> Vec<f32> {
-    mm(low, a, (1, rows), b, (cols, 1), (rows, k, cols))
+fn a_tb(k: usize, rows: usize, cols: usize) -> Layout {
+    ((1, rows), (cols, 1), (rows, k, cols))
 }
 
-/// `y ← y + t·s` element-wise, in parallel (the composition's `y + t.mul_scalar(s)`); when
-/// `low`, the composition's bf16 roundings of `y`, `t`, `t·s` and the sum.
-fn add_scaled(low: bool, y: &mut [f32], t: &[f32], s: f32) {
-    let r = |v: f32| if low { rne(v) } else { v };
+/// `l · r` in `layout`, not rounded ([`mm`]).
+fn prod(low: bool, l: Src, r: Src, (ls, rs, dims): Layout) -> Vec<f32> {
+    mm(low, l, ls, r, rs, dims)
+}
+
+/// `l · r` in `layout`, rounded to bf16 with an optional addend ([`mm_bf16`]).
+fn prod_bf16(l: Src, r: Src, (ls, rs, dims): Layout, add: Option<(&[f32], f32)>) -> Vec<bf16> {
+    mm_bf16(l, ls, r, rs, dims, add)
+}
+
+/// `y ← y + t·s` element-wise, in parallel (the composition's `y + t.mul_scalar(s)` in f32).
+fn add_scaled(y: &mut [f32], t: &[f32], s: f32) {
     y.par_chunks_mut(CHUNK)
         .zip(t.par_chunks(CHUNK))
-        .for_each(|(y, t)| {
-            y.iter_mut()
-                .zip(t)
-                .for_each(|(y, &t)| *y = r(r(*y) + r(r(t) * s)))
-        });
+        .for_each(|(y, t)| y.iter_mut().zip(t).for_each(|(y, &t)| *y += t * s));
 }
 
 /// The op's scale: Flex's bf16 scalar ops round theirs first (`bf16::from_f32(s as f32)`).
@@ -141,21 +168,62 @@ fn scale(low: bool, s: f64) -> f32 {
     }
 }
 
-/// The forward pass: `y` (to be rounded on the way out) and, with an adapter, `x·Aᵀ` (kept
-/// for the backward pass).
-fn forward(d: Dims, x: Src, w: Src, lora: Option<(Src, Src, f32)>) -> (Vec<f32>, Vec<f32>) {
-    let low = d.low;
-    let mut y = mul_t(low, x, w, d.n, d.d_in, d.d_out);
-    let xa = match lora {
-        Some((a, b, s)) => {
-            let xa = rounded(low, mul_t(low, x, a, d.n, d.d_in, d.r));
-            let t = mul_t(low, Src::F32(&xa), b, d.n, d.r, d.d_out);
-            add_scaled(low, &mut y, &t, s);
-            xa
+/// Values the op made: f32 (rounded on the way out when their tensor is bf16), or bf16 that
+/// the kernel rounded as it stored them.
+#[derive(Debug)]
+enum Vals {
+    F32(Vec<f32>),
+    Bf16(Vec<bf16>),
+}
+
+impl Vals {
+    fn src(&self) -> Src<'_> {
+        match self {
+            Vals::F32(v) => Src::F32(v),
+            Vals::Bf16(v) => Src::Bf16(v),
         }
-        None => Vec::new(),
+    }
+
+    /// A `shape` tensor of these values in `dtype`: f32 values rounded to nearest even when
+    /// `dtype` is bf16, bf16 values widened when it is f32.
+    fn into_flex(self, shape: [usize; 2], dtype: DType) -> FlexTensor {
+        match (self, dtype) {
+            (Vals::F32(v), dt) => flex(v, shape, dt),
+            (Vals::Bf16(v), DType::BF16) => FlexTensor::from_data(TensorData::new(v, shape)),
+            (Vals::Bf16(v), dt) => flex(super::bits::to_f32(&v), shape, dt),
+        }
+    }
+}
+
+/// The forward pass: `y` and, with an adapter, `x·Aᵀ` (kept for the backward pass). In bf16
+/// every product is rounded as it leaves the kernel, `y` with the side path added there.
+fn forward(d: Dims, x: Src, w: Src, lora: Option<(Src, Src, f32)>) -> (Vals, Option<Vals>) {
+    let Dims {
+        n,
+        d_in,
+        d_out,
+        r,
+        low,
+    } = d;
+    if !low {
+        let mut y = prod(false, x, w, xm_t(n, d_in, d_out));
+        let xa = lora.map(|(a, b, s)| {
+            let xa = prod(false, x, a, xm_t(n, d_in, r));
+            add_scaled(&mut y, &prod(false, Src::F32(&xa), b, xm_t(n, r, d_out)), s);
+            Vals::F32(xa)
+        });
+        return (Vals::F32(y), xa);
+    }
+    let (side, xa) = match lora {
+        Some((a, b, s)) => {
+            let xa = prod_bf16(x, a, xm_t(n, d_in, r), None);
+            let t = prod(true, Src::Bf16(&xa), b, xm_t(n, r, d_out));
+            (Some((t, s)), Some(Vals::Bf16(xa)))
+        }
+        None => (None, None),
     };
-    (y, xa)
+    let add = side.as_ref().map(|(t, s)| (t.as_slice(), *s));
+    (Vals::Bf16(prod_bf16(x, w, xm_t(n, d_in, d_out), add)), xa)
 }
 
 /// What the backward pass reads.
@@ -165,11 +233,30 @@ struct State {
     x: FlexTensor,
     w: FlexTensor,
     /// A, B, the scale and `x·Aᵀ`, with an adapter.
-    lora: Option<(FlexTensor, FlexTensor, f32, Vec<f32>)>,
+    lora: Option<(FlexTensor, FlexTensor, f32, Vals)>,
 }
 
-/// Gradients `[dX, dW, dA, dB]` for the parents that need them (to be rounded on the way out).
-fn backward(st: &State, dy: &[f32], need: [bool; 4]) -> [Option<Vec<f32>>; 4] {
+/// `dY·s`, the composition's backward of `t.mul_scalar(s)`, rounded to bf16 when `low`.
+fn scaled_grad(low: bool, dy: Src, s: f32) -> Vals {
+    let f = |g: f32| g * s;
+    match (dy, low) {
+        (Src::F32(g), false) => Vals::F32(g.par_iter().map(|&g| f(g)).collect()),
+        (Src::F32(g), true) => Vals::Bf16(
+            g.par_iter()
+                .map(|&g| bf16::from_bits(super::bits::round_bits(f(g))))
+                .collect(),
+        ),
+        (Src::Bf16(g), _) => Vals::Bf16(
+            g.par_iter()
+                .map(|&g| bf16::from_bits(super::bits::round_bits(f(g.to_f32()))))
+                .collect(),
+        ),
+    }
+}
+
+/// Gradients `[dX, dW, dA, dB]` for the parents that need them; in bf16 `dX` comes rounded
+/// from the kernel, the weights' gradients are rounded on the way out.
+fn backward(st: &State, dy: Src, need: [bool; 4]) -> [Option<Vals>; 4] {
     let Dims {
         n,
         d_in,
@@ -177,34 +264,40 @@ fn backward(st: &State, dy: &[f32], need: [bool; 4]) -> [Option<Vec<f32>>; 4] {
         r,
         low,
     } = st.d;
-    let (x, w, g) = (Src::of(&st.x), Src::of(&st.w), Src::F32(dy));
-    let mut dx = need[0].then(|| mul(low, g, w, n, d_out, d_in));
-    let dw = need[1].then(|| t_mul(low, g, x, n, d_out, d_in));
-    let (mut da, mut db) = (None, None);
-    if let Some((a, b, s, xa)) = &st.lora {
-        let (a, b) = (Src::of(a), Src::of(b));
-        // The composition's backward of `t.mul_scalar(s)`: the side path's gradient is `dY·s`.
-        let mut gs = dy.to_vec();
-        gs.par_chunks_mut(CHUNK)
-            .for_each(|c| c.iter_mut().for_each(|g| *g *= s));
-        if low {
-            round_bf16(&mut gs);
+    let (x, w, g) = (Src::of(&st.x), Src::of(&st.w), dy);
+    let dw = need[1].then(|| Vals::F32(prod(low, g, x, a_tb(n, d_out, d_in))));
+    let Some((a, b, s, xa)) = &st.lora else {
+        let dx = need[0].then(|| match low {
+            true => Vals::Bf16(prod_bf16(g, w, xm(n, d_out, d_in), None)),
+            false => Vals::F32(prod(false, g, w, xm(n, d_out, d_in))),
+        });
+        return [dx, dw, None, None];
+    };
+    let (a, b) = (Src::of(a), Src::of(b));
+    let gs = scaled_grad(low, g, *s);
+    let (mut dx, mut da) = (None, None);
+    if need[0] || need[2] {
+        // The side path's gradient at `x·Aᵀ`: a bf16 tensor of the composition when `low`.
+        let dxa = match low {
+            true => Vals::Bf16(prod_bf16(gs.src(), b, xm(n, d_out, r), None)),
+            false => Vals::F32(prod(false, gs.src(), b, xm(n, d_out, r))),
+        };
+        if need[0] {
+            let side = prod(low, dxa.src(), a, xm(n, r, d_in));
+            dx = Some(match low {
+                true => Vals::Bf16(prod_bf16(g, w, xm(n, d_out, d_in), Some((&side, 1.0)))),
+                false => {
+                    let mut dx = prod(false, g, w, xm(n, d_out, d_in));
+                    add_scaled(&mut dx, &side, 1.0);
+                    Vals::F32(dx)
+                }
+            });
         }
-        let gs = Src::F32(&gs);
-        if need[0] || need[2] {
-            let dxa = rounded(low, mul(low, gs, b, n, d_out, r));
-            if let Some(dx) = dx.as_mut() {
-                let side = mul(low, Src::F32(&dxa), a, n, r, d_in);
-                add_scaled(low, dx, &side, 1.0);
-            }
-            if need[2] {
-                da = Some(t_mul(low, Src::F32(&dxa), x, n, r, d_in));
-            }
-        }
-        if need[3] {
-            db = Some(t_mul(low, gs, Src::F32(xa), n, d_out, r));
+        if need[2] {
+            da = Some(Vals::F32(prod(low, dxa.src(), x, a_tb(n, r, d_in))));
         }
     }
+    let db = need[3].then(|| Vals::F32(prod(low, gs.src(), xa.src(), a_tb(n, d_out, r))));
     [dx, dw, da, db]
 }
 
@@ -231,16 +324,15 @@ impl<const N: usize> Backward<Flex, N> for LinearBackward {
             st.lora.as_ref().map(|l| l.0.dtype()),
             st.lora.as_ref().map(|l| l.1.dtype()),
         ];
-        let gs = backward(&st, &f32_values(&grad), need);
+        let gs = backward(&st, Src::of(&grad), need);
         for (((parent, g), shape), dt) in ops.parents.into_iter().zip(gs).zip(shapes).zip(dtypes) {
             if let (Some(p), Some(g), Some(dt)) = (parent, g, dt) {
                 // bf16 gradients round on conversion; an f32 master's gets its bf16 value.
-                let g = if dt == DType::F32 {
-                    rounded(st.d.low, g)
-                } else {
-                    g
+                let g = match g {
+                    Vals::F32(g) if dt == DType::F32 => Vals::F32(rounded(st.d.low, g)),
+                    g => g,
                 };
-                grads.register::<Flex>(p.id, flex(g, shape, dt));
+                grads.register::<Flex>(p.id, g.into_flex(shape, dt));
             }
         }
     }
@@ -296,11 +388,9 @@ pub fn linear_lora<B: Backend>(
             });
             let lora = side.as_ref().map(|(a, b, s)| (Src::of(a), Src::of(b), *s));
             let (y, _) = forward(d, Src::of(&x), Src::of(&w), lora);
-            Tensor::<Flex, 2>::from_primitive(TensorPrimitive::Float(flex(
-                y,
-                [n, d_out],
-                out_dtype,
-            )))
+            Tensor::<Flex, 2>::from_primitive(TensorPrimitive::Float(
+                y.into_flex([n, d_out], out_dtype),
+            ))
         })
     }
 }
@@ -312,7 +402,7 @@ fn tracked(d: Dims, x: Tensor<Ad, 2>, w: Tensor<Ad, 2>, side: Option<Side<Ad>>) 
     match side {
         None => {
             let (y, _) = forward(d, Src::of(&xi), Src::of(&wi), None);
-            let y = flex(y, [d.n, d.d_out], out_dtype);
+            let y = y.into_flex([d.n, d.d_out], out_dtype);
             let node = match LinearBackward
                 .prepare::<NoCheckpointing>([xp.node, wp.node])
                 .compute_bound()
@@ -337,7 +427,8 @@ fn tracked(d: Dims, x: Tensor<Ad, 2>, w: Tensor<Ad, 2>, side: Option<Side<Ad>>) 
             let s = scale(d.low, s);
             let lora = Some((Src::of(&ai), Src::of(&bi), s));
             let (y, xa) = forward(d, Src::of(&xi), Src::of(&wi), lora);
-            let y = flex(y, [d.n, d.d_out], out_dtype);
+            let y = y.into_flex([d.n, d.d_out], out_dtype);
+            let xa = xa.expect("a side path keeps x·Aᵀ");
             let node = match LinearBackward
                 .prepare::<NoCheckpointing>([xp.node, wp.node, ap.node, bp.node])
                 .compute_bound()

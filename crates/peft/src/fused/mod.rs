@@ -13,11 +13,12 @@ use burn_flex::FlexTensor;
 mod bf16_gemm;
 pub mod bits;
 mod cast;
+mod epilogue;
 mod gemm;
 mod linear;
 mod matmul;
 
-pub use bf16_gemm::{product_bf16, Bf16Operand};
+pub use bf16_gemm::{product_bf16, product_bf16_rounded, Bf16Operand};
 pub use cast::cast;
 pub use gemm::{matmul_strided, product};
 pub use linear::linear_lora;
