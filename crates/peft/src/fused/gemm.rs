@@ -9,8 +9,9 @@
 /// ones run on the calling thread.
 const PARALLEL: usize = 192 * 192 * 192;
 
-/// `dst[m×n] ← dst·[accumulate] + beta · lhs[m×k] · rhs[k×n]`, every operand addressed by
-/// (row, column) element strides; `dst` is row-major with row stride `dst_rs`.
+/// `dst[m×n] ← keep·dst + beta · lhs[m×k] · rhs[k×n]` (`dst` overwritten when `keep` is
+/// `None`), every operand addressed by (row, column) element strides; `dst` is row-major with
+/// row stride `dst_rs`.
 ///
 /// # Safety
 /// `dst`, `lhs` and `rhs` must address `m×n`, `m×k` and `k×n` strided elements inside live
@@ -20,7 +21,7 @@ pub unsafe fn matmul_strided(
     (m, n, k): (usize, usize, usize),
     dst: *mut f32,
     dst_rs: usize,
-    accumulate: bool,
+    keep: Option<f32>,
     lhs: *const f32,
     (lhs_rs, lhs_cs): (usize, usize),
     rhs: *const f32,
@@ -44,14 +45,14 @@ pub unsafe fn matmul_strided(
             dst,
             1,
             dst_rs as isize,
-            accumulate,
+            keep.is_some(),
             lhs,
             lhs_cs as isize,
             lhs_rs as isize,
             rhs,
             rhs_cs as isize,
             rhs_rs as isize,
-            1.0,
+            keep.unwrap_or(0.0),
             beta,
             false,
             false,
@@ -112,7 +113,7 @@ pub fn product(
             (rows, cols, k),
             y.spare_capacity_mut().as_mut_ptr().cast::<f32>(),
             cols,
-            false,
+            None,
             lhs.as_ptr(),
             lhs_strides,
             rhs.as_ptr(),
@@ -122,4 +123,42 @@ pub fn product(
         y.set_len(rows * cols);
     }
     y
+}
+
+/// `keep · acc + lhs · rhs` in `acc`'s buffer (row-major `[rows, cols]`), the views as in
+/// [`product`]: a LoRA side path's product added to the base product without a pass of its own.
+///
+/// # Panics
+/// If a view reaches past its slice or `acc` is not `rows · cols` long.
+pub fn product_add(
+    mut acc: Vec<f32>,
+    keep: f32,
+    lhs: &[f32],
+    lhs_strides: (usize, usize),
+    rhs: &[f32],
+    rhs_strides: (usize, usize),
+    (rows, k, cols): (usize, usize, usize),
+) -> Vec<f32> {
+    let dims = (rows, k, cols);
+    check_views((lhs.len(), lhs_strides), (rhs.len(), rhs_strides), dims);
+    assert_eq!(
+        acc.len(),
+        rows * cols,
+        "the accumulator has the product's shape"
+    );
+    // SAFETY: both views were checked against their slices, `acc` holds rows×cols elements.
+    unsafe {
+        matmul_strided(
+            (rows, cols, k),
+            acc.as_mut_ptr(),
+            cols,
+            Some(keep),
+            lhs.as_ptr(),
+            lhs_strides,
+            rhs.as_ptr(),
+            rhs_strides,
+            1.0,
+        );
+    }
+    acc
 }

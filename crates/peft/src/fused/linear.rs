@@ -29,7 +29,7 @@ use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
 use super::bf16_gemm::{product_bf16, product_bf16_rounded};
-use super::gemm::product;
+use super::gemm::{product, product_add};
 use super::{flex_tensor_in as flex, on_backend, primitive, Ad};
 
 /// Elements per task of the element-wise passes.
@@ -152,11 +152,13 @@ fn prod_bf16(l: Src, r: Src, (ls, rs, dims): Layout, add: Option<(&[f32], f32)>)
     mm_bf16(l, ls, r, rs, dims, add)
 }
 
-/// `y ← y + t·s` element-wise, in parallel (the composition's `y + t.mul_scalar(s)` in f32).
-fn add_scaled(y: &mut [f32], t: &[f32], s: f32) {
-    y.par_chunks_mut(CHUNK)
-        .zip(t.par_chunks(CHUNK))
-        .for_each(|(y, t)| y.iter_mut().zip(t).for_each(|(y, &t)| *y += t * s));
+/// `keep·acc + l·r` in f32, in `layout`: the composition's `y + t.mul_scalar(s)` (here
+/// `s·t + y`) with the sum done by the product itself.
+fn prod_add(acc: Vec<f32>, keep: f32, l: Src, r: Src, (ls, rs, dims): Layout) -> Vec<f32> {
+    match (l, r) {
+        (Src::F32(l), Src::F32(r)) => product_add(acc, keep, l, ls, r, rs, dims),
+        _ => unreachable!("the f32 op's operands are f32"),
+    }
 }
 
 /// The op's scale: Flex's bf16 scalar ops round theirs first (`bf16::from_f32(s as f32)`).
@@ -206,13 +208,15 @@ fn forward(d: Dims, x: Src, w: Src, lora: Option<(Src, Src, f32)>) -> (Vals, Opt
         low,
     } = d;
     if !low {
-        let mut y = prod(false, x, w, xm_t(n, d_in, d_out));
-        let xa = lora.map(|(a, b, s)| {
-            let xa = prod(false, x, a, xm_t(n, d_in, r));
-            add_scaled(&mut y, &prod(false, Src::F32(&xa), b, xm_t(n, r, d_out)), s);
-            Vals::F32(xa)
-        });
-        return (Vals::F32(y), xa);
+        return match lora {
+            None => (Vals::F32(prod(false, x, w, xm_t(n, d_in, d_out))), None),
+            Some((a, b, s)) => {
+                let xa = prod(false, x, a, xm_t(n, d_in, r));
+                let t = prod(false, Src::F32(&xa), b, xm_t(n, r, d_out));
+                let y = prod_add(t, s, x, w, xm_t(n, d_in, d_out));
+                (Vals::F32(y), Some(Vals::F32(xa)))
+            }
+        };
     }
     let (side, xa) = match lora {
         Some((a, b, s)) => {
@@ -286,11 +290,7 @@ fn backward(st: &State, dy: Src, need: [bool; 4]) -> [Option<Vals>; 4] {
             let side = prod(low, dxa.src(), a, xm(n, r, d_in));
             dx = Some(match low {
                 true => Vals::Bf16(prod_bf16(g, w, xm(n, d_out, d_in), Some((&side, 1.0)))),
-                false => {
-                    let mut dx = prod(false, g, w, xm(n, d_out, d_in));
-                    add_scaled(&mut dx, &side, 1.0);
-                    Vals::F32(dx)
-                }
+                false => Vals::F32(prod_add(side, 1.0, g, w, xm(n, d_out, d_in))),
             });
         }
         if need[2] {
