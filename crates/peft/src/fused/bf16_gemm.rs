@@ -20,7 +20,9 @@
 //! disjoint parts of the output.
 #![allow(unsafe_code)]
 
+use std::any::TypeId;
 use std::mem::MaybeUninit;
+use std::sync::Arc;
 
 use burn::tensor::bf16;
 use rayon::prelude::*;
@@ -28,6 +30,7 @@ use rayon::prelude::*;
 use super::bits::{cast_bits, cast_row};
 use super::epilogue::{finish_all, finish_row, Addend};
 use super::gemm::{check_views, product};
+use super::pack_cache::{self, Key, Owner};
 
 /// Rows of the kernel's register tile.
 const MR: usize = 12;
@@ -43,7 +46,7 @@ const NC: usize = 8 * NR;
 const PARALLEL: usize = 64 * 64 * 64;
 
 /// An element a bf16 product can read: its bf16 bit pattern.
-pub trait Bf16Operand: Copy + Send + Sync {
+pub trait Bf16Operand: Copy + Send + Sync + 'static {
     /// The value as bf16 bits, an f32 rounded as Flex's `cast` rounds it
     /// ([`super::cast_bits`]).
     fn bf16_bits(self) -> u16;
@@ -76,6 +79,29 @@ impl Bf16Operand for bf16 {
     }
 }
 
+/// One side of a product: a view of `values` with (row, column) strides and, where the view
+/// may be packed once for several products, what owns its storage ([`super::pack_cache`]).
+#[derive(Clone, Copy)]
+pub struct Operand<'a, T> {
+    /// The elements the view reads.
+    pub values: &'a [T],
+    /// (row, column) strides.
+    pub strides: (usize, usize),
+    /// The storage's owner: given, the packed view is kept while the storage lives.
+    pub owner: Option<&'a Owner>,
+}
+
+impl<'a, T> Operand<'a, T> {
+    /// A view packed afresh for each product.
+    pub fn new(values: &'a [T], strides: (usize, usize)) -> Self {
+        Operand {
+            values,
+            strides,
+            owner: None,
+        }
+    }
+}
+
 /// Whether this CPU runs the `vdpbf16ps` kernel.
 pub fn has_bf16_dot() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -104,17 +130,37 @@ pub fn product_bf16<L: Bf16Operand, R: Bf16Operand>(
     rhs_strides: (usize, usize),
     dims: (usize, usize, usize),
 ) -> Vec<f32> {
-    check_views((lhs.len(), lhs_strides), (rhs.len(), rhs_strides), dims);
+    product_bf16_of(
+        Operand::new(lhs, lhs_strides),
+        Operand::new(rhs, rhs_strides),
+        dims,
+    )
+}
+
+/// [`product_bf16`] of two [`Operand`]s (packed views kept where an owner is given).
+///
+/// # Panics
+/// If a view reaches past its slice.
+pub fn product_bf16_of<L: Bf16Operand, R: Bf16Operand>(
+    lhs: Operand<L>,
+    rhs: Operand<R>,
+    dims: (usize, usize, usize),
+) -> Vec<f32> {
+    check_views(
+        (lhs.values.len(), lhs.strides),
+        (rhs.values.len(), rhs.strides),
+        dims,
+    );
     let (rows, k, cols) = dims;
     if !has_bf16_dot() {
-        return product_bf16_via_f32(lhs, lhs_strides, rhs, rhs_strides, dims);
+        return product_bf16_via_f32(lhs.values, lhs.strides, rhs.values, rhs.strides, dims);
     }
     if rows * k * cols == 0 {
         return vec![0.0; rows * cols];
     }
     let mut y: Vec<f32> = Vec::with_capacity(rows * cols);
     let out = Out(y.spare_capacity_mut().as_mut_ptr().cast::<f32>());
-    packed_product(lhs, lhs_strides, rhs, rhs_strides, dims, Dest::F32(out));
+    packed_product(lhs, rhs, dims, Dest::F32(out));
     // SAFETY: the tiles cover every row and column, and each tile's first `k` block (which
     // every tile runs since k > 0) stores all of its elements.
     unsafe { y.set_len(rows * cols) };
@@ -135,10 +181,35 @@ pub fn product_bf16_rounded<L: Bf16Operand, R: Bf16Operand>(
     dims: (usize, usize, usize),
     add: Addend,
 ) -> Vec<bf16> {
-    check_views((lhs.len(), lhs_strides), (rhs.len(), rhs_strides), dims);
+    product_bf16_rounded_of(
+        Operand::new(lhs, lhs_strides),
+        Operand::new(rhs, rhs_strides),
+        dims,
+        add,
+    )
+}
+
+/// [`product_bf16_rounded`] of two [`Operand`]s (packed views kept where an owner is given).
+///
+/// # Panics
+/// If a view reaches past its slice, or the addend is not `rows · cols` long.
+pub fn product_bf16_rounded_of<L: Bf16Operand, R: Bf16Operand>(
+    lhs: Operand<L>,
+    rhs: Operand<R>,
+    dims: (usize, usize, usize),
+    add: Addend,
+) -> Vec<bf16> {
+    check_views(
+        (lhs.values.len(), lhs.strides),
+        (rhs.values.len(), rhs.strides),
+        dims,
+    );
     let (rows, k, cols) = dims;
     if let Some((t, _)) = add {
         assert_eq!(t.len(), rows * cols, "the addend has the product's shape");
+    }
+    if !has_bf16_dot() || rows * k * cols == 0 {
+        return rounded_via_f32(lhs.values, lhs.strides, rhs.values, rhs.strides, dims, add);
     }
     let mut y: Vec<bf16> = Vec::with_capacity(rows * cols);
     // `bf16` is a transparent `u16`.
@@ -146,17 +217,7 @@ pub fn product_bf16_rounded<L: Bf16Operand, R: Bf16Operand>(
         .spare_capacity_mut()
         .as_mut_ptr()
         .cast::<MaybeUninit<u16>>();
-    if !has_bf16_dot() || rows * k * cols == 0 {
-        return rounded_via_f32(lhs, lhs_strides, rhs, rhs_strides, dims, add);
-    }
-    packed_product(
-        lhs,
-        lhs_strides,
-        rhs,
-        rhs_strides,
-        dims,
-        Dest::Bf16(Out(bits), add),
-    );
+    packed_product(lhs, rhs, dims, Dest::Bf16(Out(bits), add));
     // SAFETY: the kernel's tiles cover every row and column, and each tile's rows were
     // finished into the output.
     unsafe { y.set_len(rows * cols) };
@@ -214,6 +275,33 @@ fn for_each(par: bool, n: usize, f: impl Fn(usize) + Send + Sync) {
         (0..n).into_par_iter().for_each(f);
     } else {
         (0..n).for_each(f);
+    }
+}
+
+/// [`pack`] of an operand's view (`[rows, k]` with the operand's strides as given), kept for
+/// later products when the operand has an owner.
+fn pack_operand<T: Bf16Operand + 'static>(
+    v: Operand<T>,
+    strides: (usize, usize),
+    (rows, k): (usize, usize),
+    width: usize,
+    par: bool,
+) -> Arc<Vec<u32>> {
+    let make = || pack(v.values, strides, (rows, k), width, par);
+    match v.owner {
+        None => Arc::new(make()),
+        Some(owner) => {
+            let key = Key {
+                addr: v.values.as_ptr() as usize,
+                len: v.values.len(),
+                elem: TypeId::of::<T>(),
+                strides,
+                rows,
+                k,
+                width,
+            };
+            pack_cache::packed(key, owner, make)
+        }
     }
 }
 
@@ -443,18 +531,18 @@ enum Dest<'a> {
 /// The packed path (the caller checked the views, the addend and the CPU), for a product
 /// with rows, `k` and columns all non-zero.
 fn packed_product<L: Bf16Operand, R: Bf16Operand>(
-    lhs: &[L],
-    (lrs, lcs): (usize, usize),
-    rhs: &[R],
-    (rrs, rcs): (usize, usize),
+    lhs: Operand<L>,
+    rhs: Operand<R>,
     (rows, k, cols): (usize, usize, usize),
     dest: Dest,
 ) {
     let par = rows * k * cols >= PARALLEL;
     let kp = k.div_ceil(2);
     // The right side's columns are its "rows" for packing: column j is `rhs[.., j]`.
-    let a = pack(lhs, (lrs, lcs), (rows, k), MR, par);
-    let b = pack(rhs, (rcs, rrs), (cols, k), NR, par);
+    let (lrs, lcs) = lhs.strides;
+    let (rrs, rcs) = rhs.strides;
+    let a = pack_operand(lhs, (lrs, lcs), (rows, k), MR, par);
+    let b = pack_operand(rhs, (rcs, rrs), (cols, k), NR, par);
     let (row_tiles, col_tiles) = (rows.div_ceil(MC), cols.div_ceil(NC));
     for_each(par, row_tiles * col_tiles, |t| {
         let (ti, tj) = (t / col_tiles, t % col_tiles);
@@ -739,5 +827,43 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A kept pack gives the product the fresh pack gives, for either side and a reused view.
+    #[test]
+    fn kept_packs_give_the_same_products() {
+        use super::{product_bf16_of, Operand, Owner};
+        use std::sync::Arc;
+        let (m, k, n) = (50, 70, 40);
+        let (l, r) = (Arc::new(values(m * k, 6)), Arc::new(values(k * n, 7)));
+        let (lo, ro): (Owner, Owner) = (l.clone(), r.clone());
+        let fresh = product_bf16(&l, (k, 1), &r, (1, k), (m, k, n));
+        for _ in 0..2 {
+            let kept = product_bf16_of(
+                Operand {
+                    values: &l,
+                    strides: (k, 1),
+                    owner: Some(&lo),
+                },
+                Operand {
+                    values: &r,
+                    strides: (1, k),
+                    owner: Some(&ro),
+                },
+                (m, k, n),
+            );
+            assert_eq!(kept, fresh);
+        }
+        // The same storage read as another view is packed afresh.
+        let other = product_bf16_of(
+            Operand {
+                values: &l[..k * 10],
+                strides: (k, 1),
+                owner: Some(&lo),
+            },
+            Operand::new(&r[..], (1, k)),
+            (10, k, n),
+        );
+        assert_eq!(other[..], fresh[..10 * n]);
     }
 }

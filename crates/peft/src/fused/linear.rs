@@ -1,18 +1,21 @@
 //! `y = x·Wᵀ (+ s·(x·Aᵀ)·Bᵀ)` — a dense linear layer with an optional LoRA side path — as one
 //! op: the products straight on the row-major buffers (W, A, B used transposed in place), the
-//! side path added in one parallel pass, and a hand-written backward pass
+//! side path's product added by the base product itself, and a hand-written backward pass
 //! (`dX = dY·W + (s·dY·B)·A`, `dW = dYᵀ·X`, `dB = (s·dY)ᵀ·(X·Aᵀ)`, `dA = (s·dY·B)ᵀ·X`) that
 //! computes only the gradients some parent needs. It replaces burn's matmul, transpose, scale and
 //! add nodes, whose outputs Flex allocates twice (zeroed, then copied to an aligned buffer).
 //!
 //! Two precisions, the dtype of `x` choosing:
-//! - **f32**: `gemm`'s f32 kernels.
+//! - **f32**: `gemm`'s f32 kernels (`y = s·t + x·Wᵀ` in one call).
 //! - **bf16** (mixed precision): the bf16 dot-product kernel ([`super::product_bf16`]) reads f32
 //!   master weights and rounds them while packing (no cast node, no bf16 copy of the weight), and
 //!   every intermediate is rounded to bf16 where the composition's bf16 tensors are: each
 //!   product, `t·s` (with `s` itself rounded, as Flex's bf16 scalar ops do), the sums, and each
 //!   gradient, which reaches an f32 master weight as the f32 value of its bf16 gradient (the
-//!   composition's cast node does the same).
+//!   composition's cast node does the same). Results leave the kernel rounded, the side path
+//!   added there ([`super::epilogue`]); the packed `x` (shared by the projections that read
+//!   it) and a frozen `W` are kept for the next product that reads them
+//!   ([`super::pack_cache`]).
 //!
 //! The arithmetic of each step is the composition's (products, then `t·s`, then `y + t`), so the
 //! two agree to rounding in the products' summation order.
@@ -28,8 +31,9 @@ use burn::tensor::{backend::Backend, bf16, DType, Tensor, TensorData, TensorPrim
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use super::bf16_gemm::{product_bf16, product_bf16_rounded};
+use super::bf16_gemm::{product_bf16_of, product_bf16_rounded_of, Operand};
 use super::gemm::{product, product_add};
+use super::pack_cache::Owner;
 use super::{flex_tensor_in as flex, on_backend, primitive, Ad};
 
 /// Elements per task of the element-wise passes.
@@ -46,21 +50,54 @@ struct Dims {
     low: bool,
 }
 
-/// A contiguous operand in either of the dtypes the op reads.
+/// The elements of a contiguous operand in either of the dtypes the op reads.
 #[derive(Clone, Copy)]
-enum Src<'a> {
+enum Elems<'a> {
     F32(&'a [f32]),
     Bf16(&'a [bf16]),
+}
+
+/// An operand, and the owner of its storage where its packed form may be kept for the op's
+/// other products ([`super::pack_cache`]: bf16 only).
+#[derive(Clone, Copy)]
+struct Src<'a> {
+    e: Elems<'a>,
+    owner: Option<&'a Owner>,
 }
 
 impl<'a> Src<'a> {
     /// The elements of a contiguous f32 or bf16 tensor.
     fn of(t: &'a FlexTensor) -> Self {
-        match t.dtype() {
-            DType::BF16 => Src::Bf16(t.as_slice().expect("contiguous bf16")),
-            _ => Src::F32(t.as_slice().expect("contiguous f32")),
+        Src::kept(t, None)
+    }
+
+    /// [`Self::of`], kept under `owner` (the tensor's storage) when given.
+    fn kept(t: &'a FlexTensor, owner: Option<&'a Owner>) -> Self {
+        let e = match t.dtype() {
+            DType::BF16 => Elems::Bf16(t.as_slice().expect("contiguous bf16")),
+            _ => Elems::F32(t.as_slice().expect("contiguous f32")),
+        };
+        Src { e, owner }
+    }
+
+    fn f32(v: &'a [f32]) -> Self {
+        Src {
+            e: Elems::F32(v),
+            owner: None,
         }
     }
+
+    fn bf16(v: &'a [bf16]) -> Self {
+        Src {
+            e: Elems::Bf16(v),
+            owner: None,
+        }
+    }
+}
+
+/// The storage owner of a tensor whose packed form the op keeps.
+fn owner(t: &FlexTensor) -> Owner {
+    t.data_arc()
 }
 
 /// `x` rounded to bf16 and widened back, as Flex rounds a bf16 op's f32 result
@@ -85,13 +122,23 @@ fn mm(
     rs: (usize, usize),
     dims: (usize, usize, usize),
 ) -> Vec<f32> {
-    use Src::{Bf16, F32};
-    match (l, r) {
+    use Elems::{Bf16, F32};
+    let (lo, ro) = (l.owner, r.owner);
+    match (l.e, r.e) {
         (F32(l), F32(r)) if !low => product(l, ls, r, rs, dims),
-        (F32(l), F32(r)) => product_bf16(l, ls, r, rs, dims),
-        (F32(l), Bf16(r)) => product_bf16(l, ls, r, rs, dims),
-        (Bf16(l), F32(r)) => product_bf16(l, ls, r, rs, dims),
-        (Bf16(l), Bf16(r)) => product_bf16(l, ls, r, rs, dims),
+        (F32(l), F32(r)) => product_bf16_of(op(l, ls, lo), op(r, rs, ro), dims),
+        (F32(l), Bf16(r)) => product_bf16_of(op(l, ls, lo), op(r, rs, ro), dims),
+        (Bf16(l), F32(r)) => product_bf16_of(op(l, ls, lo), op(r, rs, ro), dims),
+        (Bf16(l), Bf16(r)) => product_bf16_of(op(l, ls, lo), op(r, rs, ro), dims),
+    }
+}
+
+/// A product operand from its parts.
+fn op<'a, T>(values: &'a [T], strides: (usize, usize), owner: Option<&'a Owner>) -> Operand<'a, T> {
+    Operand {
+        values,
+        strides,
+        owner,
     }
 }
 
@@ -105,12 +152,13 @@ fn mm_bf16(
     dims: (usize, usize, usize),
     add: Option<(&[f32], f32)>,
 ) -> Vec<bf16> {
-    use Src::{Bf16, F32};
-    match (l, r) {
-        (F32(l), F32(r)) => product_bf16_rounded(l, ls, r, rs, dims, add),
-        (F32(l), Bf16(r)) => product_bf16_rounded(l, ls, r, rs, dims, add),
-        (Bf16(l), F32(r)) => product_bf16_rounded(l, ls, r, rs, dims, add),
-        (Bf16(l), Bf16(r)) => product_bf16_rounded(l, ls, r, rs, dims, add),
+    use Elems::{Bf16, F32};
+    let (lo, ro) = (l.owner, r.owner);
+    match (l.e, r.e) {
+        (F32(l), F32(r)) => product_bf16_rounded_of(op(l, ls, lo), op(r, rs, ro), dims, add),
+        (F32(l), Bf16(r)) => product_bf16_rounded_of(op(l, ls, lo), op(r, rs, ro), dims, add),
+        (Bf16(l), F32(r)) => product_bf16_rounded_of(op(l, ls, lo), op(r, rs, ro), dims, add),
+        (Bf16(l), Bf16(r)) => product_bf16_rounded_of(op(l, ls, lo), op(r, rs, ro), dims, add),
     }
 }
 
@@ -155,8 +203,8 @@ fn prod_bf16(l: Src, r: Src, (ls, rs, dims): Layout, add: Option<(&[f32], f32)>)
 /// `keep·acc + l·r` in f32, in `layout`: the composition's `y + t.mul_scalar(s)` (here
 /// `s·t + y`) with the sum done by the product itself.
 fn prod_add(acc: Vec<f32>, keep: f32, l: Src, r: Src, (ls, rs, dims): Layout) -> Vec<f32> {
-    match (l, r) {
-        (Src::F32(l), Src::F32(r)) => product_add(acc, keep, l, ls, r, rs, dims),
+    match (l.e, r.e) {
+        (Elems::F32(l), Elems::F32(r)) => product_add(acc, keep, l, ls, r, rs, dims),
         _ => unreachable!("the f32 op's operands are f32"),
     }
 }
@@ -181,8 +229,8 @@ enum Vals {
 impl Vals {
     fn src(&self) -> Src<'_> {
         match self {
-            Vals::F32(v) => Src::F32(v),
-            Vals::Bf16(v) => Src::Bf16(v),
+            Vals::F32(v) => Src::f32(v),
+            Vals::Bf16(v) => Src::bf16(v),
         }
     }
 
@@ -212,7 +260,7 @@ fn forward(d: Dims, x: Src, w: Src, lora: Option<(Src, Src, f32)>) -> (Vals, Opt
             None => (Vals::F32(prod(false, x, w, xm_t(n, d_in, d_out))), None),
             Some((a, b, s)) => {
                 let xa = prod(false, x, a, xm_t(n, d_in, r));
-                let t = prod(false, Src::F32(&xa), b, xm_t(n, r, d_out));
+                let t = prod(false, Src::f32(&xa), b, xm_t(n, r, d_out));
                 let y = prod_add(t, s, x, w, xm_t(n, d_in, d_out));
                 (Vals::F32(y), Some(Vals::F32(xa)))
             }
@@ -221,7 +269,7 @@ fn forward(d: Dims, x: Src, w: Src, lora: Option<(Src, Src, f32)>) -> (Vals, Opt
     let (side, xa) = match lora {
         Some((a, b, s)) => {
             let xa = prod_bf16(x, a, xm_t(n, d_in, r), None);
-            let t = prod(true, Src::Bf16(&xa), b, xm_t(n, r, d_out));
+            let t = prod(true, Src::bf16(&xa), b, xm_t(n, r, d_out));
             (Some((t, s)), Some(Vals::Bf16(xa)))
         }
         None => (None, None),
@@ -238,19 +286,39 @@ struct State {
     w: FlexTensor,
     /// A, B, the scale and `x·Aᵀ`, with an adapter.
     lora: Option<(FlexTensor, FlexTensor, f32, Vals)>,
+    /// The storage owners of `x` and `W` where their packed forms are kept.
+    owners: Owners,
+}
+
+/// Owners of `x`'s and `W`'s storage, for the bf16 products' kept packs: `x` feeds several
+/// projections (q, k, v, and each one's adapter), a frozen `W` is the same every step.
+#[derive(Debug, Default)]
+struct Owners {
+    x: Option<Owner>,
+    w: Option<Owner>,
+}
+
+impl Owners {
+    /// In bf16: always `x`'s, and `W`'s when it is frozen.
+    fn of(low: bool, x: &FlexTensor, w: &FlexTensor, w_frozen: bool) -> Self {
+        Owners {
+            x: low.then(|| owner(x)),
+            w: (low && w_frozen).then(|| owner(w)),
+        }
+    }
 }
 
 /// `dY·s`, the composition's backward of `t.mul_scalar(s)`, rounded to bf16 when `low`.
 fn scaled_grad(low: bool, dy: Src, s: f32) -> Vals {
     let f = |g: f32| g * s;
-    match (dy, low) {
-        (Src::F32(g), false) => Vals::F32(g.par_iter().map(|&g| f(g)).collect()),
-        (Src::F32(g), true) => Vals::Bf16(
+    match (dy.e, low) {
+        (Elems::F32(g), false) => Vals::F32(g.par_iter().map(|&g| f(g)).collect()),
+        (Elems::F32(g), true) => Vals::Bf16(
             g.par_iter()
                 .map(|&g| bf16::from_bits(super::bits::round_bits(f(g))))
                 .collect(),
         ),
-        (Src::Bf16(g), _) => Vals::Bf16(
+        (Elems::Bf16(g), _) => Vals::Bf16(
             g.par_iter()
                 .map(|&g| bf16::from_bits(super::bits::round_bits(f(g.to_f32()))))
                 .collect(),
@@ -268,7 +336,8 @@ fn backward(st: &State, dy: Src, need: [bool; 4]) -> [Option<Vals>; 4] {
         r,
         low,
     } = st.d;
-    let (x, w, g) = (Src::of(&st.x), Src::of(&st.w), dy);
+    let x = Src::kept(&st.x, st.owners.x.as_ref());
+    let (w, g) = (Src::kept(&st.w, st.owners.w.as_ref()), dy);
     let dw = need[1].then(|| Vals::F32(prod(low, g, x, a_tb(n, d_out, d_in))));
     let Some((a, b, s, xa)) = &st.lora else {
         let dx = need[0].then(|| match low {
@@ -399,9 +468,14 @@ fn tracked(d: Dims, x: Tensor<Ad, 2>, w: Tensor<Ad, 2>, side: Option<Side<Ad>>) 
     let out_dtype = x.dtype();
     let (xp, wp) = (primitive(x), primitive(w));
     let (xi, wi) = (xp.primitive.to_contiguous(), wp.primitive.to_contiguous());
+    let owners = Owners::of(d.low, &xi, &wi, wp.node.requirement.is_none());
+    let (x, w) = (
+        Src::kept(&xi, owners.x.as_ref()),
+        Src::kept(&wi, owners.w.as_ref()),
+    );
     match side {
         None => {
-            let (y, _) = forward(d, Src::of(&xi), Src::of(&wi), None);
+            let (y, _) = forward(d, x, w, None);
             let y = y.into_flex([d.n, d.d_out], out_dtype);
             let node = match LinearBackward
                 .prepare::<NoCheckpointing>([xp.node, wp.node])
@@ -414,6 +488,7 @@ fn tracked(d: Dims, x: Tensor<Ad, 2>, w: Tensor<Ad, 2>, side: Option<Side<Ad>>) 
                         x: xi,
                         w: wi,
                         lora: None,
+                        owners,
                     };
                     prep.finish(Arc::new(st), y)
                 }
@@ -426,7 +501,7 @@ fn tracked(d: Dims, x: Tensor<Ad, 2>, w: Tensor<Ad, 2>, side: Option<Side<Ad>>) 
             let (ai, bi) = (ap.primitive.to_contiguous(), bp.primitive.to_contiguous());
             let s = scale(d.low, s);
             let lora = Some((Src::of(&ai), Src::of(&bi), s));
-            let (y, xa) = forward(d, Src::of(&xi), Src::of(&wi), lora);
+            let (y, xa) = forward(d, x, w, lora);
             let y = y.into_flex([d.n, d.d_out], out_dtype);
             let xa = xa.expect("a side path keeps x·Aᵀ");
             let node = match LinearBackward
@@ -440,6 +515,7 @@ fn tracked(d: Dims, x: Tensor<Ad, 2>, w: Tensor<Ad, 2>, side: Option<Side<Ad>>) 
                         x: xi,
                         w: wi,
                         lora: Some((ai, bi, s, xa)),
+                        owners,
                     };
                     prep.finish(Arc::new(st), y)
                 }

@@ -17,12 +17,14 @@ mod epilogue;
 mod gemm;
 mod linear;
 mod matmul;
+mod pack_cache;
 
 pub use bf16_gemm::{product_bf16, product_bf16_rounded, Bf16Operand};
 pub use cast::cast;
 pub use gemm::{matmul_strided, product};
 pub use linear::linear_lora;
 pub use matmul::matmul;
+pub use pack_cache::Owner;
 
 /// The training backend the fused ops are written for.
 pub type Ad = Autodiff<Flex>;
