@@ -28,7 +28,11 @@ use burn::tensor::bf16;
 use rayon::prelude::*;
 
 use super::bits::{cast_bits, cast_row};
-use super::epilogue::{finish_all, finish_row, Addend};
+#[cfg(not(target_arch = "x86_64"))]
+use super::epilogue::finish_row;
+#[cfg(target_arch = "x86_64")]
+use super::epilogue::finish_row_v4;
+use super::epilogue::{finish_all, Addend};
 use super::gemm::{check_views, product};
 use super::pack_cache::{self, Key, Owner};
 
@@ -594,7 +598,14 @@ fn packed_product<L: Bf16Operand, R: Bf16Operand>(
                         std::slice::from_raw_parts_mut(out.ptr().add(i * cols + c0), w),
                     )
                 };
-                finish_row(sums, add.map(|(t, s)| (&t[i * cols + c0..][..w], s)), row);
+                let add = add.map(|(t, s)| (&t[i * cols + c0..][..w], s));
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: the packed path runs only on CPUs with AVX-512 (`has_bf16_dot`).
+                unsafe {
+                    finish_row_v4(sums, add, row)
+                };
+                #[cfg(not(target_arch = "x86_64"))]
+                finish_row(sums, add, row);
             }
         }
     });

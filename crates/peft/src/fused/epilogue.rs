@@ -34,6 +34,16 @@ pub fn finish_row(sums: &[f32], add: Option<(&[f32], f32)>, out: &mut [MaybeUnin
     }
 }
 
+/// [`finish_row`] compiled for AVX-512 (the crate's baseline build would run it 4 lanes wide):
+/// the packed kernel's path, which runs only where the CPU has these features (callers without
+/// them in their own features call it in an `unsafe` block, as for any `target_feature`
+/// function).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub fn finish_row_v4(sums: &[f32], add: Option<(&[f32], f32)>, out: &mut [MaybeUninit<u16>]) {
+    finish_row(sums, add, out);
+}
+
 /// [`finish_row`] over a whole row-major `[rows, cols]` result, in parallel (the path for a
 /// product computed without the bf16 kernel).
 pub fn finish_all(sums: &[f32], cols: usize, add: Addend, out: &mut [MaybeUninit<u16>]) {
