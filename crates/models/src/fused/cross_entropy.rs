@@ -11,7 +11,8 @@
 use std::any::TypeId;
 use std::sync::Arc;
 
-use bellows_peft::fused::bits::cast_bits;
+use bellows_peft::fused::bits::cast_row;
+use bellows_peft::fused::simd::wide;
 use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::NoCheckpointing};
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
@@ -49,6 +50,12 @@ fn forward<E: Elem>(x: &[E], t: &Targets) -> (Vec<f32>, f64) {
         .into_par_iter()
         .map(|p| {
             let row = &x[t.row(p) * v..(t.row(p) + 1) * v];
+            if E::LANES {
+                return wide(
+                    #[inline(always)]
+                    || lse_lanes(row),
+                );
+            }
             let m = row
                 .iter()
                 .map(|a| a.wide())
@@ -70,16 +77,46 @@ fn forward<E: Elem>(x: &[E], t: &Targets) -> (Vec<f32>, f64) {
     (lse, sum)
 }
 
+/// Lanes of a row reduction (one AVX-512 vector of f32).
+const LANE: usize = 16;
+
+/// `logsumexp(row)` with the max and the sum taken in [`LANE`] interleaved partial results
+/// (so the loops vectorise) and `E::exp`: the bf16 path.
+#[inline(always)]
+fn lse_lanes<E: Elem>(row: &[E]) -> f32 {
+    let chunks = row.chunks_exact(LANE);
+    let tail = chunks.remainder();
+    let mut mx = [f32::NEG_INFINITY; LANE];
+    for c in chunks.clone() {
+        for (m, a) in mx.iter_mut().zip(c) {
+            *m = m.max(a.wide());
+        }
+    }
+    let m = tail
+        .iter()
+        .map(|a| a.wide())
+        .fold(mx.into_iter().fold(f32::NEG_INFINITY, f32::max), f32::max);
+    let mut z = [0.0f32; LANE];
+    for c in chunks {
+        for (z, a) in z.iter_mut().zip(c) {
+            *z += E::exp(a.wide() - m);
+        }
+    }
+    let z = tail.iter().map(|a| E::exp(a.wide() - m)).sum::<f32>() + z.iter().sum::<f32>();
+    m + z.ln()
+}
+
 /// `d logits` for the upstream gradient `g` of the sum: `g·w·(softmax(x) − onehot(label))` on
 /// counted rows, 0 elsewhere (the last position of each sequence, ignored labels).
 ///
-/// Each value goes out through `narrow` (identity in f32; bf16 rounding for bf16 logits).
+/// Each row is computed in f32 and goes out through `finish` (a copy in f32; Flex's cast for
+/// bf16 logits).
 fn backward<E: Elem, O: Copy + Send + Sync + Default>(
     x: &[E],
     t: &Targets,
     lse: &[f32],
     g: f32,
-    narrow: impl Fn(f32) -> O + Sync,
+    finish: impl Fn(&[f32], &mut [O]) + Sync,
 ) -> Vec<O> {
     let (s, v) = (t.s, t.v);
     let mut dx = vec![O::default(); t.b * s * v];
@@ -95,12 +132,41 @@ fn backward<E: Elem, O: Copy + Send + Sync + Default>(
         }
         let row = &x[r * v..(r + 1) * v];
         let label = t.targets[p];
-        for (i, (o, &a)) in out.iter_mut().zip(row).enumerate() {
-            let d = gw * (a.wide() - lse[p]).exp();
-            *o = narrow(if i == label { d - gw } else { d });
-        }
+        let mut d = vec![0.0f32; v];
+        wide(
+            #[inline(always)]
+            || softmax_row(row, lse[p], gw, &mut d),
+        );
+        d[label] -= gw;
+        finish(&d, out);
     });
     dx
+}
+
+/// `gw·exp(x − lse)` of a row into `d` (inlined into [`wide`]'s AVX-512 build).
+#[inline(always)]
+fn softmax_row<E: Elem>(row: &[E], lse: f32, gw: f32, d: &mut [f32]) {
+    for (d, &a) in d.iter_mut().zip(row) {
+        *d = gw * E::exp(a.wide() - lse);
+    }
+}
+
+/// `cast_row` of `d` into `out` (inlined into [`wide`]'s AVX-512 build).
+#[inline(always)]
+fn cast_bits_row(d: &[f32], bits: &mut [u16], out: &mut [bf16]) {
+    cast_row(d, bits);
+    for (o, &b) in out.iter_mut().zip(&*bits) {
+        *o = bf16::from_bits(b);
+    }
+}
+
+/// A row of f32 gradients into bf16 as Flex's `cast` rounds ([`cast_row`], vectorised).
+fn cast_into(d: &[f32], out: &mut [bf16]) {
+    let mut bits = vec![0u16; d.len()];
+    wide(
+        #[inline(always)]
+        || cast_bits_row(d, &mut bits, out),
+    );
 }
 
 /// `f(x, dtype)` on the f32 or bf16 elements of a contiguous Flex tensor.
@@ -134,14 +200,14 @@ impl Backward<Flex, 1> for CrossEntropyBackward {
             let shape = [t.b, t.s, t.v];
             let dx = read(
                 &st.logits,
-                |x| tensor(backward(x, t, &st.lse, g, |d| d), shape),
-                // The composition's `cast(F32)` backward: Flex's cast to bf16.
                 |x| {
                     tensor(
-                        backward(x, t, &st.lse, g, |d| bf16::from_bits(cast_bits(d))),
+                        backward(x, t, &st.lse, g, |d, o| o.copy_from_slice(d)),
                         shape,
                     )
                 },
+                // The composition's `cast(F32)` backward: Flex's cast to bf16.
+                |x| tensor(backward(x, t, &st.lse, g, cast_into), shape),
             );
             grads.register::<Flex>(parent.id, dx);
         }

@@ -21,21 +21,13 @@ use burn::tensor::{activation, backend::Backend, bf16, DType, Shape, Tensor, Ten
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
+use bellows_peft::fused::simd::wide;
+
 use super::elem::{tensor, Elem};
 use super::{on_backend, primitive, Ad};
 
 /// Elements per task.
 const CHUNK: usize = 1 << 14;
-
-/// Flex's `sigmoid` (`burn_flex::ops::activation`), so that the forward matches the composition.
-fn sigmoid(x: f32) -> f32 {
-    if x >= 0.0 {
-        1.0 / (1.0 + (-x).exp())
-    } else {
-        let e = x.exp();
-        e / (1.0 + e)
-    }
-}
 
 /// `silu(g)·u`, one parallel pass (f32: the composition's `g·σ(g)·u`, bit for bit).
 fn forward<E: Elem>(g: &FlexTensor, u: &FlexTensor) -> Vec<E> {
@@ -45,12 +37,21 @@ fn forward<E: Elem>(g: &FlexTensor, u: &FlexTensor) -> Vec<E> {
         .zip(g.par_chunks(CHUNK))
         .zip(u.par_chunks(CHUNK))
         .for_each(|((y, g), u)| {
-            for ((y, g), u) in y.iter_mut().zip(g).zip(u) {
-                let g = g.wide();
-                *y = E::narrow(E::narrow(g * sigmoid(g)).wide() * u.wide());
-            }
+            wide(
+                #[inline(always)]
+                || forward_chunk(y, g, u),
+            )
         });
     y
+}
+
+/// [`forward`] on one chunk (inlined into [`wide`]'s AVX-512 build).
+#[inline(always)]
+fn forward_chunk<E: Elem>(y: &mut [E], g: &[E], u: &[E]) {
+    for ((y, g), u) in y.iter_mut().zip(g).zip(u) {
+        let g = g.wide();
+        *y = E::narrow(E::narrow(g * E::sigmoid(g)).wide() * u.wide());
+    }
 }
 
 /// `(dg, du)` for upstream `dy`, both in one pass (g and u are both projections' outputs, so
@@ -63,16 +64,27 @@ fn backward<E: Elem>(g: &FlexTensor, u: &FlexTensor, dy: &FlexTensor) -> (Vec<E>
         .enumerate()
         .for_each(|(c, (dgc, duc))| {
             let at = c * CHUNK;
-            for (k, (dgi, dui)) in dgc.iter_mut().zip(duc.iter_mut()).enumerate() {
-                let [gi, ui, d] = [g[at + k], u[at + k], dy[at + k]].map(E::wide);
-                let s = sigmoid(gi);
-                *dui = E::narrow(d * E::narrow(gi * s).wide());
-                // σ'(g) = σ(g)(1 − σ(g)), so d(g·σ(g))/dg = σ(g)·(1 + g·(1 − σ(g))).
-                let slope = s * (gi * (-s + 1.0) + 1.0);
-                *dgi = E::narrow(d * ui * slope);
-            }
+            let n = dgc.len();
+            let (g, u, dy) = (&g[at..at + n], &u[at..at + n], &dy[at..at + n]);
+            wide(
+                #[inline(always)]
+                || backward_chunk(g, u, dy, dgc, duc),
+            )
         });
     (dg, du)
+}
+
+/// [`backward`] on one chunk (inlined into [`wide`]'s AVX-512 build).
+#[inline(always)]
+fn backward_chunk<E: Elem>(g: &[E], u: &[E], dy: &[E], dg: &mut [E], du: &mut [E]) {
+    for k in 0..dg.len() {
+        let [gi, ui, d] = [g[k], u[k], dy[k]].map(E::wide);
+        let s = E::sigmoid(gi);
+        du[k] = E::narrow(d * E::narrow(gi * s).wide());
+        // σ'(g) = σ(g)(1 − σ(g)), so d(g·σ(g))/dg = σ(g)·(1 + g·(1 − σ(g))).
+        let slope = s * (gi * (-s + 1.0) + 1.0);
+        dg[k] = E::narrow(d * ui * slope);
+    }
 }
 
 #[derive(Debug)]

@@ -18,6 +18,7 @@ mod gemm;
 mod linear;
 mod matmul;
 mod pack_cache;
+pub mod simd;
 
 pub use bf16_gemm::{product_bf16, product_bf16_rounded, Bf16Operand};
 pub use cast::cast;
