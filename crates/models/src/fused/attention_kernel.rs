@@ -14,6 +14,7 @@
 #![allow(unsafe_code)]
 
 use bellows_peft::fused::matmul_strided as mm;
+use bellows_peft::fused::simd::{self, wide};
 use rayon::prelude::*;
 
 /// Query rows per block.
@@ -145,22 +146,18 @@ fn unrotate(g: &[f32], cos: &[f32], sin: &[f32], out: &mut [f32]) {
     }
 }
 
-/// Softmax of one score row over `[lo, hi)` (relative slice), forbidden entries set to 0.
+/// Softmax of one score row over `[lo, hi)` (relative slice), forbidden entries set to 0;
+/// vectorised ([`simd::exp`], lane-wise max and sum; inlined into [`wide`]'s AVX-512 build).
+#[inline(always)]
 fn softmax_row(row: &mut [f32], forbidden: &[bool]) {
-    let mut max = f32::NEG_INFINITY;
     for (x, &f) in row.iter_mut().zip(forbidden) {
-        if f {
-            *x = f32::NEG_INFINITY;
-        } else if *x > max {
-            max = *x;
-        }
+        *x = if f { f32::NEG_INFINITY } else { *x };
     }
-    let mut sum = 0.0f32;
+    let max = simd::max(row);
     for x in row.iter_mut() {
-        *x = (*x - max).exp();
-        sum += *x;
+        *x = simd::exp(*x - max);
     }
-    let inv = 1.0 / sum;
+    let inv = 1.0 / simd::sum(row);
     for x in row.iter_mut() {
         *x *= inv;
     }
@@ -237,7 +234,11 @@ pub(crate) fn forward(
             }
             for i in r0..r1 {
                 let f = &mask.forbidden[(bi * s + i) * s + lo..(bi * s + i) * s + hi];
-                softmax_row(&mut pt[i * s + lo..i * s + hi], f);
+                let row = &mut pt[i * s + lo..i * s + hi];
+                wide(
+                    #[inline(always)]
+                    || softmax_row(row, f),
+                );
             }
             unsafe {
                 mm(
