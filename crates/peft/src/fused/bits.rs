@@ -8,6 +8,8 @@
 use burn::tensor::bf16;
 use rayon::prelude::*;
 
+use super::simd;
+
 /// Elements per parallel task.
 const CHUNK: usize = 1 << 14;
 
@@ -73,17 +75,9 @@ pub fn widen(b: u16) -> f32 {
     f32::from_bits(u32::from(b) << 16)
 }
 
-/// Every value of `v` as bf16 ([`round_bits`]), in parallel.
+/// Every value of `v` as bf16 ([`round_bits`]), in parallel, vectorised ([`simd::map`]).
 pub fn to_bf16(v: &[f32]) -> Vec<bf16> {
-    let mut out = vec![bf16::ZERO; v.len()];
-    out.par_chunks_mut(CHUNK)
-        .zip(v.par_chunks(CHUNK))
-        .for_each(|(o, v)| {
-            for (o, &x) in o.iter_mut().zip(v) {
-                *o = bf16::from_bits(round_bits(x));
-            }
-        });
-    out
+    simd::map(v, |x| bf16::from_bits(round_bits(x)))
 }
 
 /// Every value of `v` as bf16 the way Flex's `cast` rounds ([`cast_row`]), in parallel.
@@ -91,21 +85,18 @@ pub fn cast_to_bf16(v: &[f32]) -> Vec<bf16> {
     let mut out = vec![0u16; v.len()];
     out.par_chunks_mut(CHUNK)
         .zip(v.par_chunks(CHUNK))
-        .for_each(|(o, v)| cast_row(v, o));
-    out.into_iter().map(bf16::from_bits).collect()
+        .for_each(|(o, v)| {
+            simd::wide(
+                #[inline(always)]
+                || cast_row(v, o),
+            )
+        });
+    simd::map(&out, bf16::from_bits)
 }
 
-/// Every value of `v` as f32 (exact), in parallel.
+/// Every value of `v` as f32 (exact), in parallel, vectorised ([`simd::map`]).
 pub fn to_f32(v: &[bf16]) -> Vec<f32> {
-    let mut out = vec![0.0f32; v.len()];
-    out.par_chunks_mut(CHUNK)
-        .zip(v.par_chunks(CHUNK))
-        .for_each(|(o, v)| {
-            for (o, x) in o.iter_mut().zip(v) {
-                *o = widen(x.to_bits());
-            }
-        });
-    out
+    simd::map(v, |x| widen(x.to_bits()))
 }
 
 #[cfg(test)]

@@ -1,12 +1,12 @@
 //! `y = x·Wᵀ (+ s·(x·Aᵀ)·Bᵀ)` — a dense linear layer with an optional LoRA side path — as one
 //! op: the products straight on the row-major buffers (W, A, B used transposed in place), the
-//! side path's product added by the base product itself, and a hand-written backward pass
+//! side path added in one parallel pass, and a hand-written backward pass
 //! (`dX = dY·W + (s·dY·B)·A`, `dW = dYᵀ·X`, `dB = (s·dY)ᵀ·(X·Aᵀ)`, `dA = (s·dY·B)ᵀ·X`) that
 //! computes only the gradients some parent needs. It replaces burn's matmul, transpose, scale and
 //! add nodes, whose outputs Flex allocates twice (zeroed, then copied to an aligned buffer).
 //!
 //! Two precisions, the dtype of `x` choosing:
-//! - **f32**: `gemm`'s f32 kernels (`y = s·t + x·Wᵀ` in one call).
+//! - **f32**: `gemm`'s f32 kernels.
 //! - **bf16** (mixed precision): the bf16 dot-product kernel ([`super::product_bf16`]) reads f32
 //!   master weights and rounds them while packing (no cast node, no bf16 copy of the weight), and
 //!   every intermediate is rounded to bf16 where the composition's bf16 tensors are: each
@@ -32,8 +32,9 @@ use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
 use super::bf16_gemm::{product_bf16_of, product_bf16_rounded_of, Operand};
-use super::gemm::{product, product_add};
+use super::gemm::product;
 use super::pack_cache::Owner;
+use super::simd::{map, wide};
 use super::{flex_tensor_in as flex, on_backend, primitive, Ad};
 
 /// Elements per task of the element-wise passes.
@@ -200,13 +201,18 @@ fn prod_bf16(l: Src, r: Src, (ls, rs, dims): Layout, add: Option<(&[f32], f32)>)
     mm_bf16(l, ls, r, rs, dims, add)
 }
 
-/// `keep·acc + l·r` in f32, in `layout`: the composition's `y + t.mul_scalar(s)` (here
-/// `s·t + y`) with the sum done by the product itself.
-fn prod_add(acc: Vec<f32>, keep: f32, l: Src, r: Src, (ls, rs, dims): Layout) -> Vec<f32> {
-    match (l.e, r.e) {
-        (Elems::F32(l), Elems::F32(r)) => product_add(acc, keep, l, ls, r, rs, dims),
-        _ => unreachable!("the f32 op's operands are f32"),
-    }
+/// `y ← y + t·s` element-wise, in parallel and vectorised: the composition's
+/// `y + t.mul_scalar(s)` in f32, rounding for rounding (so that the op and the composition —
+/// which FSDP's sharded layers run — train alike to the last bit of each step's sums).
+fn add_scaled(y: &mut [f32], t: &[f32], s: f32) {
+    y.par_chunks_mut(CHUNK)
+        .zip(t.par_chunks(CHUNK))
+        .for_each(|(y, t)| {
+            wide(
+                #[inline(always)]
+                || y.iter_mut().zip(t).for_each(|(y, &t)| *y += t * s),
+            )
+        });
 }
 
 /// The op's scale: Flex's bf16 scalar ops round theirs first (`bf16::from_f32(s as f32)`).
@@ -261,7 +267,8 @@ fn forward(d: Dims, x: Src, w: Src, lora: Option<(Src, Src, f32)>) -> (Vals, Opt
             Some((a, b, s)) => {
                 let xa = prod(false, x, a, xm_t(n, d_in, r));
                 let t = prod(false, Src::f32(&xa), b, xm_t(n, r, d_out));
-                let y = prod_add(t, s, x, w, xm_t(n, d_in, d_out));
+                let mut y = prod(false, x, w, xm_t(n, d_in, d_out));
+                add_scaled(&mut y, &t, s);
                 (Vals::F32(y), Some(Vals::F32(xa)))
             }
         };
@@ -310,19 +317,13 @@ impl Owners {
 
 /// `dY·s`, the composition's backward of `t.mul_scalar(s)`, rounded to bf16 when `low`.
 fn scaled_grad(low: bool, dy: Src, s: f32) -> Vals {
-    let f = |g: f32| g * s;
+    use super::bits::{round_bits, widen};
     match (dy.e, low) {
-        (Elems::F32(g), false) => Vals::F32(g.par_iter().map(|&g| f(g)).collect()),
-        (Elems::F32(g), true) => Vals::Bf16(
-            g.par_iter()
-                .map(|&g| bf16::from_bits(super::bits::round_bits(f(g))))
-                .collect(),
-        ),
-        (Elems::Bf16(g), _) => Vals::Bf16(
-            g.par_iter()
-                .map(|&g| bf16::from_bits(super::bits::round_bits(f(g.to_f32()))))
-                .collect(),
-        ),
+        (Elems::F32(g), false) => Vals::F32(map(g, |g| g * s)),
+        (Elems::F32(g), true) => Vals::Bf16(map(g, |g| bf16::from_bits(round_bits(g * s)))),
+        (Elems::Bf16(g), _) => Vals::Bf16(map(g, |g| {
+            bf16::from_bits(round_bits(widen(g.to_bits()) * s))
+        })),
     }
 }
 
@@ -359,7 +360,11 @@ fn backward(st: &State, dy: Src, need: [bool; 4]) -> [Option<Vals>; 4] {
             let side = prod(low, dxa.src(), a, xm(n, r, d_in));
             dx = Some(match low {
                 true => Vals::Bf16(prod_bf16(g, w, xm(n, d_out, d_in), Some((&side, 1.0)))),
-                false => Vals::F32(prod_add(side, 1.0, g, w, xm(n, d_out, d_in))),
+                false => {
+                    let mut dx = prod(false, g, w, xm(n, d_out, d_in));
+                    add_scaled(&mut dx, &side, 1.0);
+                    Vals::F32(dx)
+                }
             });
         }
         if need[2] {

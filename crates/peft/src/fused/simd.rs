@@ -7,8 +7,11 @@
 //! [`exp`] is an `exp` those loops can vectorise (libm's is a call per element), within 2 ulp
 //! (PyTorch's CPU kernels likewise use a vectorised `exp`, Sleef's).
 //!
-//! Unsafe code: calling the AVX-512 build after detecting the features.
+//! Unsafe code: calling the AVX-512 build after detecting the features; [`map`]'s
+//! collection into the vector's spare capacity.
 #![allow(unsafe_code)]
+
+use rayon::prelude::*;
 
 /// Whether this CPU has AVX-512 F, BW and VL and FMA (detected once, then a load).
 pub fn has_avx512() -> bool {
@@ -85,6 +88,31 @@ pub fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + exp(-x))
 }
 
+/// Elements per parallel task of [`map`].
+const CHUNK: usize = 1 << 14;
+
+/// `f` of every element of `src` into a new vector, in parallel chunks, each run in [`wide`]'s
+/// AVX-512 build (`f` should be `#[inline(always)]`, so that it is compiled into it).
+pub fn map<S: Copy + Sync, D: Send>(src: &[S], f: impl Fn(S) -> D + Sync) -> Vec<D> {
+    let mut out: Vec<D> = Vec::with_capacity(src.len());
+    out.spare_capacity_mut()[..src.len()]
+        .par_chunks_mut(CHUNK)
+        .zip(src.par_chunks(CHUNK))
+        .for_each(|(o, s)| {
+            wide(
+                #[inline(always)]
+                || {
+                    for (o, &x) in o.iter_mut().zip(s) {
+                        o.write(f(x));
+                    }
+                },
+            )
+        });
+    // SAFETY: the chunks cover all `src.len()` elements, each written above.
+    unsafe { out.set_len(src.len()) };
+    out
+}
+
 /// Lanes of the reductions below: one AVX-512 vector of f32.
 pub const LANES: usize = 16;
 
@@ -123,7 +151,15 @@ pub fn sum(v: &[f32]) -> f32 {
 
 #[cfg(test)]
 mod tests {
-    use super::{exp, max, sum, wide};
+    use super::{exp, map, max, sum, wide};
+
+    #[test]
+    fn map_applies_f_to_every_element_in_order() {
+        let v: Vec<u32> = (0..100_000).collect();
+        let got = map(&v, |x| x as f32 * 0.5);
+        assert_eq!(got, v.iter().map(|&x| x as f32 * 0.5).collect::<Vec<_>>());
+        assert!(map(&[] as &[u32], |x| x).is_empty());
+    }
 
     #[test]
     fn lane_reductions_match_sequential_ones() {
