@@ -12,7 +12,7 @@ use std::any::TypeId;
 use std::sync::Arc;
 
 use bellows_peft::fused::bits::cast_row;
-use bellows_peft::fused::simd::{self, exp, wide};
+use bellows_peft::fused::simd::wide;
 use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::NoCheckpointing};
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
@@ -42,7 +42,7 @@ impl Targets {
     }
 }
 
-/// `logsumexp` of every counted row (f32, max-shifted, vectorised) and the weighted sum of
+/// `logsumexp` of every counted row (f32, max-shifted) and the weighted sum of
 /// `lse − x[label]` (accumulated in f64).
 fn forward<E: Elem>(x: &[E], t: &Targets) -> (Vec<f32>, f64) {
     let v = t.v;
@@ -50,10 +50,18 @@ fn forward<E: Elem>(x: &[E], t: &Targets) -> (Vec<f32>, f64) {
         .into_par_iter()
         .map(|p| {
             let row = &x[t.row(p) * v..(t.row(p) + 1) * v];
-            wide(
-                #[inline(always)]
-                || lse_row(row),
-            )
+            if E::LANES {
+                return wide(
+                    #[inline(always)]
+                    || lse_lanes(row),
+                );
+            }
+            let m = row
+                .iter()
+                .map(|a| a.wide())
+                .fold(f32::NEG_INFINITY, f32::max);
+            let z: f32 = row.iter().map(|&a| (a.wide() - m).exp()).sum();
+            m + z.ln()
         })
         .collect();
     let sum = (0..t.targets.len())
@@ -69,16 +77,33 @@ fn forward<E: Elem>(x: &[E], t: &Targets) -> (Vec<f32>, f64) {
     (lse, sum)
 }
 
-/// `logsumexp(row)`, max-shifted, with [`simd`]'s vectorised `exp`, max and sum (inlined into
-/// [`wide`]'s AVX-512 build).
+/// Lanes of a row reduction (one AVX-512 vector of f32).
+const LANE: usize = 16;
+
+/// `logsumexp(row)` with the max and the sum taken in [`LANE`] interleaved partial results
+/// (so the loops vectorise) and `E::exp`: the bf16 path.
 #[inline(always)]
-fn lse_row<E: Elem>(row: &[E]) -> f32 {
-    let mut e: Vec<f32> = row.iter().map(|a| a.wide()).collect();
-    let m = simd::max(&e);
-    for x in e.iter_mut() {
-        *x = exp(*x - m);
+fn lse_lanes<E: Elem>(row: &[E]) -> f32 {
+    let chunks = row.chunks_exact(LANE);
+    let tail = chunks.remainder();
+    let mut mx = [f32::NEG_INFINITY; LANE];
+    for c in chunks.clone() {
+        for (m, a) in mx.iter_mut().zip(c) {
+            *m = m.max(a.wide());
+        }
     }
-    m + simd::sum(&e).ln()
+    let m = tail
+        .iter()
+        .map(|a| a.wide())
+        .fold(mx.into_iter().fold(f32::NEG_INFINITY, f32::max), f32::max);
+    let mut z = [0.0f32; LANE];
+    for c in chunks {
+        for (z, a) in z.iter_mut().zip(c) {
+            *z += E::exp(a.wide() - m);
+        }
+    }
+    let z = tail.iter().map(|a| E::exp(a.wide() - m)).sum::<f32>() + z.iter().sum::<f32>();
+    m + z.ln()
 }
 
 /// `d logits` for the upstream gradient `g` of the sum: `g·w·(softmax(x) − onehot(label))` on
@@ -122,7 +147,7 @@ fn backward<E: Elem, O: Copy + Send + Sync + Default>(
 #[inline(always)]
 fn softmax_row<E: Elem>(row: &[E], lse: f32, gw: f32, d: &mut [f32]) {
     for (d, &a) in d.iter_mut().zip(row) {
-        *d = gw * exp(a.wide() - lse);
+        *d = gw * E::exp(a.wide() - lse);
     }
 }
 

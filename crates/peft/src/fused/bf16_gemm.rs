@@ -62,6 +62,16 @@ pub trait Bf16Operand: Copy + Send + Sync + 'static {
             *d = x.bf16_bits();
         }
     }
+
+    /// A row of `k` values as `k / 2` (rounded up) pairs of bf16 bits, low half the even one,
+    /// zero after an odd last value; `bits` is scratch of at least `k + 1` values, zero past `k`.
+    #[inline(always)]
+    fn row_pairs(src: &[Self], bits: &mut [u16], dst: &mut [u32]) {
+        Self::row_bits(src, &mut bits[..src.len()]);
+        for (d, two) in dst.iter_mut().zip(bits.chunks_exact(2)) {
+            *d = u32::from(two[0]) | (u32::from(two[1]) << 16);
+        }
+    }
 }
 
 impl Bf16Operand for f32 {
@@ -80,6 +90,19 @@ impl Bf16Operand for f32 {
 impl Bf16Operand for bf16 {
     fn bf16_bits(self) -> u16 {
         self.to_bits()
+    }
+
+    /// Straight from the values (their bits are already the pairs' halves): no scratch copy.
+    #[inline(always)]
+    fn row_pairs(src: &[bf16], _: &mut [u16], dst: &mut [u32]) {
+        let pairs = src.chunks_exact(2);
+        let odd = pairs.remainder().first().map(|x| u32::from(x.to_bits()));
+        for (d, two) in dst.iter_mut().zip(pairs) {
+            *d = u32::from(two[0].to_bits()) | (u32::from(two[1].to_bits()) << 16);
+        }
+        if let Some(lo) = odd {
+            dst[src.len() / 2] = lo;
+        }
     }
 }
 
@@ -384,10 +407,7 @@ unsafe fn fill_panel_v4<T: Bf16Operand>(v: &[T], view: View, p: usize, panel: &m
     let mut pairs = vec![0u32; rows16 * kp16];
     let mut bits = vec![0u16; 2 * kp];
     for (i, dst) in pairs.chunks_exact_mut(kp16).take(n).enumerate() {
-        T::row_bits(&v[first + i * along..][..k], &mut bits[..k]);
-        for (d, two) in dst.iter_mut().zip(bits.chunks_exact(2)) {
-            *d = u32::from(two[0]) | (u32::from(two[1]) << 16);
-        }
+        T::row_pairs(&v[first + i * along..][..k], &mut bits, &mut dst[..kp]);
     }
     for g in (0..n).step_by(16) {
         let lanes = (n - g).min(16);
@@ -769,6 +789,11 @@ mod tests {
                 .collect();
             let got = product_bf16(&lt, (1, m), &r, (n, 1), (m, k, n));
             assert_close(&format!("{m}x{k}x{n} lhsᵀ bf16"), &got, &want, k);
+            // Both sides bf16 with `k`-contiguous rows (x·Wᵀ of bf16 tensors, odd k included).
+            let lb: Vec<bf16> = l.iter().map(|&x| bf16::from_f64(f64::from(x))).collect();
+            let rtb: Vec<bf16> = rt.iter().map(|&x| bf16::from_f64(f64::from(x))).collect();
+            let got = product_bf16(&lb, (k, 1), &rtb, (1, k), (m, k, n));
+            assert_close(&format!("{m}x{k}x{n} bf16 rows"), &got, &want, k);
             let got = product_bf16_via_f32(&l, (k, 1), &r, (n, 1), (m, k, n));
             assert_close(&format!("{m}x{k}x{n} via f32"), &got, &want, k);
             // Neither stride 1 (every other element of a twice-as-wide buffer).

@@ -134,19 +134,24 @@ pub fn max(v: &[f32]) -> f32 {
     m.into_iter().fold(tail, f32::max)
 }
 
-/// The sum of `v` in [`LANES`] interleaved partial sums (so that the loop vectorises; the
-/// order differs from a sequential sum by rounding).
+/// The sum of `v` in [`LANES`] interleaved partial sums (so that the loop vectorises), element
+/// `j` always in lane `j % LANES` and the lanes added in a fixed order: appending zeros (a
+/// longer masked row) leaves the sum unchanged, bit for bit, as a sequential sum's is. The
+/// order differs from a sequential sum's by rounding.
 #[inline(always)]
 pub fn sum(v: &[f32]) -> f32 {
     let chunks = v.chunks_exact(LANES);
-    let tail: f32 = chunks.remainder().iter().sum();
+    let tail = chunks.remainder();
     let mut s = [0.0f32; LANES];
     for c in chunks {
         for (s, &x) in s.iter_mut().zip(c) {
             *s += x;
         }
     }
-    s.iter().sum::<f32>() + tail
+    for (s, &x) in s.iter_mut().zip(tail) {
+        *s += x;
+    }
+    s.iter().sum()
 }
 
 #[cfg(test)]
@@ -171,6 +176,15 @@ mod tests {
             assert_eq!(max(&v), m, "max of {n}");
             // Quarter-integers summed exactly in any order.
             assert_eq!(sum(&v), v.iter().sum::<f32>(), "sum of {n}");
+            // Inexact values: trailing zeros (a longer masked row) change nothing.
+            let w: Vec<f32> = (0..n).map(|i| 1.0 / (i as f32 + 3.0)).collect();
+            let mut padded = w.clone();
+            padded.extend([0.0; 21]);
+            assert_eq!(
+                sum(&w).to_bits(),
+                sum(&padded).to_bits(),
+                "padded sum of {n}"
+            );
         }
     }
 
