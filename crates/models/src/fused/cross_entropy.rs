@@ -12,7 +12,7 @@ use std::any::TypeId;
 use std::sync::Arc;
 
 use bellows_peft::fused::bits::cast_row;
-use bellows_peft::fused::simd::wide;
+use bellows_peft::fused::simd::{self, wide};
 use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::NoCheckpointing};
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
@@ -77,33 +77,16 @@ fn forward<E: Elem>(x: &[E], t: &Targets) -> (Vec<f32>, f64) {
     (lse, sum)
 }
 
-/// Lanes of a row reduction (one AVX-512 vector of f32).
-const LANE: usize = 16;
-
-/// `logsumexp(row)` with the max and the sum taken in [`LANE`] interleaved partial results
-/// (so the loops vectorise) and `E::exp`: the bf16 path.
+/// `logsumexp(row)`, max-shifted, on [`simd`]'s lane-wise max and sum and `E::exp` (so the
+/// loops vectorise; inlined into [`wide`]'s AVX-512 build): the bf16 path.
 #[inline(always)]
 fn lse_lanes<E: Elem>(row: &[E]) -> f32 {
-    let chunks = row.chunks_exact(LANE);
-    let tail = chunks.remainder();
-    let mut mx = [f32::NEG_INFINITY; LANE];
-    for c in chunks.clone() {
-        for (m, a) in mx.iter_mut().zip(c) {
-            *m = m.max(a.wide());
-        }
+    let mut e: Vec<f32> = row.iter().map(|a| a.wide()).collect();
+    let m = simd::max(&e);
+    for x in e.iter_mut() {
+        *x = E::exp(*x - m);
     }
-    let m = tail
-        .iter()
-        .map(|a| a.wide())
-        .fold(mx.into_iter().fold(f32::NEG_INFINITY, f32::max), f32::max);
-    let mut z = [0.0f32; LANE];
-    for c in chunks {
-        for (z, a) in z.iter_mut().zip(c) {
-            *z += E::exp(a.wide() - m);
-        }
-    }
-    let z = tail.iter().map(|a| E::exp(a.wide() - m)).sum::<f32>() + z.iter().sum::<f32>();
-    m + z.ln()
+    m + simd::sum(&e).ln()
 }
 
 /// `d logits` for the upstream gradient `g` of the sum: `g·w·(softmax(x) − onehot(label))` on

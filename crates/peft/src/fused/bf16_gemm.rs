@@ -127,16 +127,18 @@ impl<'a, T> Operand<'a, T> {
             owner: None,
         }
     }
+
+    /// The slice's length and the strides, as [`check_views`] takes them.
+    fn view(&self) -> (usize, (usize, usize)) {
+        (self.values.len(), self.strides)
+    }
 }
 
-/// Whether this CPU runs the `vdpbf16ps` kernel.
+/// Whether this CPU runs the `vdpbf16ps` kernel (AVX-512 with its BF16 extension).
 pub fn has_bf16_dot() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512vl")
-            && std::arch::is_x86_feature_detected!("avx512bf16")
+        super::simd::has_avx512() && std::arch::is_x86_feature_detected!("avx512bf16")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -173,11 +175,7 @@ pub fn product_bf16_of<L: Bf16Operand, R: Bf16Operand>(
     rhs: Operand<R>,
     dims: (usize, usize, usize),
 ) -> Vec<f32> {
-    check_views(
-        (lhs.values.len(), lhs.strides),
-        (rhs.values.len(), rhs.strides),
-        dims,
-    );
+    check_views(lhs.view(), rhs.view(), dims);
     let (rows, k, cols) = dims;
     if !has_bf16_dot() {
         return product_bf16_via_f32(lhs.values, lhs.strides, rhs.values, rhs.strides, dims);
@@ -226,11 +224,7 @@ pub fn product_bf16_rounded_of<L: Bf16Operand, R: Bf16Operand>(
     dims: (usize, usize, usize),
     add: Addend,
 ) -> Vec<bf16> {
-    check_views(
-        (lhs.values.len(), lhs.strides),
-        (rhs.values.len(), rhs.strides),
-        dims,
-    );
+    check_views(lhs.view(), rhs.view(), dims);
     let (rows, k, cols) = dims;
     if let Some((t, _)) = add {
         assert_eq!(t.len(), rows * cols, "the addend has the product's shape");

@@ -113,58 +113,8 @@ fn round_bf16(v: &mut [f32]) {
         .for_each(|c| c.iter_mut().for_each(|x| *x = rne(*x)));
 }
 
-/// `l · r` for views with (row, column) strides: f32, or bf16 products summed in f32 when
-/// `low` — not rounded.
-fn mm(
-    low: bool,
-    l: Src,
-    ls: (usize, usize),
-    r: Src,
-    rs: (usize, usize),
-    dims: (usize, usize, usize),
-) -> Vec<f32> {
-    use Elems::{Bf16, F32};
-    let (lo, ro) = (l.owner, r.owner);
-    match (l.e, r.e) {
-        (F32(l), F32(r)) if !low => product(l, ls, r, rs, dims),
-        (F32(l), F32(r)) => product_bf16_of(op(l, ls, lo), op(r, rs, ro), dims),
-        (F32(l), Bf16(r)) => product_bf16_of(op(l, ls, lo), op(r, rs, ro), dims),
-        (Bf16(l), F32(r)) => product_bf16_of(op(l, ls, lo), op(r, rs, ro), dims),
-        (Bf16(l), Bf16(r)) => product_bf16_of(op(l, ls, lo), op(r, rs, ro), dims),
-    }
-}
-
-/// A product operand from its parts.
-fn op<'a, T>(values: &'a [T], strides: (usize, usize), owner: Option<&'a Owner>) -> Operand<'a, T> {
-    Operand {
-        values,
-        strides,
-        owner,
-    }
-}
-
-/// The bf16 product `l · r` rounded to bf16 as it leaves the kernel, with an optional scaled
-/// addend ([`product_bf16_rounded`]): a bf16 tensor's values.
-fn mm_bf16(
-    l: Src,
-    ls: (usize, usize),
-    r: Src,
-    rs: (usize, usize),
-    dims: (usize, usize, usize),
-    add: Option<(&[f32], f32)>,
-) -> Vec<bf16> {
-    use Elems::{Bf16, F32};
-    let (lo, ro) = (l.owner, r.owner);
-    match (l.e, r.e) {
-        (F32(l), F32(r)) => product_bf16_rounded_of(op(l, ls, lo), op(r, rs, ro), dims, add),
-        (F32(l), Bf16(r)) => product_bf16_rounded_of(op(l, ls, lo), op(r, rs, ro), dims, add),
-        (Bf16(l), F32(r)) => product_bf16_rounded_of(op(l, ls, lo), op(r, rs, ro), dims, add),
-        (Bf16(l), Bf16(r)) => product_bf16_rounded_of(op(l, ls, lo), op(r, rs, ro), dims, add),
-    }
-}
-
-/// `v`, rounded to bf16 when `low`: a product the op multiplies again (the composition's bf16
-/// tensor; the packing would round it Flex's `cast` way, not the product's).
+/// `v`, rounded to bf16 when `low`: an f32 master weight's gradient, the f32 value of the
+/// composition's bf16 gradient.
 fn rounded(low: bool, mut v: Vec<f32>) -> Vec<f32> {
     if low {
         round_bf16(&mut v);
@@ -191,14 +141,39 @@ fn a_tb(k: usize, rows: usize, cols: usize) -> Layout {
     ((1, rows), (cols, 1), (rows, k, cols))
 }
 
-/// `l · r` in `layout`, not rounded ([`mm`]).
+/// `l · r` in `layout`: f32, or bf16 products summed in f32 when `low` — not rounded.
 fn prod(low: bool, l: Src, r: Src, (ls, rs, dims): Layout) -> Vec<f32> {
-    mm(low, l, ls, r, rs, dims)
+    use Elems::{Bf16, F32};
+    let (lo, ro) = (l.owner, r.owner);
+    match (l.e, r.e) {
+        (F32(l), F32(r)) if !low => product(l, ls, r, rs, dims),
+        (F32(l), F32(r)) => product_bf16_of(op(l, ls, lo), op(r, rs, ro), dims),
+        (F32(l), Bf16(r)) => product_bf16_of(op(l, ls, lo), op(r, rs, ro), dims),
+        (Bf16(l), F32(r)) => product_bf16_of(op(l, ls, lo), op(r, rs, ro), dims),
+        (Bf16(l), Bf16(r)) => product_bf16_of(op(l, ls, lo), op(r, rs, ro), dims),
+    }
 }
 
-/// `l · r` in `layout`, rounded to bf16 with an optional addend ([`mm_bf16`]).
+/// The bf16 product `l · r` in `layout`, rounded to bf16 as it leaves the kernel, with an
+/// optional scaled addend ([`product_bf16_rounded_of`]): a bf16 tensor's values.
 fn prod_bf16(l: Src, r: Src, (ls, rs, dims): Layout, add: Option<(&[f32], f32)>) -> Vec<bf16> {
-    mm_bf16(l, ls, r, rs, dims, add)
+    use Elems::{Bf16, F32};
+    let (lo, ro) = (l.owner, r.owner);
+    match (l.e, r.e) {
+        (F32(l), F32(r)) => product_bf16_rounded_of(op(l, ls, lo), op(r, rs, ro), dims, add),
+        (F32(l), Bf16(r)) => product_bf16_rounded_of(op(l, ls, lo), op(r, rs, ro), dims, add),
+        (Bf16(l), F32(r)) => product_bf16_rounded_of(op(l, ls, lo), op(r, rs, ro), dims, add),
+        (Bf16(l), Bf16(r)) => product_bf16_rounded_of(op(l, ls, lo), op(r, rs, ro), dims, add),
+    }
+}
+
+/// A product operand from its parts.
+fn op<'a, T>(values: &'a [T], strides: (usize, usize), owner: Option<&'a Owner>) -> Operand<'a, T> {
+    Operand {
+        values,
+        strides,
+        owner,
+    }
 }
 
 /// `y ← y + t·s` element-wise, in parallel and vectorised: the composition's
