@@ -9,9 +9,8 @@
 /// ones run on the calling thread.
 const PARALLEL: usize = 192 * 192 * 192;
 
-/// `dst[m×n] ← keep·dst + beta · lhs[m×k] · rhs[k×n]` (`dst` overwritten when `keep` is
-/// `None`), every operand addressed by (row, column) element strides; `dst` is row-major with
-/// row stride `dst_rs`.
+/// `dst[m×n] ← dst·[accumulate] + beta · lhs[m×k] · rhs[k×n]`, every operand addressed by
+/// (row, column) element strides; `dst` is row-major with row stride `dst_rs`.
 ///
 /// # Safety
 /// `dst`, `lhs` and `rhs` must address `m×n`, `m×k` and `k×n` strided elements inside live
@@ -21,7 +20,7 @@ pub unsafe fn matmul_strided(
     (m, n, k): (usize, usize, usize),
     dst: *mut f32,
     dst_rs: usize,
-    keep: Option<f32>,
+    accumulate: bool,
     lhs: *const f32,
     (lhs_rs, lhs_cs): (usize, usize),
     rhs: *const f32,
@@ -45,14 +44,14 @@ pub unsafe fn matmul_strided(
             dst,
             1,
             dst_rs as isize,
-            keep.is_some(),
+            accumulate,
             lhs,
             lhs_cs as isize,
             lhs_rs as isize,
             rhs,
             rhs_cs as isize,
             rhs_rs as isize,
-            keep.unwrap_or(0.0),
+            1.0,
             beta,
             false,
             false,
@@ -113,7 +112,7 @@ pub fn product(
             (rows, cols, k),
             y.spare_capacity_mut().as_mut_ptr().cast::<f32>(),
             cols,
-            None,
+            false,
             lhs.as_ptr(),
             lhs_strides,
             rhs.as_ptr(),
