@@ -6,19 +6,48 @@
 //! buffer): while the entry lives, that memory can be neither freed (so its address cannot
 //! name another operand) nor written (Flex tensors are copy-on-write: an op writes in place
 //! only into storage nobody else holds). An entry whose storage nobody else holds any more
-//! is dropped at the next insertion; the kept packs stay within [`BUDGET`] bytes, least
-//! recently used first out.
+//! is dropped at the next insertion; the kept packs stay within a budget (`budget()`:
+//! 512 MiB, `BELLOWS_PACK_CACHE_MIB` to change it, `0` to keep none), and a pack that does
+//! not fit is not kept (no eviction of live entries: where a step reads more than the budget
+//! holds, evicting would only churn). Keeping an activation's storage also means Flex copies where it might otherwise
+//! have written that storage in place, so a run at the edge of the machine's memory may want
+//! `BELLOWS_PACK_CACHE_MIB=0`.
 
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// What owns an operand's storage: the tensor's shared buffer.
 pub type Owner = Arc<dyn Any + Send + Sync>;
 
-/// Bytes of packed operands kept at most (the small Llama of the benchmarks keeps ~110 MiB:
-/// its frozen weights in their two packings, plus one step's layer inputs).
-const BUDGET: usize = 512 << 20;
+/// MiB of packed operands kept at most unless `BELLOWS_PACK_CACHE_MIB` says otherwise (the
+/// small Llama of the benchmarks keeps ~110–140 MiB: its frozen weights in their two
+/// packings, plus one step's layer inputs).
+const DEFAULT_MIB: usize = 512;
+
+/// Bytes of packed operands kept at most: `BELLOWS_PACK_CACHE_MIB` (`0` keeps none — for a
+/// run at the edge of the machine's memory), [`DEFAULT_MIB`] when unset; read once. A value
+/// that is not a whole number of MiB is reported on stderr and the default used.
+fn budget() -> usize {
+    static BUDGET: OnceLock<usize> = OnceLock::new();
+    *BUDGET
+        .get_or_init(|| budget_from(std::env::var("BELLOWS_PACK_CACHE_MIB").ok().as_deref()) << 20)
+}
+
+/// The budget in MiB for the variable's value.
+fn budget_from(value: Option<&str>) -> usize {
+    match value.map(|v| v.trim().parse::<usize>()) {
+        None => DEFAULT_MIB,
+        Some(Ok(mib)) => mib,
+        Some(Err(_)) => {
+            eprintln!(
+                "bellows: BELLOWS_PACK_CACHE_MIB={:?} is not a whole number of MiB; keeping up to {DEFAULT_MIB} MiB of packed operands",
+                value.unwrap_or_default()
+            );
+            DEFAULT_MIB
+        }
+    }
+}
 
 /// A packed view: where its elements are and how they are read and packed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,19 +68,16 @@ struct Entry {
     key: Key,
     owner: Owner,
     packed: Arc<Vec<u32>>,
-    used: u64,
 }
 
 struct Kept {
     entries: Vec<Entry>,
     bytes: usize,
-    clock: u64,
 }
 
 static KEPT: Mutex<Kept> = Mutex::new(Kept {
     entries: Vec::new(),
     bytes: 0,
-    clock: 0,
 });
 
 fn kept() -> std::sync::MutexGuard<'static, Kept> {
@@ -72,15 +98,12 @@ fn bytes(p: &[u32]) -> usize {
 /// made by `pack` and kept.
 pub fn packed(key: Key, owner: &Owner, pack: impl FnOnce() -> Vec<u32>) -> Arc<Vec<u32>> {
     {
-        let mut k = kept();
-        k.clock += 1;
-        let now = k.clock;
+        let k = kept();
         if let Some(e) = k
             .entries
-            .iter_mut()
+            .iter()
             .find(|e| e.key == key && same(&e.owner, owner))
         {
-            e.used = now;
             return Arc::clone(&e.packed);
         }
     }
@@ -91,7 +114,8 @@ pub fn packed(key: Key, owner: &Owner, pack: impl FnOnce() -> Vec<u32>) -> Arc<V
 
 fn insert(key: Key, owner: &Owner, packed: Arc<Vec<u32>>) {
     let size = bytes(&packed);
-    if size > BUDGET {
+    let budget = budget();
+    if size > budget {
         return;
     }
     let mut k = kept();
@@ -103,12 +127,10 @@ fn insert(key: Key, owner: &Owner, packed: Arc<Vec<u32>>) {
     k.entries
         .retain(|e| Arc::strong_count(&e.owner) > held[&Arc::as_ptr(&e.owner).cast()]);
     k.bytes = k.entries.iter().map(|e| bytes(&e.packed)).sum();
-    while k.bytes + size > BUDGET {
-        let Some(oldest) = (0..k.entries.len()).min_by_key(|&i| k.entries[i].used) else {
-            break;
-        };
-        let e = k.entries.swap_remove(oldest);
-        k.bytes -= bytes(&e.packed);
+    // Full: the new pack is not kept (evicting a live entry to make room would only churn when
+    // a step reads more than the budget holds — each pack evicted before its next use).
+    if k.bytes + size > budget {
+        return;
     }
     if k.entries
         .iter()
@@ -116,13 +138,11 @@ fn insert(key: Key, owner: &Owner, packed: Arc<Vec<u32>>) {
     {
         return;
     }
-    let used = k.clock;
     k.bytes += size;
     k.entries.push(Entry {
         key,
         owner: Arc::clone(owner),
         packed,
-        used,
     });
 }
 
@@ -131,7 +151,16 @@ mod tests {
     use std::any::TypeId;
     use std::sync::Arc;
 
-    use super::{packed, Key, Owner};
+    use super::{budget_from, packed, Key, Owner, DEFAULT_MIB};
+
+    #[test]
+    fn the_budget_variable_is_read_as_whole_mib() {
+        assert_eq!(budget_from(None), DEFAULT_MIB);
+        assert_eq!(budget_from(Some("0")), 0);
+        assert_eq!(budget_from(Some(" 64 ")), 64);
+        assert_eq!(budget_from(Some("lots")), DEFAULT_MIB);
+        assert_eq!(budget_from(Some("-1")), DEFAULT_MIB);
+    }
 
     fn key(v: &[f32]) -> Key {
         Key {
