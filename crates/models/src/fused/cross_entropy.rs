@@ -42,7 +42,7 @@ impl Targets {
     }
 }
 
-/// `logsumexp` of every counted row (f32, max-shifted) and the weighted sum of
+/// `logsumexp` of every counted row (f32, max-shifted, vectorised) and the weighted sum of
 /// `lse − x[label]` (accumulated in f64).
 fn forward<E: Elem>(x: &[E], t: &Targets) -> (Vec<f32>, f64) {
     let v = t.v;
@@ -50,18 +50,10 @@ fn forward<E: Elem>(x: &[E], t: &Targets) -> (Vec<f32>, f64) {
         .into_par_iter()
         .map(|p| {
             let row = &x[t.row(p) * v..(t.row(p) + 1) * v];
-            if E::LANES {
-                return wide(
-                    #[inline(always)]
-                    || lse_lanes(row),
-                );
-            }
-            let m = row
-                .iter()
-                .map(|a| a.wide())
-                .fold(f32::NEG_INFINITY, f32::max);
-            let z: f32 = row.iter().map(|&a| (a.wide() - m).exp()).sum();
-            m + z.ln()
+            wide(
+                #[inline(always)]
+                || lse_row(row),
+            )
         })
         .collect();
     let sum = (0..t.targets.len())
@@ -77,14 +69,14 @@ fn forward<E: Elem>(x: &[E], t: &Targets) -> (Vec<f32>, f64) {
     (lse, sum)
 }
 
-/// `logsumexp(row)`, max-shifted, on [`simd`]'s lane-wise max and sum and `E::exp` (so the
-/// loops vectorise; inlined into [`wide`]'s AVX-512 build): the bf16 path.
+/// `logsumexp(row)`, max-shifted, on [`simd`]'s vectorised `exp` and lane-wise max and sum
+/// (inlined into [`wide`]'s AVX-512 build).
 #[inline(always)]
-fn lse_lanes<E: Elem>(row: &[E]) -> f32 {
+fn lse_row<E: Elem>(row: &[E]) -> f32 {
     let mut e: Vec<f32> = row.iter().map(|a| a.wide()).collect();
     let m = simd::max(&e);
     for x in e.iter_mut() {
-        *x = E::exp(*x - m);
+        *x = simd::exp(*x - m);
     }
     m + simd::sum(&e).ln()
 }
@@ -130,7 +122,7 @@ fn backward<E: Elem, O: Copy + Send + Sync + Default>(
 #[inline(always)]
 fn softmax_row<E: Elem>(row: &[E], lse: f32, gw: f32, d: &mut [f32]) {
     for (d, &a) in d.iter_mut().zip(row) {
-        *d = gw * E::exp(a.wide() - lse);
+        *d = gw * simd::exp(a.wide() - lse);
     }
 }
 
