@@ -3,7 +3,7 @@
 //! lane, twice the f32 FMA's arithmetic per instruction).
 //!
 //! Operands are f32 or bf16 views with any (row, column) strides; each element is rounded to
-//! bf16 (as Flex's `cast` rounds, [`super::cast_bits`]) while it is packed, so an f32 master
+//! bf16 (as Flex's `cast` rounds, [`super::bits::cast_bits`]) while it is packed, so an f32 master
 //! weight needs no cast of its own. The packing is the classic one for a dot-product kernel:
 //! the left side in panels of [`MR`] rows and the right side in panels of [`NR`] columns, both
 //! as 32-bit pairs of consecutive-`k` bf16 values (zero-padded; a `k`-contiguous operand is
@@ -27,6 +27,7 @@ use std::sync::Arc;
 use burn::tensor::bf16;
 use rayon::prelude::*;
 
+use super::amx;
 use super::bits::{cast_bits, cast_row};
 #[cfg(not(target_arch = "x86_64"))]
 use super::epilogue::finish_row;
@@ -34,7 +35,7 @@ use super::epilogue::finish_row;
 use super::epilogue::finish_row_v4;
 use super::epilogue::{finish_all, Addend};
 use super::gemm::{check_views, product};
-use super::pack_cache::{self, Key, Owner};
+use super::pack_cache::{self, Key, Layout, Owner};
 
 /// Rows of the kernel's register tile.
 const MR: usize = 12;
@@ -52,7 +53,7 @@ const PARALLEL: usize = 64 * 64 * 64;
 /// An element a bf16 product can read: its bf16 bit pattern.
 pub trait Bf16Operand: Copy + Send + Sync + 'static {
     /// The value as bf16 bits, an f32 rounded as Flex's `cast` rounds it
-    /// ([`super::cast_bits`]).
+    /// ([`super::bits::cast_bits`]).
     fn bf16_bits(self) -> u16;
 
     /// [`Self::bf16_bits`] of every element of `src` into `dst` (the same length).
@@ -134,6 +135,42 @@ impl<'a, T> Operand<'a, T> {
     }
 }
 
+/// The kernel a bf16 product runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Kernel {
+    /// AMX tiles ([`amx`]).
+    Amx,
+    /// AVX-512 `vdpbf16ps` (the register-tile `kernel`).
+    Dot,
+    /// The f32 `gemm` kernels on the rounded operands ([`product_bf16_via_f32`]).
+    F32,
+}
+
+#[cfg(test)]
+thread_local! {
+    /// A test's choice of kernel for products called on its thread.
+    static TEST_KERNEL: std::cell::Cell<Option<Kernel>> = const { std::cell::Cell::new(None) };
+}
+
+/// The fastest kernel this CPU runs ([`amx::available`], then [`has_bf16_dot`]), unless
+/// `BELLOWS_BF16_KERNEL` names a slower one (`dot`, `f32`: to compare kernels).
+pub(super) fn chosen_kernel() -> Kernel {
+    #[cfg(test)]
+    if let Some(k) = TEST_KERNEL.get() {
+        return k;
+    }
+    static CHOSEN: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+    *CHOSEN.get_or_init(|| {
+        if amx::available() {
+            Kernel::Amx
+        } else if has_bf16_dot() && std::env::var("BELLOWS_BF16_KERNEL").as_deref() != Ok("f32") {
+            Kernel::Dot
+        } else {
+            Kernel::F32
+        }
+    })
+}
+
 /// Whether this CPU runs the `vdpbf16ps` kernel (AVX-512 with its BF16 extension).
 pub fn has_bf16_dot() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -177,7 +214,8 @@ pub fn product_bf16_of<L: Bf16Operand, R: Bf16Operand>(
 ) -> Vec<f32> {
     check_views(lhs.view(), rhs.view(), dims);
     let (rows, k, cols) = dims;
-    if !has_bf16_dot() {
+    let kernel = chosen_kernel();
+    if kernel == Kernel::F32 {
         return product_bf16_via_f32(lhs.values, lhs.strides, rhs.values, rhs.strides, dims);
     }
     if rows * k * cols == 0 {
@@ -185,9 +223,10 @@ pub fn product_bf16_of<L: Bf16Operand, R: Bf16Operand>(
     }
     let mut y: Vec<f32> = Vec::with_capacity(rows * cols);
     let out = Out(y.spare_capacity_mut().as_mut_ptr().cast::<f32>());
-    packed_product(lhs, rhs, dims, Dest::F32(out));
+    packed_product(kernel, lhs, rhs, dims, Dest::F32(out));
     // SAFETY: the tiles cover every row and column, and each tile's first `k` block (which
-    // every tile runs since k > 0) stores all of its elements.
+    // every tile runs since k > 0) stores all of its elements (AMX: each task copies all of
+    // its block).
     unsafe { y.set_len(rows * cols) };
     y
 }
@@ -229,7 +268,8 @@ pub fn product_bf16_rounded_of<L: Bf16Operand, R: Bf16Operand>(
     if let Some((t, _)) = add {
         assert_eq!(t.len(), rows * cols, "the addend has the product's shape");
     }
-    if !has_bf16_dot() || rows * k * cols == 0 {
+    let kernel = chosen_kernel();
+    if kernel == Kernel::F32 || rows * k * cols == 0 {
         return rounded_via_f32(lhs.values, lhs.strides, rhs.values, rhs.strides, dims, add);
     }
     let mut y: Vec<bf16> = Vec::with_capacity(rows * cols);
@@ -238,7 +278,7 @@ pub fn product_bf16_rounded_of<L: Bf16Operand, R: Bf16Operand>(
         .spare_capacity_mut()
         .as_mut_ptr()
         .cast::<MaybeUninit<u16>>();
-    packed_product(lhs, rhs, dims, Dest::Bf16(Out(bits), add));
+    packed_product(kernel, lhs, rhs, dims, Dest::Bf16(Out(bits), add));
     // SAFETY: the kernel's tiles cover every row and column, and each tile's rows were
     // finished into the output.
     unsafe { y.set_len(rows * cols) };
@@ -291,7 +331,7 @@ pub fn product_bf16_via_f32<L: Bf16Operand, R: Bf16Operand>(
 }
 
 /// Runs `f` over `0..n` on the pool when `par`, on this thread otherwise.
-fn for_each(par: bool, n: usize, f: impl Fn(usize) + Send + Sync) {
+pub(super) fn for_each(par: bool, n: usize, f: impl Fn(usize) + Send + Sync) {
     if par {
         (0..n).into_par_iter().for_each(f);
     } else {
@@ -299,16 +339,23 @@ fn for_each(par: bool, n: usize, f: impl Fn(usize) + Send + Sync) {
     }
 }
 
-/// [`pack`] of an operand's view (`[rows, k]` with the operand's strides as given), kept for
-/// later products when the operand has an owner.
-fn pack_operand<T: Bf16Operand + 'static>(
+/// An operand's view (`[rows, k]` with the operand's strides as given) packed in `layout`
+/// ([`pack`] or [`amx::pack_rows`]), kept for later products when the operand has an owner.
+pub(super) fn pack_operand<T: Bf16Operand + 'static>(
     v: Operand<T>,
     strides: (usize, usize),
     (rows, k): (usize, usize),
-    width: usize,
+    layout: Layout,
     par: bool,
 ) -> Arc<Vec<u32>> {
-    let make = || pack(v.values, strides, (rows, k), width, par);
+    let make = || match layout {
+        Layout::Panels {
+            width,
+            pairs,
+            panels,
+        } => pack(v.values, strides, (rows, k), width, (pairs, panels), par),
+        Layout::RowTiles => amx::pack_rows(v.values, strides, (rows, k), par),
+    };
     match v.owner {
         None => Arc::new(make()),
         Some(owner) => {
@@ -319,25 +366,36 @@ fn pack_operand<T: Bf16Operand + 'static>(
                 strides,
                 rows,
                 k,
-                width,
+                layout,
             };
             pack_cache::packed(key, owner, make)
         }
     }
 }
 
+/// The `vdpbf16ps` kernel's unpadded panels of `width` rows.
+fn panels(width: usize) -> Layout {
+    Layout::Panels {
+        width,
+        pairs: 1,
+        panels: 1,
+    }
+}
+
 /// `v`'s `[rows, k]` view packed in panels of `width` rows: `[panel][k / 2][width]` pairs of
-/// consecutive-`k` bf16 values (low half the even `k`), zero beyond the view.
+/// consecutive-`k` bf16 values (low half the even `k`), zero beyond the view, with the pairs
+/// per panel padded to a multiple of `pad.0` and the panels to a multiple of `pad.1`.
 fn pack<T: Bf16Operand>(
     v: &[T],
     strides: (usize, usize),
     (rows, k): (usize, usize),
     width: usize,
+    pad: (usize, usize),
     par: bool,
 ) -> Vec<u32> {
-    let kp = k.div_ceil(2);
+    let kpp = k.div_ceil(2).next_multiple_of(pad.0);
     let panels = rows.div_ceil(width);
-    let mut out = vec![0u32; panels * kp * width];
+    let mut out = vec![0u32; panels.next_multiple_of(pad.1) * kpp * width];
     let view = View {
         strides,
         rows,
@@ -356,21 +414,22 @@ fn pack<T: Bf16Operand>(
         }
         fill_panel(v, view, p, panel);
     };
+    let valid = &mut out[..panels * kpp * width];
     if par {
-        out.par_chunks_mut(kp * width).enumerate().for_each(fill);
+        valid.par_chunks_mut(kpp * width).enumerate().for_each(fill);
     } else {
-        out.chunks_mut(kp * width).enumerate().for_each(fill);
+        valid.chunks_mut(kpp * width).enumerate().for_each(fill);
     }
     out
 }
 
 /// A `[rows, k]` view with (row, column) strides, packed `width` rows per panel.
 #[derive(Clone, Copy)]
-struct View {
-    strides: (usize, usize),
-    rows: usize,
-    k: usize,
-    width: usize,
+pub(super) struct View {
+    pub(super) strides: (usize, usize),
+    pub(super) rows: usize,
+    pub(super) k: usize,
+    pub(super) width: usize,
 }
 
 /// [`fill_panel`] compiled for AVX-512, so its conversion loops are vectorised; a view whose
@@ -432,7 +491,7 @@ unsafe fn fill_panel_v4<T: Bf16Operand>(v: &[T], view: View, p: usize, panel: &m
 /// `m` must hold 15·`stride` + 16 values; the CPU must have `avx512f`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn transpose16(m: &[u32], stride: usize) -> [std::arch::x86_64::__m512i; 16] {
+pub(super) unsafe fn transpose16(m: &[u32], stride: usize) -> [std::arch::x86_64::__m512i; 16] {
     use std::arch::x86_64::*;
     debug_assert!(m.len() >= 15 * stride + 16);
     // SAFETY: 16 rows of 16 values, inside `m` (the caller's bound).
@@ -474,7 +533,7 @@ unsafe fn transpose16(m: &[u32], stride: usize) -> [std::arch::x86_64::__m512i; 
 
 /// Panel `p` of [`pack`].
 #[inline(always)]
-fn fill_panel<T: Bf16Operand>(v: &[T], view: View, p: usize, panel: &mut [u32]) {
+pub(super) fn fill_panel<T: Bf16Operand>(v: &[T], view: View, p: usize, panel: &mut [u32]) {
     let View {
         strides: (along, across),
         rows,
@@ -488,7 +547,7 @@ fn fill_panel<T: Bf16Operand>(v: &[T], view: View, p: usize, panel: &mut [u32]) 
         // A panel's rows are adjacent in memory for each `k`: convert the two `k` rows of a
         // pair, then interleave them.
         let (mut even, mut odd) = (vec![0u16; n], vec![0u16; n]);
-        for (q, dst) in panel.chunks_exact_mut(width).enumerate() {
+        for (q, dst) in panel.chunks_exact_mut(width).take(kp).enumerate() {
             T::row_bits(&v[first + 2 * q * across..][..n], &mut even);
             if 2 * q + 1 < k {
                 T::row_bits(&v[first + (2 * q + 1) * across..][..n], &mut odd);
@@ -525,7 +584,7 @@ fn fill_panel<T: Bf16Operand>(v: &[T], view: View, p: usize, panel: &mut [u32]) 
 
 /// A raw output pointer, shared by tasks that write disjoint tiles.
 #[derive(Clone, Copy)]
-struct Out<T>(*mut T);
+pub(super) struct Out<T>(*mut T);
 // SAFETY: each task writes its own tile of the output only.
 unsafe impl<T> Send for Out<T> {}
 // SAFETY: as above.
@@ -533,34 +592,39 @@ unsafe impl<T> Sync for Out<T> {}
 
 impl<T> Out<T> {
     /// The pointer (a method, so closures capture the `Send` wrapper, not the bare pointer).
-    fn ptr(self) -> *mut T {
+    pub(super) fn ptr(self) -> *mut T {
         self.0
     }
 }
 
 /// Where the packed path's results go: f32 sums straight into the output, or each tile's sums
-/// into a scratch tile that [`finish_row`] rounds into bf16 bits (with the addend).
+/// into a scratch tile that [`super::epilogue::finish_row`] rounds into bf16 bits (with the addend).
 #[derive(Clone, Copy)]
-enum Dest<'a> {
+pub(super) enum Dest<'a> {
     F32(Out<f32>),
     Bf16(Out<MaybeUninit<u16>>, Addend<'a>),
 }
 
-/// The packed path (the caller checked the views, the addend and the CPU), for a product
-/// with rows, `k` and columns all non-zero.
+/// The packed path on kernel `on` (the caller checked the views, the addend and the CPU), for a
+/// product with rows, `k` and columns all non-zero.
 fn packed_product<L: Bf16Operand, R: Bf16Operand>(
+    on: Kernel,
     lhs: Operand<L>,
     rhs: Operand<R>,
     (rows, k, cols): (usize, usize, usize),
     dest: Dest,
 ) {
     let par = rows * k * cols >= PARALLEL;
+    if on == Kernel::Amx {
+        amx::product(lhs, rhs, (rows, k, cols), dest, par);
+        return;
+    }
     let kp = k.div_ceil(2);
     // The right side's columns are its "rows" for packing: column j is `rhs[.., j]`.
     let (lrs, lcs) = lhs.strides;
     let (rrs, rcs) = rhs.strides;
-    let a = pack_operand(lhs, (lrs, lcs), (rows, k), MR, par);
-    let b = pack_operand(rhs, (rcs, rrs), (cols, k), NR, par);
+    let a = pack_operand(lhs, (lrs, lcs), (rows, k), panels(MR), par);
+    let b = pack_operand(rhs, (rcs, rrs), (cols, k), panels(NR), par);
     let (row_tiles, col_tiles) = (rows.div_ceil(MC), cols.div_ceil(NC));
     for_each(par, row_tiles * col_tiles, |t| {
         let (ti, tj) = (t / col_tiles, t % col_tiles);
@@ -705,8 +769,28 @@ mod tests {
     use burn::tensor::bf16;
 
     use super::{
-        has_bf16_dot, product_bf16, product_bf16_rounded, product_bf16_via_f32, rounded_via_f32,
+        amx, has_bf16_dot, product_bf16, product_bf16_rounded, product_bf16_via_f32,
+        rounded_via_f32, Kernel, TEST_KERNEL,
     };
+
+    /// Runs `f` with each kernel this CPU has (AMX, `vdpbf16ps`, the f32 fallback) chosen for
+    /// this thread's products, naming it.
+    fn each_kernel(f: impl Fn(&str)) {
+        let kernels = [
+            (Kernel::Amx, amx::available(), "amx"),
+            (Kernel::Dot, has_bf16_dot(), "vdpbf16ps"),
+            (Kernel::F32, true, "f32"),
+        ];
+        for (k, here, name) in kernels {
+            if here {
+                TEST_KERNEL.set(Some(k));
+                f(name);
+            } else {
+                eprintln!("no {name} kernel on this CPU");
+            }
+        }
+        TEST_KERNEL.set(None);
+    }
 
     /// Deterministic values of magnitude ≤ 2 that are not bf16-exact.
     fn values(n: usize, seed: u32) -> Vec<f32> {
@@ -756,10 +840,15 @@ mod tests {
         }
     }
 
-    /// Shapes straddling the tile sizes (12×32 registers, 96×256 tasks, k blocks of 256, odd
-    /// k), row-major and transposed views, f32 and bf16 operands.
+    /// Shapes straddling the tile sizes (`vdpbf16ps`: 12×32 registers, 96×256 tasks, k blocks
+    /// of 256; AMX: 16×16 tiles in 32×32 blocks, 128×128 tasks, 32 k per tile; odd k),
+    /// row-major and transposed views, f32 and bf16 operands, on every kernel.
     #[test]
     fn bf16_products_match_the_rounded_reference() {
+        each_kernel(products_match_the_rounded_reference);
+    }
+
+    fn products_match_the_rounded_reference(kernel: &str) {
         for &(m, k, n) in &[
             (1, 1, 1),
             (5, 3, 7),
@@ -767,38 +856,46 @@ mod tests {
             (97, 257, 33),
             (100, 600, 270),
             (24, 16, 64),
+            (16, 32, 16),
+            (33, 64, 130),
+            (160, 70, 17),
         ] {
             let l = values(m * k, 1);
             let r = values(k * n, 2);
             let want = reference(&l, (k, 1), &r, (n, 1), (m, k, n));
             let got = product_bf16(&l, (k, 1), &r, (n, 1), (m, k, n));
-            assert_close(&format!("{m}x{k}x{n}"), &got, &want, k);
+            assert_close(&format!("{kernel} {m}x{k}x{n}"), &got, &want, k);
             // The right side read transposed in place (x·Wᵀ with W: [n, k]).
             let rt: Vec<f32> = (0..n * k).map(|i| r[(i % k) * n + i / k]).collect();
             let got = product_bf16(&l, (k, 1), &rt, (1, k), (m, k, n));
-            assert_close(&format!("{m}x{k}x{n} rhsᵀ"), &got, &want, k);
+            assert_close(&format!("{kernel} {m}x{k}x{n} rhsᵀ"), &got, &want, k);
             // The left side transposed (aᵀ·b) and given as bf16.
             let lt: Vec<bf16> = (0..k * m)
                 .map(|i| bf16::from_f64(f64::from(l[(i % m) * k + i / m])))
                 .collect();
             let got = product_bf16(&lt, (1, m), &r, (n, 1), (m, k, n));
-            assert_close(&format!("{m}x{k}x{n} lhsᵀ bf16"), &got, &want, k);
+            assert_close(&format!("{kernel} {m}x{k}x{n} lhsᵀ bf16"), &got, &want, k);
             // Both sides bf16 with `k`-contiguous rows (x·Wᵀ of bf16 tensors, odd k included).
             let lb: Vec<bf16> = l.iter().map(|&x| bf16::from_f64(f64::from(x))).collect();
             let rtb: Vec<bf16> = rt.iter().map(|&x| bf16::from_f64(f64::from(x))).collect();
             let got = product_bf16(&lb, (k, 1), &rtb, (1, k), (m, k, n));
-            assert_close(&format!("{m}x{k}x{n} bf16 rows"), &got, &want, k);
+            assert_close(&format!("{kernel} {m}x{k}x{n} bf16 rows"), &got, &want, k);
             let got = product_bf16_via_f32(&l, (k, 1), &r, (n, 1), (m, k, n));
-            assert_close(&format!("{m}x{k}x{n} via f32"), &got, &want, k);
+            assert_close(&format!("{kernel} {m}x{k}x{n} via f32"), &got, &want, k);
             // Neither stride 1 (every other element of a twice-as-wide buffer).
             let spread: Vec<f32> = l.iter().flat_map(|&x| [x, -7.0]).collect();
             let got = product_bf16(&spread, (2 * k, 2), &r, (n, 1), (m, k, n));
-            assert_close(&format!("{m}x{k}x{n} strided"), &got, &want, k);
+            assert_close(&format!("{kernel} {m}x{k}x{n} strided"), &got, &want, k);
         }
     }
 
     #[test]
     fn bf16_rounding_on_packing() {
+        each_kernel(|_| rounding_on_packing());
+        eprintln!("avx512_bf16: {}, AMX: {}", has_bf16_dot(), amx::available());
+    }
+
+    fn rounding_on_packing() {
         // 1 + 2⁻⁸ lies halfway between two bf16 values: nearest even rounds it down to 1.
         let x = [1.0 + 2f32.powi(-8)];
         let y = product_bf16(&x, (1, 1), &[1.0f32], (1, 1), (1, 1, 1));
@@ -821,7 +918,6 @@ mod tests {
             product_bf16::<f32, f32>(&[], (0, 1), &[], (1, 1), (2, 0, 2)),
             vec![0.0; 4]
         );
-        eprintln!("avx512_bf16 kernel on this CPU: {}", has_bf16_dot());
     }
 
     /// Results rounded as they leave the kernel, with and without a side path's addend, equal
@@ -829,6 +925,10 @@ mod tests {
     /// sums, then `r(r(y) + r(r(t)·s))`) — on the kernel and on the fallback.
     #[test]
     fn rounded_results_match_the_compositions_steps() {
+        each_kernel(rounded_results_match);
+    }
+
+    fn rounded_results_match(kernel: &str) {
         let r = |v: f32| bf16::from_f32(v).to_f32();
         for &(m, k, n) in &[(1, 1, 1), (13, 33, 31), (97, 257, 300), (200, 40, 70)] {
             let (l, rt) = (values(m * k, 3), values(n * k, 4));
@@ -843,9 +943,9 @@ mod tests {
                 .collect();
             let dims = (m, k, n);
             let got = product_bf16_rounded(&l, (k, 1), &rt, (1, k), dims, None);
-            assert_eq!(got, want_plain, "{m}x{k}x{n}");
+            assert_eq!(got, want_plain, "{kernel} {m}x{k}x{n}");
             let got = product_bf16_rounded(&l, (k, 1), &rt, (1, k), dims, Some((&t, s)));
-            assert_eq!(got, want_side, "{m}x{k}x{n} with a side path");
+            assert_eq!(got, want_side, "{kernel} {m}x{k}x{n} with a side path");
             // The fallback sums in another order: compare it with its own sums.
             let sums = product_bf16_via_f32(&l, (k, 1), &rt, (1, k), dims);
             let got = rounded_via_f32(&l, (k, 1), &rt, (1, k), dims, Some((&t, s)));
@@ -862,6 +962,10 @@ mod tests {
     /// A kept pack gives the product the fresh pack gives, for either side and a reused view.
     #[test]
     fn kept_packs_give_the_same_products() {
+        each_kernel(|_| kept_packs_give_the_same());
+    }
+
+    fn kept_packs_give_the_same() {
         use super::{product_bf16_of, Operand, Owner};
         use std::sync::Arc;
         let (m, k, n) = (50, 70, 40);

@@ -10,6 +10,7 @@ use burn::backend::{Autodiff, Flex};
 use burn::tensor::{backend::Backend, bf16, DType, Shape, Tensor, TensorData, TensorPrimitive};
 use burn_flex::FlexTensor;
 
+mod amx;
 mod bf16_gemm;
 pub mod bits;
 mod cast;

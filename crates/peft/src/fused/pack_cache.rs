@@ -57,11 +57,29 @@ pub struct Key {
     pub len: usize,
     /// The element type (f32 and bf16 pack differently).
     pub elem: TypeId,
-    /// (row, column) strides, rows, `k`, panel width.
+    /// (row, column) strides, rows, `k`.
     pub strides: (usize, usize),
     pub rows: usize,
     pub k: usize,
-    pub width: usize,
+    /// How the view is packed.
+    pub layout: Layout,
+}
+
+/// How a view is packed for a kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// Panels of `width` rows, consecutive-`k` pairs interleaved (`[panel][k / 2][width]`),
+    /// with `k / 2` padded to a multiple of `pairs` and the panels to a multiple of `panels`.
+    Panels {
+        /// Rows per panel.
+        width: usize,
+        /// Multiple the pairs per panel are padded to.
+        pairs: usize,
+        /// Multiple the panel count is padded to.
+        panels: usize,
+    },
+    /// AMX left-side tiles (`super::amx::pack_rows`).
+    RowTiles,
 }
 
 struct Entry {
@@ -151,7 +169,7 @@ mod tests {
     use std::any::TypeId;
     use std::sync::Arc;
 
-    use super::{budget_from, packed, Key, Owner, DEFAULT_MIB};
+    use super::{budget_from, packed, Key, Layout, Owner, DEFAULT_MIB};
 
     #[test]
     fn the_budget_variable_is_read_as_whole_mib() {
@@ -170,7 +188,11 @@ mod tests {
             strides: (1, 1),
             rows: 1,
             k: v.len(),
-            width: 12,
+            layout: Layout::Panels {
+                width: 12,
+                pairs: 1,
+                panels: 1,
+            },
         }
     }
 
