@@ -302,6 +302,27 @@ fn scaled_grad(low: bool, dy: Src, s: f32) -> Vals {
     }
 }
 
+/// Whether `dY·s` may be left out and `s` moved onto the two small operands it meets instead
+/// (`B` in `(dY·s)·B` and `x·Aᵀ` in `(dY·s)ᵀ·(x·Aᵀ)`): `s` a power of two ≥ 1 (PEFT's usual
+/// `alpha = r` or `2r`), so that scaling commutes with every rounding — the products are the
+/// same exact values either way, overflow aside — and `dY` f32 or, in bf16, a bf16 tensor
+/// (an f32 `dY` would be rounded by the packing's cast instead of the scaling's nearest even).
+fn scale_moves(low: bool, dy: Src, s: f32) -> bool {
+    let pow2 = s >= 1.0 && s.is_finite() && s.to_bits() & 0x007f_ffff == 0;
+    pow2 && (!low || matches!(dy.e, Elems::Bf16(_)))
+}
+
+/// `v·s` for a power of two `s` ≥ 1 (exact), in `v`'s dtype.
+fn scaled(v: Src, s: f32) -> Vals {
+    use super::bits::{round_bits, widen};
+    match v.e {
+        Elems::F32(v) => Vals::F32(map(v, |x| x * s)),
+        Elems::Bf16(v) => Vals::Bf16(map(v, |x| {
+            bf16::from_bits(round_bits(widen(x.to_bits()) * s))
+        })),
+    }
+}
+
 /// Gradients `[dX, dW, dA, dB]` for the parents that need them; in bf16 `dX` comes rounded
 /// from the kernel, the weights' gradients are rounded on the way out.
 fn backward(st: &State, dy: Src, need: [bool; 4]) -> [Option<Vals>; 4] {
@@ -323,13 +344,21 @@ fn backward(st: &State, dy: Src, need: [bool; 4]) -> [Option<Vals>; 4] {
         return [dx, dw, None, None];
     };
     let (a, b) = (Src::of(a), Src::of(b));
-    let gs = scaled_grad(low, g, *s);
+    // `dY·s` and the operands it meets: `(dY·s)·B` and `(dY·s)ᵀ·(x·Aᵀ)`, or, with the scale
+    // moved ([`scale_moves`]), `dY·(s·B)` and `dYᵀ·(s·x·Aᵀ)`.
+    let moved = scale_moves(low, g, *s);
+    let gs = (!moved).then(|| scaled_grad(low, g, *s));
+    let sb = moved.then(|| scaled(b, *s));
+    let sxa = moved.then(|| scaled(xa.src(), *s));
+    let gs = gs.as_ref().map_or(g, Vals::src);
+    let b = sb.as_ref().map_or(b, Vals::src);
+    let xa = sxa.as_ref().map_or(xa.src(), Vals::src);
     let (mut dx, mut da) = (None, None);
     if need[0] || need[2] {
         // The side path's gradient at `x·Aᵀ`: a bf16 tensor of the composition when `low`.
         let dxa = match low {
-            true => Vals::Bf16(prod_bf16(gs.src(), b, xm(n, d_out, r), None)),
-            false => Vals::F32(prod(false, gs.src(), b, xm(n, d_out, r))),
+            true => Vals::Bf16(prod_bf16(gs, b, xm(n, d_out, r), None)),
+            false => Vals::F32(prod(false, gs, b, xm(n, d_out, r))),
         };
         if need[0] {
             let side = prod(low, dxa.src(), a, xm(n, r, d_in));
@@ -346,7 +375,7 @@ fn backward(st: &State, dy: Src, need: [bool; 4]) -> [Option<Vals>; 4] {
             da = Some(Vals::F32(prod(low, dxa.src(), x, a_tb(n, r, d_in))));
         }
     }
-    let db = need[3].then(|| Vals::F32(prod(low, gs.src(), xa.src(), a_tb(n, d_out, r))));
+    let db = need[3].then(|| Vals::F32(prod(low, gs, xa, a_tb(n, d_out, r))));
     [dx, dw, da, db]
 }
 
@@ -563,7 +592,14 @@ mod tests {
     /// and with a frozen or trainable base (`n` not a multiple of gemm's blocks). `low`: `x` in
     /// bf16 with f32 master weights, the composition casting them as `Linear` does.
     fn check(lora: bool, train_w: bool, low: bool) {
-        let (n, d_in, d_out, r, s) = (37, 24, 20, 4, 2.5);
+        // 2.5: `dY·s` computed; 2: `s` moved onto `B` and `x·Aᵀ` (`scale_moves`).
+        for s in [2.5, 2.0] {
+            check_scaled(lora, train_w, low, s);
+        }
+    }
+
+    fn check_scaled(lora: bool, train_w: bool, low: bool, s: f64) {
+        let (n, d_in, d_out, r) = (37, 24, 20, 4);
         let xd = if low { DType::BF16 } else { DType::F32 };
         let x = leaf([n, d_in], 1);
         let w = leaf([d_out, d_in], 2);
@@ -619,6 +655,40 @@ mod tests {
             check(false, true, low); // full fine-tuning
             check(false, false, low); // a frozen layer (x's gradient only)
         }
+    }
+
+    /// Moving a power-of-two scale off `dY` gives the same products to the bit: `(dY·s)·B` and
+    /// `dY·(s·B)`, in f32 and with bf16 `dY` on the bf16 kernels.
+    #[test]
+    fn a_power_of_two_scale_moves_exactly() {
+        use super::{prod, scale_moves, scaled, scaled_grad, xm, Src};
+        use burn::tensor::bf16;
+        let (n, d_out, r) = (70, 45, 16);
+        let v = |len: usize, seed: usize| -> Vec<f32> {
+            (0..len)
+                .map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 - 1001.0) / 317.0)
+                .collect()
+        };
+        let (g, b) = (v(n * d_out, 1), v(d_out * r, 2));
+        let gb: Vec<bf16> = g.iter().map(|&x| bf16::from_f32(x)).collect();
+        for (low, g) in [(false, Src::f32(&g)), (true, Src::bf16(&gb))] {
+            for s in [1.0, 2.0, 8.0] {
+                assert!(scale_moves(low, g, s));
+                let gs = scaled_grad(low, g, s);
+                let sb = scaled(Src::f32(&b), s);
+                let want = prod(low, gs.src(), Src::f32(&b), xm(n, d_out, r));
+                let got = prod(low, g, sb.src(), xm(n, d_out, r));
+                assert!(
+                    want.iter()
+                        .zip(&got)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "low {low}, s {s}"
+                );
+            }
+            assert!(!scale_moves(low, g, 2.5) && !scale_moves(low, g, 0.5));
+        }
+        // An f32 dY in bf16 would be rounded by the packing, not as `dY·s` rounds.
+        assert!(!scale_moves(true, Src::f32(&g), 2.0));
     }
 
     #[test]
