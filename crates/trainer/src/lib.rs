@@ -81,6 +81,24 @@ pub fn init_threads(threads: usize, local_world: usize) -> usize {
     n
 }
 
+/// Runs `f` on a thread pool of `threads` threads of its own (the caller waits): the fused
+/// ops' parallel passes then start from inside the pool, where rayon hands work to the other
+/// threads by work stealing, instead of being injected from outside and the caller put to
+/// sleep until they finish (two context switches per parallel pass). A pool of its own, not
+/// the global one: a long job on a global worker would let that worker, while it waits inside
+/// a pass, pick up another caller's whole job (a second `train` in the same process) and run
+/// it to the end first. Runs `f` on the calling thread if no thread can be started.
+pub fn on_pool<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
+    match rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.max(1))
+        .thread_name(|i| format!("bellows-cpu-{i}"))
+        .build()
+    {
+        Ok(pool) => pool.install(f),
+        Err(_) => f(),
+    }
+}
+
 /// Runs the job: joins the process group, picks the device, trains, saves.
 ///
 /// # Errors
@@ -92,8 +110,8 @@ pub fn train(cfg: &RunConfig) -> Result<TrainReport> {
         message: m,
     })? {
         DeviceSpec::Cpu => {
-            init_threads(cfg.train.threads, acc.local_world_size());
-            train_on::<CpuBackend>(cfg, &acc, &Default::default())
+            let n = init_threads(cfg.train.threads, acc.local_world_size());
+            on_pool(n, || train_on::<CpuBackend>(cfg, &acc, &Default::default()))
         }
         DeviceSpec::Cuda(index) => cuda_train(cfg, &acc, index),
     }
@@ -110,8 +128,10 @@ pub fn bench_on(spec: &BenchSpec, device: &str, threads: usize) -> Result<BenchR
     };
     match DeviceSpec::parse(device).map_err(err)? {
         DeviceSpec::Cpu => {
-            init_threads(threads, 1);
-            Ok(run_bench::<CpuBackend>(spec, &Default::default()))
+            let n = init_threads(threads, 1);
+            Ok(on_pool(n, || {
+                run_bench::<CpuBackend>(spec, &Default::default())
+            }))
         }
         #[cfg(feature = "cuda")]
         DeviceSpec::Cuda(index) => {
@@ -189,7 +209,36 @@ fn cuda_train(cfg: &RunConfig, _acc: &Accelerator, _index: Option<usize>) -> Res
 
 #[cfg(test)]
 mod tests {
-    use super::thread_count;
+    use super::{on_pool, thread_count};
+
+    /// The job runs on a pool of the given size, on one of its threads, and two jobs started
+    /// together from two threads both finish (each on a pool of its own, neither run inside
+    /// the other's wait).
+    #[test]
+    fn jobs_run_on_pools_of_their_own() {
+        let (n, inside) = on_pool(3, || {
+            (
+                rayon::current_num_threads(),
+                rayon::current_thread_index().is_some(),
+            )
+        });
+        assert_eq!((n, inside), (3, true));
+        let sums: Vec<u64> = std::thread::scope(|s| {
+            let jobs: Vec<_> = (0..2u64)
+                .map(|j| {
+                    s.spawn(move || {
+                        on_pool(2, || {
+                            use rayon::prelude::*;
+                            (0..200_000u64).into_par_iter().map(|i| i % 7 + j).sum()
+                        })
+                    })
+                })
+                .collect();
+            jobs.into_iter().map(|h| h.join().expect("job")).collect()
+        });
+        let want = |j: u64| (0..200_000u64).map(|i| i % 7 + j).sum::<u64>();
+        assert_eq!(sums, vec![want(0), want(1)]);
+    }
 
     #[test]
     fn workers_split_the_cores_of_their_node() {
