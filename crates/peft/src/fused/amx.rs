@@ -153,17 +153,21 @@ unsafe fn fill_row_tiles<T: Bf16Operand>(v: &[T], view: View, p: usize, tiles: &
         k,
         ..
     } = view;
-    let kp = k.div_ceil(2);
     let (kpp, ktiles) = pair_tiles(k);
     let n = TILE.min(rows - p * TILE);
     let first = p * TILE * along;
     if across == 1 {
-        let mut pairs = vec![0u32; kpp];
-        let mut bits = vec![0u16; 2 * kp];
+        // Each 32-value piece of a row is one tile row: converted straight into it.
+        let mut bits = [0u16; 2 * TILE];
         for i in 0..n {
-            T::row_pairs(&v[first + i * along..][..k], &mut bits, &mut pairs[..kp]);
-            for (q, chunk) in pairs.chunks_exact(TILE).enumerate() {
-                tiles[q * TILE_PAIRS + i * TILE..][..TILE].copy_from_slice(chunk);
+            let row = &v[first + i * along..][..k];
+            for (q, piece) in row.chunks(2 * TILE).enumerate() {
+                if piece.len() < 2 * TILE {
+                    // `row_pairs` reads one value past an odd piece: zero.
+                    bits = [0; 2 * TILE];
+                }
+                let dst = &mut tiles[q * TILE_PAIRS + i * TILE..][..piece.len().div_ceil(2)];
+                T::row_pairs(piece, &mut bits, dst);
             }
         }
         return;
