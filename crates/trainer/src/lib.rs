@@ -81,16 +81,20 @@ pub fn init_threads(threads: usize, local_world: usize) -> usize {
     n
 }
 
-/// Runs `f` on a thread pool of `threads` threads of its own (the caller waits): the fused
-/// ops' parallel passes then start from inside the pool, where rayon hands work to the other
-/// threads by work stealing, instead of being injected from outside and the caller put to
-/// sleep until they finish (two context switches per parallel pass). A pool of its own, not
-/// the global one: a long job on a global worker would let that worker, while it waits inside
-/// a pass, pick up another caller's whole job (a second `train` in the same process) and run
-/// it to the end first. Runs `f` on the calling thread if no thread can be started.
+/// Runs `f` on the calling thread made the first of a thread pool of `threads` threads of its
+/// own: the fused ops' parallel passes then start from inside the pool, where rayon hands work
+/// to the other threads by work stealing, instead of being injected from outside and the caller
+/// put to sleep until they finish (two context switches per parallel pass). The caller's own
+/// thread, so that the loop's tensors come from its allocator arena (the main thread's heap,
+/// which `keep_freed_memory` keeps; another thread's arena unmaps its 64 MiB heaps as they
+/// empty, and the next step faults them in again). A pool of its own, not the global one: a
+/// long job on a global worker would let that worker, while it waits inside a pass, pick up
+/// another caller's whole job (a second `train` in the same process) and run it first. Runs
+/// `f` as a plain call where no such pool can be made (a caller already on a pool's thread).
 pub fn on_pool<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
     match rayon::ThreadPoolBuilder::new()
         .num_threads(threads.max(1))
+        .use_current_thread()
         .thread_name(|i| format!("bellows-cpu-{i}"))
         .build()
     {
@@ -211,18 +215,20 @@ fn cuda_train(cfg: &RunConfig, _acc: &Accelerator, _index: Option<usize>) -> Res
 mod tests {
     use super::{on_pool, thread_count};
 
-    /// The job runs on a pool of the given size, on one of its threads, and two jobs started
-    /// together from two threads both finish (each on a pool of its own, neither run inside
-    /// the other's wait).
+    /// The job runs on the calling thread, a thread of a pool of the given size, and two jobs
+    /// started together from two threads both finish (each on a pool of its own, neither run
+    /// inside the other's wait).
     #[test]
     fn jobs_run_on_pools_of_their_own() {
-        let (n, inside) = on_pool(3, || {
+        let caller = std::thread::current().id();
+        let (n, index, same) = on_pool(3, || {
             (
                 rayon::current_num_threads(),
-                rayon::current_thread_index().is_some(),
+                rayon::current_thread_index(),
+                std::thread::current().id() == caller,
             )
         });
-        assert_eq!((n, inside), (3, true));
+        assert_eq!((n, index, same), (3, Some(0), true));
         let sums: Vec<u64> = std::thread::scope(|s| {
             let jobs: Vec<_> = (0..2u64)
                 .map(|j| {

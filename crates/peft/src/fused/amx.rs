@@ -20,7 +20,6 @@
 //! the permission request (a system call).
 #![allow(unsafe_code)]
 
-use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
 use super::bf16_gemm::{for_each, pack_operand, Bf16Operand, Dest, Operand, View};
@@ -215,57 +214,66 @@ pub(super) fn product<L: Bf16Operand, R: Bf16Operand>(
         let (ti, tj) = (t / col_tasks, t % col_tasks);
         let (r0, r1) = (ti * MC, (ti * MC + MC).min(rows));
         let (c0, c1) = (tj * NC, (tj * NC + NC).min(cols));
-        // Not zero-filled: every 32×32 block the rows below read is stored first.
-        let mut scratch: Vec<MaybeUninit<f32>> = Vec::with_capacity(MC * NC);
-        let sums = scratch.spare_capacity_mut().as_mut_ptr().cast::<f32>();
-        {
-            // SAFETY: `available()` held for the caller.
-            let tiles = unsafe { Tiles::configure() };
-            for c in (c0..c1).step_by(2 * TILE) {
-                let bp = &b[(c / TILE) * panel..][..2 * panel];
-                for r in (r0..r1).step_by(2 * TILE) {
-                    let ap = &a[(r / TILE) * panel..][..2 * panel];
-                    // SAFETY: `ap` and `bp` hold two panels of `ktiles` tiles each (rows
-                    // and columns are padded to pairs of panels); the 32×32 block at
-                    // (r − r0, c − c0) lies in the MC × NC scratch (MC, NC multiples of 32,
-                    // r − r0 < MC, c − c0 < NC, both multiples of 32).
-                    unsafe {
-                        tiles.block(
-                            (ap.as_ptr(), ap.as_ptr().add(panel)),
-                            (bp.as_ptr(), bp.as_ptr().add(panel)),
-                            ktiles,
-                            sums.add((r - r0) * NC + (c - c0)),
-                            NC * 4,
-                        );
+        SUMS.with_borrow_mut(|scratch| {
+            scratch.resize(MC * NC, 0.0);
+            // Every 32×32 block the rows below read is stored first.
+            let sums = scratch.as_mut_ptr();
+            {
+                // SAFETY: `available()` held for the caller.
+                let tiles = unsafe { Tiles::configure() };
+                for c in (c0..c1).step_by(2 * TILE) {
+                    let bp = &b[(c / TILE) * panel..][..2 * panel];
+                    for r in (r0..r1).step_by(2 * TILE) {
+                        let ap = &a[(r / TILE) * panel..][..2 * panel];
+                        // SAFETY: `ap` and `bp` hold two panels of `ktiles` tiles each (rows
+                        // and columns are padded to pairs of panels); the 32×32 block at
+                        // (r − r0, c − c0) lies in the MC × NC scratch (MC, NC multiples of 32,
+                        // r − r0 < MC, c − c0 < NC, both multiples of 32).
+                        unsafe {
+                            tiles.block(
+                                (ap.as_ptr(), ap.as_ptr().add(panel)),
+                                (bp.as_ptr(), bp.as_ptr().add(panel)),
+                                ktiles,
+                                sums.add((r - r0) * NC + (c - c0)),
+                                NC * 4,
+                            );
+                        }
                     }
                 }
             }
-        }
-        let w = c1 - c0;
-        for i in r0..r1 {
-            // SAFETY: row i − r0's first w sums were stored by the blocks above.
-            let row = unsafe { std::slice::from_raw_parts(sums.add((i - r0) * NC), w) };
-            match dest {
-                // SAFETY: the output row's [c0, c1) belongs to this task alone.
-                Dest::F32(out) => unsafe {
-                    std::ptr::copy_nonoverlapping(row.as_ptr(), out.ptr().add(i * cols + c0), w)
-                },
-                Dest::Bf16(out, add) => {
-                    // SAFETY: as above.
-                    let o =
-                        unsafe { std::slice::from_raw_parts_mut(out.ptr().add(i * cols + c0), w) };
-                    let add = add.map(|(t, s)| (&t[i * cols + c0..][..w], s));
-                    // SAFETY: AMX CPUs have AVX-512 (`available` checks it).
-                    #[cfg(target_arch = "x86_64")]
-                    unsafe {
-                        finish_row_v4(row, add, o)
-                    };
-                    #[cfg(not(target_arch = "x86_64"))]
-                    unreachable!("AMX is x86-64 only: {} {add:?}", o.len());
+            let w = c1 - c0;
+            for i in r0..r1 {
+                // SAFETY: row i − r0's first w sums were stored by the blocks above.
+                let row = unsafe { std::slice::from_raw_parts(sums.add((i - r0) * NC), w) };
+                match dest {
+                    // SAFETY: the output row's [c0, c1) belongs to this task alone.
+                    Dest::F32(out) => unsafe {
+                        std::ptr::copy_nonoverlapping(row.as_ptr(), out.ptr().add(i * cols + c0), w)
+                    },
+                    Dest::Bf16(out, add) => {
+                        // SAFETY: as above.
+                        let o = unsafe {
+                            std::slice::from_raw_parts_mut(out.ptr().add(i * cols + c0), w)
+                        };
+                        let add = add.map(|(t, s)| (&t[i * cols + c0..][..w], s));
+                        // SAFETY: AMX CPUs have AVX-512 (`available` checks it).
+                        #[cfg(target_arch = "x86_64")]
+                        unsafe {
+                            finish_row_v4(row, add, o)
+                        };
+                        #[cfg(not(target_arch = "x86_64"))]
+                        unreachable!("AMX is x86-64 only: {} {add:?}", o.len());
+                    }
                 }
             }
-        }
+        });
     });
+}
+
+thread_local! {
+    /// This thread's block of [`MC`] × [`NC`] sums, reused by each task it runs (a task
+    /// calls nothing that could run another task on the thread meanwhile).
+    static SUMS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// The tile configuration `ldtilecfg` loads: palette 1, eight tiles of 16 rows × 64 bytes.
