@@ -13,7 +13,7 @@
 //! ([`super::epilogue`], bf16) into the output.
 //!
 //! Linux hands AMX's tile state to a process only on request (`arch_prctl`); [`available`]
-//! asks once. `BELLOWS_BF16_KERNEL=dot` (or `f32`) turns this path off, to compare kernels.
+//! asks once. `BELLOWS_BF16_KERNEL=dot` (or `f32`) picks a slower kernel instead, to compare.
 //!
 //! Unsafe code: the tile instructions (inline assembly: Rust has no stable AMX intrinsics) on
 //! raw pointers into the packed buffers and the scratch, whose extents the packing fixes, and
@@ -37,17 +37,10 @@ pub(super) const MC: usize = 128;
 pub(super) const NC: usize = 128;
 
 /// Whether this CPU and OS run the AMX kernel: the CPU reports AMX-TILE and AMX-BF16 (and
-/// the AVX-512 the packing uses), the kernel granted the tile state, and
-/// `BELLOWS_BF16_KERNEL` does not name another kernel. Asked once per process.
+/// the AVX-512 the packing uses) and the kernel granted the tile state. Asked once per process.
 pub fn available() -> bool {
     static AMX: OnceLock<bool> = OnceLock::new();
-    *AMX.get_or_init(|| {
-        let chosen = std::env::var("BELLOWS_BF16_KERNEL").ok();
-        if chosen.as_deref().is_some_and(|k| k != "amx") {
-            return false;
-        }
-        cpu_has_amx() && super::simd::has_avx512() && request_tile_state()
-    })
+    *AMX.get_or_init(|| cpu_has_amx() && super::simd::has_avx512() && request_tile_state())
 }
 
 #[cfg(target_arch = "x86_64")]

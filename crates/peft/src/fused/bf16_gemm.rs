@@ -153,7 +153,7 @@ thread_local! {
 }
 
 /// The fastest kernel this CPU runs ([`amx::available`], then [`has_bf16_dot`]), unless
-/// `BELLOWS_BF16_KERNEL` names a slower one (`dot`, `f32`: to compare kernels).
+/// `BELLOWS_BF16_KERNEL` names a slower one (`dot`, `f32`: to compare kernels). Chosen once.
 pub(super) fn chosen_kernel() -> Kernel {
     #[cfg(test)]
     if let Some(k) = TEST_KERNEL.get() {
@@ -161,14 +161,45 @@ pub(super) fn chosen_kernel() -> Kernel {
     }
     static CHOSEN: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
     *CHOSEN.get_or_init(|| {
-        if amx::available() {
-            Kernel::Amx
-        } else if has_bf16_dot() && std::env::var("BELLOWS_BF16_KERNEL").as_deref() != Ok("f32") {
-            Kernel::Dot
-        } else {
-            Kernel::F32
+        let asked = std::env::var("BELLOWS_BF16_KERNEL").ok();
+        let (kernel, note) = kernel_for(asked.as_deref(), amx::available(), has_bf16_dot());
+        if let Some(note) = note {
+            eprintln!("{note}");
         }
+        kernel
     })
+}
+
+/// The kernel for `BELLOWS_BF16_KERNEL`'s value `asked` on a CPU with or without AMX and
+/// `vdpbf16ps`, and what to tell the user when the value is not one of `amx`, `dot`, `f32` or
+/// names a kernel this CPU lacks.
+fn kernel_for(asked: Option<&str>, amx: bool, dot: bool) -> (Kernel, Option<String>) {
+    let fastest = if amx {
+        Kernel::Amx
+    } else if dot {
+        Kernel::Dot
+    } else {
+        Kernel::F32
+    };
+    let lacks = |what: &str| {
+        Some(format!(
+            "BELLOWS_BF16_KERNEL={what}: this CPU has no {what} kernel; using {fastest:?}"
+        ))
+    };
+    match asked.map(str::trim) {
+        None | Some("") => (fastest, None),
+        Some("amx") if amx => (Kernel::Amx, None),
+        Some("amx") => (fastest, lacks("amx")),
+        Some("dot") if dot => (Kernel::Dot, None),
+        Some("dot") => (fastest, lacks("dot")),
+        Some("f32") => (Kernel::F32, None),
+        Some(other) => (
+            fastest,
+            Some(format!(
+                "BELLOWS_BF16_KERNEL={other}: not one of amx, dot, f32; using {fastest:?}"
+            )),
+        ),
+    }
 }
 
 /// Whether this CPU runs the `vdpbf16ps` kernel (AVX-512 with its BF16 extension).
@@ -888,6 +919,24 @@ mod tests {
             let got = product_bf16(&spread, (2 * k, 2), &r, (n, 1), (m, k, n));
             assert_close(&format!("{kernel} {m}x{k}x{n} strided"), &got, &want, k);
         }
+    }
+
+    /// `BELLOWS_BF16_KERNEL` picks a kernel the CPU has; anything else is reported and the
+    /// fastest one used.
+    #[test]
+    fn the_kernel_variable_names_a_kernel_this_cpu_has() {
+        use super::kernel_for;
+        assert_eq!(kernel_for(None, true, true), (Kernel::Amx, None));
+        assert_eq!(kernel_for(Some("dot"), true, true), (Kernel::Dot, None));
+        assert_eq!(kernel_for(Some(" f32 "), true, true), (Kernel::F32, None));
+        assert_eq!(kernel_for(None, false, true).0, Kernel::Dot);
+        assert_eq!(kernel_for(None, false, false).0, Kernel::F32);
+        let (k, note) = kernel_for(Some("amx"), false, true);
+        assert_eq!(k, Kernel::Dot);
+        assert!(note.is_some_and(|n| n.contains("no amx kernel")));
+        let (k, note) = kernel_for(Some("AMX!"), true, true);
+        assert_eq!(k, Kernel::Amx);
+        assert!(note.is_some_and(|n| n.contains("AMX!") && n.contains("not one of")));
     }
 
     #[test]
