@@ -20,9 +20,9 @@
 //! the permission request (a system call).
 #![allow(unsafe_code)]
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
-use super::bf16_gemm::{for_each, pack_operand, Bf16Operand, Dest, Operand, View};
+use super::bf16_gemm::{for_each, pack_operand, Bf16Operand, Dest, Operand, Side, View};
 #[cfg(target_arch = "x86_64")]
 use super::epilogue::finish_row_v4;
 use super::pack_cache::Layout;
@@ -181,17 +181,14 @@ unsafe fn fill_row_tiles<T: Bf16Operand>(v: &[T], view: View, p: usize, tiles: &
     }
 }
 
-/// `lhs · rhs` on AMX tiles into `dest`, `lhs` viewed as `[rows, k]` and `rhs` as
-/// `[k, cols]` (the caller checked the views, the addend and [`available`]; rows, `k` and
-/// columns all non-zero), output blocks of [`MC`] × [`NC`] spread over the pool when `par`.
-pub(super) fn product<L: Bf16Operand, R: Bf16Operand>(
+/// `lhs` and `rhs` (`[rows, k]`, `[k, cols]`) packed as the kernel reads them, and the tiles
+/// along `k`.
+fn pack_both<L: Bf16Operand, R: Bf16Operand>(
     lhs: Operand<L>,
     rhs: Operand<R>,
     (rows, k, cols): (usize, usize, usize),
-    dest: Dest,
     par: bool,
-) {
-    let (_, ktiles) = pair_tiles(k);
+) -> (Arc<Vec<u32>>, Arc<Vec<u32>>, usize) {
     let a = pack_operand(lhs, lhs.strides, (rows, k), Layout::RowTiles, par);
     // The right side's columns are its "rows" for packing: column j is `rhs[.., j]`.
     let (rrs, rcs) = rhs.strides;
@@ -201,72 +198,136 @@ pub(super) fn product<L: Bf16Operand, R: Bf16Operand>(
         panels: 2,
     };
     let b = pack_operand(rhs, (rcs, rrs), (cols, k), right, par);
-    let panel = ktiles * TILE_PAIRS;
+    (a, b, pair_tiles(k).1)
+}
+
+/// `lhs · rhs` on AMX tiles into `dest`, `lhs` viewed as `[rows, k]` and `rhs` as
+/// `[k, cols]` (the caller checked the views, the addend and [`available`]; rows, `k` and
+/// columns all non-zero), output blocks of [`MC`] × [`NC`] spread over the pool when `par`.
+/// With a `side` product (and a bf16 `dest` without an addend), each block of the side
+/// product is computed next to the block it is added to.
+pub(super) fn product<L: Bf16Operand, R: Bf16Operand>(
+    lhs: Operand<L>,
+    rhs: Operand<R>,
+    (rows, k, cols): (usize, usize, usize),
+    dest: Dest,
+    par: bool,
+    side: Option<Side>,
+) {
+    let (a, b, ktiles) = pack_both(lhs, rhs, (rows, k, cols), par);
+    let side = side.map(|sd| {
+        let (sa, sb, st) = pack_both(sd.lhs, sd.rhs, (rows, sd.k, cols), par);
+        (sa, sb, st, sd.scale)
+    });
     let (row_tasks, col_tasks) = (rows.div_ceil(MC), cols.div_ceil(NC));
     for_each(par, row_tasks * col_tasks, |t| {
         let (ti, tj) = (t / col_tasks, t % col_tasks);
         let (r0, r1) = (ti * MC, (ti * MC + MC).min(rows));
         let (c0, c1) = (tj * NC, (tj * NC + NC).min(cols));
         SUMS.with_borrow_mut(|scratch| {
-            scratch.resize(MC * NC, 0.0);
-            // Every 32×32 block the rows below read is stored first.
-            let sums = scratch.as_mut_ptr();
-            {
-                // SAFETY: `available()` held for the caller.
-                let tiles = unsafe { Tiles::configure() };
-                for c in (c0..c1).step_by(2 * TILE) {
-                    let bp = &b[(c / TILE) * panel..][..2 * panel];
-                    for r in (r0..r1).step_by(2 * TILE) {
-                        let ap = &a[(r / TILE) * panel..][..2 * panel];
-                        // SAFETY: `ap` and `bp` hold two panels of `ktiles` tiles each (rows
-                        // and columns are padded to pairs of panels); the 32×32 block at
-                        // (r − r0, c − c0) lies in the MC × NC scratch (MC, NC multiples of 32,
-                        // r − r0 < MC, c − c0 < NC, both multiples of 32).
-                        unsafe {
-                            tiles.block(
-                                (ap.as_ptr(), ap.as_ptr().add(panel)),
-                                (bp.as_ptr(), bp.as_ptr().add(panel)),
-                                ktiles,
-                                sums.add((r - r0) * NC + (c - c0)),
-                                NC * 4,
-                            );
+            SIDE_SUMS.with_borrow_mut(|side_scratch| {
+                scratch.resize(MC * NC, 0.0);
+                if side.is_some() {
+                    side_scratch.resize(MC * NC, 0.0);
+                }
+                // Every 32×32 block the rows below read is stored first.
+                let (sums, side_sums) = (scratch.as_mut_ptr(), side_scratch.as_mut_ptr());
+                {
+                    // SAFETY: `available()` held for the caller.
+                    let tiles = unsafe { Tiles::configure() };
+                    for c in (c0..c1).step_by(2 * TILE) {
+                        for r in (r0..r1).step_by(2 * TILE) {
+                            let at = (r - r0) * NC + (c - c0);
+                            // SAFETY: the panels hold two tile panels each at these offsets
+                            // (rows and columns are padded to pairs of panels); the 32×32
+                            // block at `at` lies in the MC × NC scratch (MC, NC multiples of
+                            // 32, r − r0 < MC, c − c0 < NC, both multiples of 32).
+                            unsafe {
+                                block_at(&tiles, (&a, &b, ktiles), (r, c), sums.add(at));
+                                if let Some((sa, sb, st, _)) = &side {
+                                    block_at(&tiles, (sa, sb, *st), (r, c), side_sums.add(at));
+                                }
+                            }
                         }
                     }
                 }
-            }
-            let w = c1 - c0;
-            for i in r0..r1 {
-                // SAFETY: row i − r0's first w sums were stored by the blocks above.
-                let row = unsafe { std::slice::from_raw_parts(sums.add((i - r0) * NC), w) };
-                match dest {
-                    // SAFETY: the output row's [c0, c1) belongs to this task alone.
-                    Dest::F32(out) => unsafe {
-                        std::ptr::copy_nonoverlapping(row.as_ptr(), out.ptr().add(i * cols + c0), w)
-                    },
-                    Dest::Bf16(out, add) => {
-                        // SAFETY: as above.
-                        let o = unsafe {
-                            std::slice::from_raw_parts_mut(out.ptr().add(i * cols + c0), w)
-                        };
-                        let add = add.map(|(t, s)| (&t[i * cols + c0..][..w], s));
-                        // SAFETY: AMX CPUs have AVX-512 (`available` checks it).
-                        #[cfg(target_arch = "x86_64")]
-                        unsafe {
-                            finish_row_v4(row, add, o)
-                        };
-                        #[cfg(not(target_arch = "x86_64"))]
-                        unreachable!("AMX is x86-64 only: {} {add:?}", o.len());
+                let w = c1 - c0;
+                for i in r0..r1 {
+                    // SAFETY: row i − r0's first w sums were stored by the blocks above.
+                    let row = unsafe { std::slice::from_raw_parts(sums.add((i - r0) * NC), w) };
+                    match dest {
+                        // SAFETY: the output row's [c0, c1) belongs to this task alone.
+                        Dest::F32(out) => unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                row.as_ptr(),
+                                out.ptr().add(i * cols + c0),
+                                w,
+                            )
+                        },
+                        Dest::Bf16(out, add) => {
+                            // SAFETY: as above.
+                            let o = unsafe {
+                                std::slice::from_raw_parts_mut(out.ptr().add(i * cols + c0), w)
+                            };
+                            let add = match &side {
+                                // SAFETY: as for `row`, in the side product's scratch.
+                                Some((.., s)) => Some((
+                                    unsafe {
+                                        std::slice::from_raw_parts(side_sums.add((i - r0) * NC), w)
+                                    },
+                                    *s,
+                                )),
+                                None => add.map(|(t, s)| (&t[i * cols + c0..][..w], s)),
+                            };
+                            // SAFETY: AMX CPUs have AVX-512 (`available` checks it).
+                            #[cfg(target_arch = "x86_64")]
+                            unsafe {
+                                finish_row_v4(row, add, o)
+                            };
+                            #[cfg(not(target_arch = "x86_64"))]
+                            unreachable!("AMX is x86-64 only: {} {add:?}", o.len());
+                        }
                     }
                 }
-            }
+            })
         });
     });
+}
+
+/// The 32×32 block of `a · b` at output (r, c) (both multiples of 32) into `c_ptr`, a scratch
+/// with rows of [`NC`] values.
+///
+/// # Safety
+/// `a` and `b` must be packed by [`pack_both`] for a product that has rows `r..r + 32` and
+/// columns `c..c + 32` in its padded panels, and `c_ptr` must address 32 rows of 32 writable
+/// values at that row stride.
+unsafe fn block_at(
+    tiles: &Tiles,
+    (a, b, ktiles): (&[u32], &[u32], usize),
+    (r, c): (usize, usize),
+    c_ptr: *mut f32,
+) {
+    let panel = ktiles * TILE_PAIRS;
+    let ap = &a[(r / TILE) * panel..][..2 * panel];
+    let bp = &b[(c / TILE) * panel..][..2 * panel];
+    // SAFETY: the caller's bounds.
+    unsafe {
+        tiles.block(
+            (ap.as_ptr(), ap.as_ptr().add(panel)),
+            (bp.as_ptr(), bp.as_ptr().add(panel)),
+            ktiles,
+            c_ptr,
+            NC * 4,
+        );
+    }
 }
 
 thread_local! {
     /// This thread's block of [`MC`] × [`NC`] sums, reused by each task it runs (a task
     /// calls nothing that could run another task on the thread meanwhile).
     static SUMS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The same for a side product's sums.
+    static SIDE_SUMS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// The tile configuration `ldtilecfg` loads: palette 1, eight tiles of 16 rows × 64 bytes.

@@ -316,6 +316,52 @@ pub fn product_bf16_rounded_of<L: Bf16Operand, R: Bf16Operand>(
     y
 }
 
+/// A LoRA side path's product `t = lhs · rhs` (`[rows, k] · [k, cols]`, bf16 operands) that a
+/// bf16 product adds to its sums as `r(r(y) + r(r(t)·scale))` ([`super::epilogue`]).
+#[derive(Clone, Copy)]
+pub struct Side<'a> {
+    /// The left side, `[rows, k]`.
+    pub lhs: Operand<'a, bf16>,
+    /// The right side, `[k, cols]`.
+    pub rhs: Operand<'a, bf16>,
+    /// The side product's inner size (the adapter's rank).
+    pub k: usize,
+    /// The scale `t` is multiplied by (already rounded as Flex's bf16 scalar ops round it).
+    pub scale: f32,
+}
+
+/// [`product_bf16_rounded_of`] with the addend a side product: on AMX computed block by block
+/// inside the main product's tasks, so its f32 `[rows, cols]` is never written out and read
+/// back; on the other kernels computed first. The same sums either way.
+///
+/// # Panics
+/// If a view reaches past its slice.
+pub fn product_bf16_side_of<L: Bf16Operand, R: Bf16Operand>(
+    lhs: Operand<L>,
+    rhs: Operand<R>,
+    dims: (usize, usize, usize),
+    side: Side,
+) -> Vec<bf16> {
+    let (rows, k, cols) = dims;
+    check_views(side.lhs.view(), side.rhs.view(), (rows, side.k, cols));
+    if chosen_kernel() != Kernel::Amx || rows * k * cols * side.k == 0 {
+        let t = product_bf16_of(side.lhs, side.rhs, (rows, side.k, cols));
+        return product_bf16_rounded_of(lhs, rhs, dims, Some((&t, side.scale)));
+    }
+    check_views(lhs.view(), rhs.view(), dims);
+    let mut y: Vec<bf16> = Vec::with_capacity(rows * cols);
+    // `bf16` is a transparent `u16`.
+    let bits = y
+        .spare_capacity_mut()
+        .as_mut_ptr()
+        .cast::<MaybeUninit<u16>>();
+    let par = rows * k * cols >= PARALLEL;
+    amx::product(lhs, rhs, dims, Dest::Bf16(Out(bits), None), par, Some(side));
+    // SAFETY: the tasks cover every row and column and finish each of their rows.
+    unsafe { y.set_len(rows * cols) };
+    y
+}
+
 /// [`product_bf16_rounded`] without the bf16 kernel: [`product_bf16_via_f32`], then the same
 /// rounding as a pass of its own.
 fn rounded_via_f32<L: Bf16Operand, R: Bf16Operand>(
@@ -647,7 +693,7 @@ fn packed_product<L: Bf16Operand, R: Bf16Operand>(
 ) {
     let par = rows * k * cols >= PARALLEL;
     if on == Kernel::Amx {
-        amx::product(lhs, rhs, (rows, k, cols), dest, par);
+        amx::product(lhs, rhs, (rows, k, cols), dest, par, None);
         return;
     }
     let kp = k.div_ceil(2);
@@ -1007,6 +1053,47 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A side product added inside the kernel's tasks gives the bits of the side product
+    /// computed first and added as an addend, on every kernel, with the side's right operand
+    /// read transposed (`B` of `x·Aᵀ·Bᵀ`) or as is (`A` of `dY·B·A`).
+    #[test]
+    fn side_products_equal_the_addend_they_replace() {
+        each_kernel(|kernel| {
+            use super::{product_bf16_of, product_bf16_rounded_of, product_bf16_side_of};
+            use super::{Operand, Side};
+            for &(m, k, n, r) in &[
+                (1, 1, 1, 1),
+                (37, 40, 70, 4),
+                (160, 96, 200, 16),
+                (64, 64, 32, 33),
+            ] {
+                let (l, rt) = (values(m * k, 11), values(n * k, 12));
+                let xa: Vec<bf16> = values(m * r, 13)
+                    .iter()
+                    .map(|&v| bf16::from_f32(v))
+                    .collect();
+                let b: Vec<bf16> = values(n * r, 14)
+                    .iter()
+                    .map(|&v| bf16::from_f32(v))
+                    .collect();
+                let s = 0.375;
+                for rhs_strides in [(1, r), (n, 1)] {
+                    let (lhs, rhs) = (Operand::new(&l[..], (k, 1)), Operand::new(&rt[..], (1, k)));
+                    let side = Side {
+                        lhs: Operand::new(&xa[..], (r, 1)),
+                        rhs: Operand::new(&b[..], rhs_strides),
+                        k: r,
+                        scale: s,
+                    };
+                    let t = product_bf16_of(side.lhs, side.rhs, (m, r, n));
+                    let want = product_bf16_rounded_of(lhs, rhs, (m, k, n), Some((&t, s)));
+                    let got = product_bf16_side_of(lhs, rhs, (m, k, n), side);
+                    assert_eq!(got, want, "{kernel} {m}x{k}x{n} r {r} {rhs_strides:?}");
+                }
+            }
+        });
     }
 
     /// A kept pack gives the product the fresh pack gives, for either side and a reused view.

@@ -31,7 +31,10 @@ use burn::tensor::{backend::Backend, bf16, DType, Tensor, TensorData, TensorPrim
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use super::bf16_gemm::{product_bf16_of, product_bf16_rounded_of, Operand};
+use super::bf16_gemm::{
+    product_bf16_of, product_bf16_rounded_of, product_bf16_side_of, Bf16Operand, Operand,
+    Side as SideProduct,
+};
 use super::gemm::product;
 use super::pack_cache::Owner;
 use super::simd::{map, wide};
@@ -154,16 +157,54 @@ fn prod(low: bool, l: Src, r: Src, (ls, rs, dims): Layout) -> Vec<f32> {
     }
 }
 
+/// A LoRA side path to add to a bf16 product: `scale · (l · r)` for bf16 `l` and `r` in
+/// `layout` (`x·Aᵀ` and `B`, or `dY·s·B` and `A`).
+type SidePath<'a> = (&'a [bf16], &'a [bf16], Layout, f32);
+
 /// The bf16 product `l · r` in `layout`, rounded to bf16 as it leaves the kernel, with an
-/// optional scaled addend ([`product_bf16_rounded_of`]): a bf16 tensor's values.
-fn prod_bf16(l: Src, r: Src, (ls, rs, dims): Layout, add: Option<(&[f32], f32)>) -> Vec<bf16> {
+/// optional side path added there ([`product_bf16_side_of`]): a bf16 tensor's values.
+fn prod_bf16(l: Src, r: Src, (ls, rs, dims): Layout, side: Option<SidePath>) -> Vec<bf16> {
     use Elems::{Bf16, F32};
     let (lo, ro) = (l.owner, r.owner);
     match (l.e, r.e) {
-        (F32(l), F32(r)) => product_bf16_rounded_of(op(l, ls, lo), op(r, rs, ro), dims, add),
-        (F32(l), Bf16(r)) => product_bf16_rounded_of(op(l, ls, lo), op(r, rs, ro), dims, add),
-        (Bf16(l), F32(r)) => product_bf16_rounded_of(op(l, ls, lo), op(r, rs, ro), dims, add),
-        (Bf16(l), Bf16(r)) => product_bf16_rounded_of(op(l, ls, lo), op(r, rs, ro), dims, add),
+        (F32(l), F32(r)) => prod_bf16_of(op(l, ls, lo), op(r, rs, ro), dims, side),
+        (F32(l), Bf16(r)) => prod_bf16_of(op(l, ls, lo), op(r, rs, ro), dims, side),
+        (Bf16(l), F32(r)) => prod_bf16_of(op(l, ls, lo), op(r, rs, ro), dims, side),
+        (Bf16(l), Bf16(r)) => prod_bf16_of(op(l, ls, lo), op(r, rs, ro), dims, side),
+    }
+}
+
+/// [`prod_bf16`] on typed operands.
+fn prod_bf16_of<L: Bf16Operand, R: Bf16Operand>(
+    l: Operand<L>,
+    r: Operand<R>,
+    dims: (usize, usize, usize),
+    side: Option<SidePath>,
+) -> Vec<bf16> {
+    match side {
+        None => product_bf16_rounded_of(l, r, dims, None),
+        Some((sl, sr, (sls, srs, (_, k, _)), scale)) => {
+            let side = SideProduct {
+                lhs: Operand::new(sl, sls),
+                rhs: Operand::new(sr, srs),
+                k,
+                scale,
+            };
+            product_bf16_side_of(l, r, dims, side)
+        }
+    }
+}
+
+/// A small operand (an adapter matrix) as bf16, rounded as the packing rounds an f32 value
+/// ([`super::bits::cast_bits`]): what a product reading it would use.
+fn bf16_values(v: Src<'_>) -> std::borrow::Cow<'_, [bf16]> {
+    match v.e {
+        Elems::Bf16(v) => std::borrow::Cow::Borrowed(v),
+        Elems::F32(v) => std::borrow::Cow::Owned(
+            v.iter()
+                .map(|&x| bf16::from_bits(super::bits::cast_bits(x)))
+                .collect(),
+        ),
     }
 }
 
@@ -248,16 +289,17 @@ fn forward(d: Dims, x: Src, w: Src, lora: Option<(Src, Src, f32)>) -> (Vals, Opt
             }
         };
     }
-    let (side, xa) = match lora {
-        Some((a, b, s)) => {
-            let xa = prod_bf16(x, a, xm_t(n, d_in, r), None);
-            let t = prod(true, Src::bf16(&xa), b, xm_t(n, r, d_out));
-            (Some((t, s)), Some(Vals::Bf16(xa)))
-        }
-        None => (None, None),
+    let Some((a, b, s)) = lora else {
+        return (
+            Vals::Bf16(prod_bf16(x, w, xm_t(n, d_in, d_out), None)),
+            None,
+        );
     };
-    let add = side.as_ref().map(|(t, s)| (t.as_slice(), *s));
-    (Vals::Bf16(prod_bf16(x, w, xm_t(n, d_in, d_out), add)), xa)
+    let xa = prod_bf16(x, a, xm_t(n, d_in, r), None);
+    let b = bf16_values(b);
+    let side = (&xa[..], &b[..], xm_t(n, r, d_out), s);
+    let y = prod_bf16(x, w, xm_t(n, d_in, d_out), Some(side));
+    (Vals::Bf16(y), Some(Vals::Bf16(xa)))
 }
 
 /// What the backward pass reads.
@@ -361,10 +403,14 @@ fn backward(st: &State, dy: Src, need: [bool; 4]) -> [Option<Vals>; 4] {
             false => Vals::F32(prod(false, gs, b, xm(n, d_out, r))),
         };
         if need[0] {
-            let side = prod(low, dxa.src(), a, xm(n, r, d_in));
-            dx = Some(match low {
-                true => Vals::Bf16(prod_bf16(g, w, xm(n, d_out, d_in), Some((&side, 1.0)))),
-                false => {
+            dx = Some(match &dxa {
+                Vals::Bf16(dxa) => {
+                    let a = bf16_values(a);
+                    let side = (&dxa[..], &a[..], xm(n, r, d_in), 1.0);
+                    Vals::Bf16(prod_bf16(g, w, xm(n, d_out, d_in), Some(side)))
+                }
+                Vals::F32(_) => {
+                    let side = prod(low, dxa.src(), a, xm(n, r, d_in));
                     let mut dx = prod(false, g, w, xm(n, d_out, d_in));
                     add_scaled(&mut dx, &side, 1.0);
                     Vals::F32(dx)
