@@ -225,74 +225,68 @@ pub(super) fn product<L: Bf16Operand, R: Bf16Operand>(
         let (ti, tj) = (t / col_tasks, t % col_tasks);
         let (r0, r1) = (ti * MC, (ti * MC + MC).min(rows));
         let (c0, c1) = (tj * NC, (tj * NC + NC).min(cols));
-        SUMS.with_borrow_mut(|scratch| {
-            SIDE_SUMS.with_borrow_mut(|side_scratch| {
-                scratch.resize(MC * NC, 0.0);
-                if side.is_some() {
-                    side_scratch.resize(MC * NC, 0.0);
-                }
-                // Every 32×32 block the rows below read is stored first.
-                let (sums, side_sums) = (scratch.as_mut_ptr(), side_scratch.as_mut_ptr());
-                {
-                    // SAFETY: `available()` held for the caller.
-                    let tiles = unsafe { Tiles::configure() };
-                    for c in (c0..c1).step_by(2 * TILE) {
-                        for r in (r0..r1).step_by(2 * TILE) {
-                            let at = (r - r0) * NC + (c - c0);
-                            // SAFETY: the panels hold two tile panels each at these offsets
-                            // (rows and columns are padded to pairs of panels); the 32×32
-                            // block at `at` lies in the MC × NC scratch (MC, NC multiples of
-                            // 32, r − r0 < MC, c − c0 < NC, both multiples of 32).
-                            unsafe {
-                                block_at(&tiles, (&a, &b, ktiles), (r, c), sums.add(at));
-                                if let Some((sa, sb, st, _)) = &side {
-                                    block_at(&tiles, (sa, sb, *st), (r, c), side_sums.add(at));
-                                }
+        SCRATCH.with_borrow_mut(|[sums, side_sums]| {
+            sums.resize(MC * NC, 0.0);
+            if side.is_some() {
+                side_sums.resize(MC * NC, 0.0);
+            }
+            {
+                // SAFETY: `available()` held for the caller.
+                let tiles = unsafe { Tiles::configure() };
+                let (sp, ssp) = (sums.as_mut_ptr(), side_sums.as_mut_ptr());
+                for c in (c0..c1).step_by(2 * TILE) {
+                    for r in (r0..r1).step_by(2 * TILE) {
+                        let at = (r - r0) * NC + (c - c0);
+                        // SAFETY: the panels hold two tile panels each at these offsets
+                        // (rows and columns are padded to pairs of panels); the 32×32 block
+                        // at `at` lies in the MC × NC scratch (MC, NC multiples of 32,
+                        // r − r0 < MC, c − c0 < NC, both multiples of 32).
+                        unsafe {
+                            block_at(&tiles, (&a, &b, ktiles), (r, c), sp.add(at));
+                            if let Some((sa, sb, st, _)) = &side {
+                                block_at(&tiles, (sa, sb, *st), (r, c), ssp.add(at));
                             }
                         }
                     }
                 }
-                let w = c1 - c0;
-                for i in r0..r1 {
-                    // SAFETY: row i − r0's first w sums were stored by the blocks above.
-                    let row = unsafe { std::slice::from_raw_parts(sums.add((i - r0) * NC), w) };
-                    match dest {
-                        // SAFETY: the output row's [c0, c1) belongs to this task alone.
-                        Dest::F32(out) => unsafe {
-                            std::ptr::copy_nonoverlapping(
-                                row.as_ptr(),
-                                out.ptr().add(i * cols + c0),
-                                w,
-                            )
-                        },
-                        Dest::Bf16(out, add) => {
-                            // SAFETY: as above.
-                            let o = unsafe {
-                                std::slice::from_raw_parts_mut(out.ptr().add(i * cols + c0), w)
-                            };
-                            let add = match &side {
-                                // SAFETY: as for `row`, in the side product's scratch.
-                                Some((.., s)) => Some((
-                                    unsafe {
-                                        std::slice::from_raw_parts(side_sums.add((i - r0) * NC), w)
-                                    },
-                                    *s,
-                                )),
-                                None => add.map(|(t, s)| (&t[i * cols + c0..][..w], s)),
-                            };
-                            // SAFETY: AMX CPUs have AVX-512 (`available` checks it).
-                            #[cfg(target_arch = "x86_64")]
-                            unsafe {
-                                finish_row_v4(row, add, o)
-                            };
-                            #[cfg(not(target_arch = "x86_64"))]
-                            unreachable!("AMX is x86-64 only: {} {add:?}", o.len());
-                        }
-                    }
-                }
-            })
+            }
+            // Every block these rows read was stored above.
+            let w = c1 - c0;
+            for i in r0..r1 {
+                let at = (i - r0) * NC;
+                let side_row = side.as_ref().map(|(.., s)| (&side_sums[at..][..w], *s));
+                // SAFETY: the output row's [c0, c1) belongs to this task alone.
+                unsafe { write_row(dest, i * cols + c0, &sums[at..][..w], side_row) };
+            }
         });
     });
+}
+
+/// One row of a task's sums into the output at element `at`: copied (f32), or rounded with the
+/// side product's row, or else the addend's, added (bf16).
+///
+/// # Safety
+/// The output's `sums.len()` elements from `at` must belong to the caller alone.
+unsafe fn write_row(dest: Dest, at: usize, sums: &[f32], side: Option<(&[f32], f32)>) {
+    let w = sums.len();
+    match dest {
+        // SAFETY: the caller's bound.
+        Dest::F32(out) => unsafe {
+            std::ptr::copy_nonoverlapping(sums.as_ptr(), out.ptr().add(at), w)
+        },
+        Dest::Bf16(out, add) => {
+            // SAFETY: as above.
+            let o = unsafe { std::slice::from_raw_parts_mut(out.ptr().add(at), w) };
+            let add = side.or(add.map(|(t, s)| (&t[at..][..w], s)));
+            // SAFETY: AMX CPUs have AVX-512 (`available` checks it).
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                finish_row_v4(sums, add, o)
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            unreachable!("AMX is x86-64 only: {} {add:?}", o.len());
+        }
+    }
 }
 
 /// The 32×32 block of `a · b` at output (r, c) (both multiples of 32) into `c_ptr`, a scratch
@@ -324,11 +318,11 @@ unsafe fn block_at(
 }
 
 thread_local! {
-    /// This thread's block of [`MC`] × [`NC`] sums, reused by each task it runs (a task
-    /// calls nothing that could run another task on the thread meanwhile).
-    static SUMS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-    /// The same for a side product's sums.
-    static SIDE_SUMS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// This thread's blocks of [`MC`] × [`NC`] sums (the product's, a side product's), reused
+    /// by each task it runs (a task calls nothing that could run another task on the thread
+    /// meanwhile).
+    static SCRATCH: std::cell::RefCell<[Vec<f32>; 2]> =
+        const { std::cell::RefCell::new([Vec::new(), Vec::new()]) };
 }
 
 /// The tile configuration `ldtilecfg` loads: palette 1, eight tiles of 16 rows × 64 bytes.

@@ -303,16 +303,25 @@ pub fn product_bf16_rounded_of<L: Bf16Operand, R: Bf16Operand>(
     if kernel == Kernel::F32 || rows * k * cols == 0 {
         return rounded_via_f32(lhs.values, lhs.strides, rhs.values, rhs.strides, dims, add);
     }
-    let mut y: Vec<bf16> = Vec::with_capacity(rows * cols);
-    // `bf16` is a transparent `u16`.
-    let bits = y
-        .spare_capacity_mut()
-        .as_mut_ptr()
-        .cast::<MaybeUninit<u16>>();
-    packed_product(kernel, lhs, rhs, dims, Dest::Bf16(Out(bits), add));
-    // SAFETY: the kernel's tiles cover every row and column, and each tile's rows were
+    // SAFETY: the kernel's tiles cover every row and column, and each tile's rows are
     // finished into the output.
-    unsafe { y.set_len(rows * cols) };
+    unsafe {
+        bf16_filled(rows * cols, |out| {
+            packed_product(kernel, lhs, rhs, dims, Dest::Bf16(out, add))
+        })
+    }
+}
+
+/// A new bf16 buffer of `len` values, written by `fill` through its raw pointer.
+///
+/// # Safety
+/// `fill` must store all `len` values.
+unsafe fn bf16_filled(len: usize, fill: impl FnOnce(Out<MaybeUninit<u16>>)) -> Vec<bf16> {
+    let mut y: Vec<bf16> = Vec::with_capacity(len);
+    // `bf16` is a transparent `u16`.
+    fill(Out(y.spare_capacity_mut().as_mut_ptr().cast()));
+    // SAFETY: the caller's promise.
+    unsafe { y.set_len(len) };
     y
 }
 
@@ -349,17 +358,13 @@ pub fn product_bf16_side_of<L: Bf16Operand, R: Bf16Operand>(
         return product_bf16_rounded_of(lhs, rhs, dims, Some((&t, side.scale)));
     }
     check_views(lhs.view(), rhs.view(), dims);
-    let mut y: Vec<bf16> = Vec::with_capacity(rows * cols);
-    // `bf16` is a transparent `u16`.
-    let bits = y
-        .spare_capacity_mut()
-        .as_mut_ptr()
-        .cast::<MaybeUninit<u16>>();
     let par = rows * k * cols >= PARALLEL;
-    amx::product(lhs, rhs, dims, Dest::Bf16(Out(bits), None), par, Some(side));
     // SAFETY: the tasks cover every row and column and finish each of their rows.
-    unsafe { y.set_len(rows * cols) };
-    y
+    unsafe {
+        bf16_filled(rows * cols, |out| {
+            amx::product(lhs, rhs, dims, Dest::Bf16(out, None), par, Some(side))
+        })
+    }
 }
 
 /// [`product_bf16_rounded`] without the bf16 kernel: [`product_bf16_via_f32`], then the same

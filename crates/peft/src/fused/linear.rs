@@ -354,17 +354,6 @@ fn scale_moves(low: bool, dy: Src, s: f32) -> bool {
     pow2 && (!low || matches!(dy.e, Elems::Bf16(_)))
 }
 
-/// `v·s` for a power of two `s` ≥ 1 (exact), in `v`'s dtype.
-fn scaled(v: Src, s: f32) -> Vals {
-    use super::bits::{round_bits, widen};
-    match v.e {
-        Elems::F32(v) => Vals::F32(map(v, |x| x * s)),
-        Elems::Bf16(v) => Vals::Bf16(map(v, |x| {
-            bf16::from_bits(round_bits(widen(x.to_bits()) * s))
-        })),
-    }
-}
-
 /// Gradients `[dX, dW, dA, dB]` for the parents that need them; in bf16 `dX` comes rounded
 /// from the kernel, the weights' gradients are rounded on the way out.
 fn backward(st: &State, dy: Src, need: [bool; 4]) -> [Option<Vals>; 4] {
@@ -390,8 +379,9 @@ fn backward(st: &State, dy: Src, need: [bool; 4]) -> [Option<Vals>; 4] {
     // moved ([`scale_moves`]), `dY·(s·B)` and `dYᵀ·(s·x·Aᵀ)`.
     let moved = scale_moves(low, g, *s);
     let gs = (!moved).then(|| scaled_grad(low, g, *s));
-    let sb = moved.then(|| scaled(b, *s));
-    let sxa = moved.then(|| scaled(xa.src(), *s));
+    // `scaled_grad` without rounding an f32 operand: `v·s` in `v`'s dtype, exact here.
+    let sb = moved.then(|| scaled_grad(false, b, *s));
+    let sxa = moved.then(|| scaled_grad(false, xa.src(), *s));
     let gs = gs.as_ref().map_or(g, Vals::src);
     let b = sb.as_ref().map_or(b, Vals::src);
     let xa = sxa.as_ref().map_or(xa.src(), Vals::src);
@@ -707,7 +697,7 @@ mod tests {
     /// `dY·(s·B)`, in f32 and with bf16 `dY` on the bf16 kernels.
     #[test]
     fn a_power_of_two_scale_moves_exactly() {
-        use super::{prod, scale_moves, scaled, scaled_grad, xm, Src};
+        use super::{prod, scale_moves, scaled_grad, xm, Src};
         use burn::tensor::bf16;
         let (n, d_out, r) = (70, 45, 16);
         let v = |len: usize, seed: usize| -> Vec<f32> {
@@ -721,7 +711,7 @@ mod tests {
             for s in [1.0, 2.0, 8.0] {
                 assert!(scale_moves(low, g, s));
                 let gs = scaled_grad(low, g, s);
-                let sb = scaled(Src::f32(&b), s);
+                let sb = scaled_grad(false, Src::f32(&b), s);
                 let want = prod(low, gs.src(), Src::f32(&b), xm(n, d_out, r));
                 let got = prod(low, g, sb.src(), xm(n, d_out, r));
                 assert!(
