@@ -20,6 +20,7 @@ mod attention_kernel;
 pub(crate) mod cross_entropy;
 mod elem;
 pub(crate) mod rms_norm;
+mod rms_norm_kernel;
 pub(crate) mod softmax;
 pub(crate) mod swiglu;
 

@@ -1,129 +1,134 @@
 //! RMSNorm (Zhang & Sennrich 2019) as one autodiff node.
 //!
 //! With `r = 1/√(mean(x²) + ε)` per row, `n = x·r` and `y = w·n` (`w` broadcast over the rows):
-//! `dw = Σ_rows dy·n`, and with `dn = dy·w`, `dx = r·(dn − n·mean(dn·n))`.
-//! The forward runs the same backend ops in the same order as [`crate::RmsNorm`]'s plain
-//! composition, so outputs are bit-identical; only the gradients' rounding differs.
+//! `dw = Σ_rows dy·n`, and with `dn = dy·w`, `dx = r·(dn − n·mean(dn·n))`. One parallel pass
+//! forward and one backward ([`super::rms_norm_kernel`]), where the plain composition runs five
+//! backend ops forward and nine backward; the row means are lane sums, so the output equals the
+//! composition's to rounding (not to the bit).
 
-use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
+use std::sync::Arc;
+
+use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::NoCheckpointing};
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::backend::Autodiff;
-use burn::tensor::{backend::Backend, DType, Tensor, TensorPrimitive};
+use burn::backend::Flex;
+use burn::tensor::{backend::Backend, DType, Shape, Tensor, TensorPrimitive};
+use burn_flex::FlexTensor;
 
-use super::{inner, on_backend, prim, Ad};
+use super::rms_norm_kernel::{backward, forward, Saved};
+use super::{f32_slice, flex_tensor, on_backend, primitive, Ad};
 
-/// `(n, r)` for `x`: the normalised rows and `1/√(mean(x²) + ε)`, `[.., 1]`.
-fn normalize<I: Backend, const D: usize>(
-    x: Tensor<I, D>,
-    eps: f64,
-) -> (Tensor<I, D>, Tensor<I, D>) {
-    let r = (x.clone().powi_scalar(2).mean_dim(D - 1) + eps)
-        .sqrt()
-        .recip();
-    (x * r.clone(), r)
-}
-
-/// `dx = r·(dn − n·mean(dn·n))`, the gradient through `n = x·r`.
-fn normalize_grad<I: Backend, const D: usize>(
-    dn: Tensor<I, D>,
-    n: Tensor<I, D>,
-    r: Tensor<I, D>,
-) -> Tensor<I, D> {
-    let dot = (dn.clone() * n.clone()).mean_dim(D - 1);
-    (dn - n * dot) * r
-}
-
-/// The backward pass of `y = w·n` with `n = x·r` (f32 `x` and `w`).
+/// What the backward pass keeps: the contiguous f32 input, its per-row `r`, the gain (absent
+/// for the normalisation alone) and the input's shape.
 #[derive(Debug)]
-struct RmsNormBackward<const D: usize>;
+struct State {
+    x: FlexTensor,
+    r: Vec<f32>,
+    w: Option<FlexTensor>,
+    shape: Shape,
+}
 
-impl<I: Backend, const D: usize> Backward<I, 2> for RmsNormBackward<D> {
-    /// `x`, `r` and `w`.
-    type State = (
-        I::FloatTensorPrimitive,
-        I::FloatTensorPrimitive,
-        I::FloatTensorPrimitive,
-    );
+impl State {
+    /// `(dx, dw)` for the upstream gradient `dy`, each only when wanted.
+    fn grads(
+        &self,
+        dy: &FlexTensor,
+        want_dx: bool,
+        want_dw: bool,
+    ) -> (Option<FlexTensor>, Option<FlexTensor>) {
+        let d = self.shape[self.shape.num_dims() - 1];
+        let saved = Saved {
+            x: f32_slice(&self.x),
+            r: &self.r,
+            w: self.w.as_ref().map(f32_slice),
+            dy: f32_slice(dy),
+            d,
+        };
+        let (dx, dw) = backward(saved, want_dx, want_dw);
+        (
+            dx.map(|v| flex_tensor(v, self.shape.clone())),
+            dw.map(|v| flex_tensor(v, [d])),
+        )
+    }
+}
+
+/// The backward pass of `y = w·(x·r)`.
+#[derive(Debug)]
+struct RmsNormBackward;
+
+impl Backward<Flex, 2> for RmsNormBackward {
+    type State = Arc<State>;
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [px, pw] = ops.parents;
-        let grad = grads.consume::<I>(&ops.node);
-        let (x, r, w) = ops.state;
-        let (x, r) = (inner::<I, D>(x), inner::<I, D>(r));
-        let w = inner::<I, 1>(w);
-        let dy = inner::<I, D>(grad);
-        let n = x * r.clone();
-        if let Some(pw) = pw {
-            let d = w.dims()[0];
-            let rows = dy.shape().num_elements() / d;
-            let dw = (dy.clone() * n.clone()).reshape([rows, d]).sum_dim(0);
-            grads.register::<I>(pw.id, prim(dw.reshape([d])));
+        let dy = grads.consume::<Flex>(&ops.node).to_contiguous();
+        let (dx, dw) = ops.state.grads(&dy, px.is_some(), pw.is_some());
+        if let (Some(px), Some(dx)) = (px, dx) {
+            grads.register::<Flex>(px.id, dx);
         }
-        if let Some(px) = px {
-            let dn = dy * w.unsqueeze::<D>();
-            grads.register::<I>(px.id, prim(normalize_grad(dn, n, r)));
+        if let (Some(pw), Some(dw)) = (pw, dw) {
+            grads.register::<Flex>(pw.id, dw);
         }
     }
 }
 
 /// The backward pass of `n = x·r` alone, for the mixed-precision path.
 #[derive(Debug)]
-struct NormalizeBackward<const D: usize>;
+struct NormalizeBackward;
 
-impl<I: Backend, const D: usize> Backward<I, 1> for NormalizeBackward<D> {
-    /// `x` and `r`.
-    type State = (I::FloatTensorPrimitive, I::FloatTensorPrimitive);
+impl Backward<Flex, 1> for NormalizeBackward {
+    type State = Arc<State>;
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [px] = ops.parents;
-        let grad = grads.consume::<I>(&ops.node);
+        let dy = grads.consume::<Flex>(&ops.node).to_contiguous();
         if let Some(px) = px {
-            let (x, r) = (inner::<I, D>(ops.state.0), inner::<I, D>(ops.state.1));
-            let n = x * r.clone();
-            grads.register::<I>(px.id, prim(normalize_grad(inner::<I, D>(grad), n, r)));
+            if let (Some(dx), _) = ops.state.grads(&dy, true, false) {
+                grads.register::<Flex>(px.id, dx);
+            }
         }
     }
 }
 
-fn rms_norm_autodiff<I: Backend, C: CheckpointStrategy, const D: usize>(
-    x: Tensor<Autodiff<I, C>, D>,
-    w: Tensor<Autodiff<I, C>, 1>,
+/// `w·(x·r)` (`x·r` without `w`) of contiguous f32 tensors, and the state for its backward pass.
+fn compute(x: FlexTensor, w: Option<FlexTensor>, shape: Shape, eps: f64) -> (FlexTensor, State) {
+    let d = shape[shape.num_dims() - 1];
+    let (y, r) = forward(f32_slice(&x), w.as_ref().map(f32_slice), d, eps as f32);
+    let y = flex_tensor(y, shape.clone());
+    (y, State { x, r, w, shape })
+}
+
+fn rms_norm_autodiff<const D: usize>(
+    x: Tensor<Ad, D>,
+    w: Tensor<Ad, 1>,
     eps: f64,
-) -> Tensor<Autodiff<I, C>, D> {
-    let (TensorPrimitive::Float(xp), TensorPrimitive::Float(wp)) =
-        (x.into_primitive(), w.into_primitive())
-    else {
-        panic!("rms norm takes float tensors");
-    };
-    let (n, r) = normalize(inner::<I, D>(xp.primitive.clone()), eps);
-    let y = prim(n * inner::<I, 1>(wp.primitive.clone()).unsqueeze::<D>());
-    let out = match RmsNormBackward::<D>
-        .prepare::<C>([xp.node, wp.node])
+) -> Tensor<Ad, D> {
+    let shape = x.shape();
+    let (xp, wp) = (primitive(x), primitive(w));
+    let (xi, wi) = (xp.primitive.to_contiguous(), wp.primitive.to_contiguous());
+    let (y, state) = compute(xi, Some(wi), shape, eps);
+    let out = match RmsNormBackward
+        .prepare::<NoCheckpointing>([xp.node, wp.node])
         .compute_bound()
         .stateful()
     {
-        OpsKind::Tracked(prep) => prep.finish((xp.primitive, prim(r), wp.primitive), y),
+        OpsKind::Tracked(prep) => prep.finish(Arc::new(state), y),
         OpsKind::UnTracked(prep) => prep.finish(y),
     };
     Tensor::from_primitive(TensorPrimitive::Float(out))
 }
 
-fn normalize_autodiff<I: Backend, C: CheckpointStrategy, const D: usize>(
-    x: Tensor<Autodiff<I, C>, D>,
-    eps: f64,
-) -> Tensor<Autodiff<I, C>, D> {
-    let TensorPrimitive::Float(xp) = x.into_primitive() else {
-        panic!("rms norm takes a float tensor");
-    };
-    let (n, r) = normalize(inner::<I, D>(xp.primitive.clone()), eps);
-    let out = match NormalizeBackward::<D>
-        .prepare::<C>([xp.node])
+fn normalize_autodiff<const D: usize>(x: Tensor<Ad, D>, eps: f64) -> Tensor<Ad, D> {
+    let shape = x.shape();
+    let xp = primitive(x);
+    let (y, state) = compute(xp.primitive.to_contiguous(), None, shape, eps);
+    let out = match NormalizeBackward
+        .prepare::<NoCheckpointing>([xp.node])
         .compute_bound()
         .stateful()
     {
-        OpsKind::Tracked(prep) => prep.finish((xp.primitive, prim(r)), prim(n)),
-        OpsKind::UnTracked(prep) => prep.finish(prim(n)),
+        OpsKind::Tracked(prep) => prep.finish(Arc::new(state), y),
+        OpsKind::UnTracked(prep) => prep.finish(y),
     };
     Tensor::from_primitive(TensorPrimitive::Float(out))
 }
@@ -193,13 +198,13 @@ mod tests {
         normed * w.cast(dtype).unsqueeze()
     }
 
-    fn check(x_dtype: DType, w_dtype: DType, atol: f32, rtol: f32) {
+    fn check(x_dtype: DType, w_dtype: DType, y_rtol: f32, atol: f32, rtol: f32) {
         let x = leaf([2, 5, 32], x_dtype, 4);
         let w = leaf([32], w_dtype, 5);
         let (xa, wa, xb, wb) = (twin(&x), twin(&w), twin(&x), twin(&w));
         let ya = rms_norm(xa.clone(), wa.clone(), 1e-5);
         let yb = plain(xb.clone(), wb.clone(), 1e-5);
-        assert_close("y", ya.clone(), yb.clone(), 0.0, 0.0);
+        assert_close("y", ya.clone(), yb.clone(), 1e-7, y_rtol);
         let (ga, gb) = (loss(ya).backward(), loss(yb).backward());
         let dxa = xa.grad(&ga).expect("dx");
         assert_close("dx", dxa, xb.grad(&gb).expect("dx"), atol, rtol);
@@ -209,12 +214,14 @@ mod tests {
 
     #[test]
     fn fused_rms_norm_matches_the_plain_composition_in_f32() {
-        check(DType::F32, DType::F32, 1e-5, 1e-4);
+        // The row means are lane sums: y to f32 rounding of the composition's.
+        check(DType::F32, DType::F32, 1e-6, 1e-5, 1e-4);
     }
 
     #[test]
     fn fused_rms_norm_matches_the_plain_composition_for_bf16_inputs() {
-        check(DType::BF16, DType::F32, 3e-2, 3e-2);
-        check(DType::BF16, DType::BF16, 3e-2, 3e-2);
+        // One bf16 step (2⁻⁸) where an f32 last-bit difference crosses a rounding boundary.
+        check(DType::BF16, DType::F32, 8e-3, 3e-2, 3e-2);
+        check(DType::BF16, DType::BF16, 8e-3, 3e-2, 3e-2);
     }
 }

@@ -154,9 +154,29 @@ pub fn sum(v: &[f32]) -> f32 {
     s.iter().sum()
 }
 
+/// `Σ a[j]·b[j]` over the shorter slice, in [`sum`]'s lanes and order (each product rounded,
+/// then summed as [`sum`] sums: `dot(a, b) == sum(a·b)` bit for bit).
+#[inline(always)]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ta, tb) = (ca.remainder(), cb.remainder());
+    let mut s = [0.0f32; LANES];
+    for (ca, cb) in ca.zip(cb) {
+        for ((s, &x), &y) in s.iter_mut().zip(ca).zip(cb) {
+            *s += x * y;
+        }
+    }
+    for ((s, &x), &y) in s.iter_mut().zip(ta).zip(tb) {
+        *s += x * y;
+    }
+    s.iter().sum()
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{exp, map, max, sum, wide};
+    use super::{dot, exp, map, max, sum, wide};
 
     #[test]
     fn map_applies_f_to_every_element_in_order() {
@@ -186,6 +206,31 @@ mod tests {
                 "padded sum of {n}"
             );
         }
+    }
+
+    /// `dot` rounds each product and sums the products as `sum` does.
+    #[test]
+    fn dot_is_the_lane_sum_of_the_products() {
+        for n in [0, 1, 15, 16, 17, 100, 1000] {
+            let a: Vec<f32> = (0..n).map(|i| 1.0 / (i as f32 + 3.0)).collect();
+            let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+            let products: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x * y).collect();
+            assert_eq!(
+                dot(&a, &b).to_bits(),
+                sum(&products).to_bits(),
+                "dot of {n}"
+            );
+            let wide_dot = wide(
+                #[inline(always)]
+                || dot(&a, &b),
+            );
+            assert_eq!(
+                wide_dot.to_bits(),
+                sum(&products).to_bits(),
+                "wide dot of {n}"
+            );
+        }
+        assert_eq!(dot(&[1.0, 2.0, 3.0], &[4.0, 5.0]), 14.0);
     }
 
     /// Within 2·10⁻⁷ relative (under 2 ulp) of the exact value over the whole finite range,
