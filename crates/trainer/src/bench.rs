@@ -4,7 +4,10 @@
 use std::time::Instant;
 
 use burn::module::{AutodiffModule, Module};
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::{GradientsParams, Optimizer};
+
+use crate::adamw::FusedAdamW;
+use crate::zero::AdamWParams;
 use burn::tensor::{backend::AutodiffBackend, ElementConversion};
 use serde::Serialize;
 
@@ -272,10 +275,13 @@ pub fn run_bench<B: AutodiffBackend>(spec: &BenchSpec, device: &B::Device) -> Be
             .filter_map(|l| l.nf4.as_ref())
             .map(|w| w.d_in * w.d_out)
             .sum::<usize>();
-    let mut optim = AdamWConfig::new()
-        .with_epsilon(1e-8)
-        .with_weight_decay(0.0)
-        .init::<B, CausalLm<B>>();
+    let mut optim = FusedAdamW::new(AdamWParams {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.0,
+    })
+    .init::<B, CausalLm<B>>();
     let data = random_batch(arch.vocab_size, batch, seq, 0);
     let tokens = (batch * seq) as f64;
     let mut times = Vec::new();

@@ -13,6 +13,7 @@
 #![warn(missing_docs)]
 
 mod accelerator;
+pub mod adamw;
 mod alloc;
 mod bench;
 mod bench_gemm;

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use burn::module::AutodiffModule;
-use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams};
+use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{
     backend::AutodiffBackend, backend::Backend, DType, ElementConversion, Int, Tensor, TensorData,
 };
@@ -13,6 +13,7 @@ use bellows_data::{Batch, LoaderSpec, Prefetcher, Split, TokenLoader};
 use bellows_models::{causal_lm_loss_sum, CausalLm, ForwardInput, ModelArch};
 use bellows_peft::LoraPlan;
 
+use crate::adamw::FusedAdamW;
 use crate::build::build_model_sharded;
 use crate::checkpoint::{
     load_checkpoint, resolve_resume, save_checkpoint, truncate_metrics, write_model_card,
@@ -171,18 +172,13 @@ pub fn train_on<B: AutodiffBackend>(
         std::fs::write(&p, cfg.to_toml()).map_err(|e| Error::io(&p, e))?;
     }
     let o = &cfg.optim;
-    let mut optim = AdamWConfig::new()
-        .with_beta_1(o.beta1 as f32)
-        .with_beta_2(o.beta2 as f32)
-        .with_epsilon(o.eps as f32)
-        .with_weight_decay(o.weight_decay as f32)
-        .init::<B, CausalLm<B>>();
     let hp = AdamWParams {
         beta1: o.beta1 as f32,
         beta2: o.beta2 as f32,
         eps: o.eps as f32,
         weight_decay: o.weight_decay as f32,
     };
+    let mut optim = FusedAdamW::new(hp).init::<B, CausalLm<B>>();
     let (rank, world) = (acc.rank(), acc.world_size());
     let mut zero = match (cfg.dist.strategy, &fsdp) {
         (_, Some(f)) => Some(f.optimizer(hp, &model)),

@@ -20,6 +20,7 @@ use burn::tensor::{backend::AutodiffBackend, Tensor, TensorData};
 
 use bellows_dist::{chunk_range, ProcessGroup, ReduceOp};
 
+use crate::adamw::Consts;
 use crate::Result;
 
 /// AdamW hyper-parameters (the `[optim]` section's).
@@ -429,7 +430,8 @@ impl ZeroAdamW {
     }
 }
 
-/// burn 0.21's AdamW on one shard, in the same f32 operations and order.
+/// burn 0.21's AdamW on one shard, in the same f32 operations and order
+/// ([`crate::adamw::Consts::update`], in parallel chunks), on `grads · factor`.
 fn adamw_rows(
     hp: &AdamWParams,
     st: &mut ShardState,
@@ -438,32 +440,17 @@ fn adamw_rows(
     factor: f32,
     lr: f64,
 ) {
-    let (b1, b2) = (hp.beta1, hp.beta2);
-    let (f1, f2) = (1.0 - b1, 1.0 - b2);
     let first = st.step == 0;
     st.step += 1;
-    let t = st.step as i32;
-    let c1 = 1f32 - b1.powi(t);
-    let c2 = 1f32 - b2.powi(t);
-    let decay = lr * f64::from(hp.weight_decay);
-    let keep = (1.0 - decay) as f32;
-    let lr32 = lr as f32;
-    for i in 0..p.len() {
-        let gi = if factor == 1.0 { g[i] } else { g[i] * factor };
-        let (m, v) = if first {
-            (gi * f1, (gi * gi) * f2)
-        } else {
-            (
-                st.exp_avg[i] * b1 + gi * f1,
-                st.exp_avg_sq[i] * b2 + (gi * gi) * f2,
-            )
-        };
-        st.exp_avg[i] = m;
-        st.exp_avg_sq[i] = v;
-        let delta = (m / c1) / ((v / c2).sqrt() + hp.eps);
-        let decayed = if decay == 0.0 { p[i] } else { p[i] * keep };
-        p[i] = decayed - delta * lr32;
-    }
+    let c = Consts::new(hp, lr, st.step as usize);
+    let scaled: Vec<f32>;
+    let g = if factor == 1.0 {
+        g
+    } else {
+        scaled = g.iter().map(|&g| g * factor).collect();
+        &scaled
+    };
+    c.apply(p, g, (&mut st.exp_avg, &mut st.exp_avg_sq), first);
 }
 
 impl ZeroAdamW {

@@ -10,11 +10,12 @@ use std::collections::HashMap;
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::record::AdaptorRecord;
-use burn::optim::{AdamW, AdamWState, AdaptiveMomentumState, Optimizer};
+use burn::optim::{AdamWState, AdaptiveMomentumState, Optimizer};
 use burn::tensor::{backend::AutodiffBackend, Tensor, TensorData};
 
-/// The AdamW optimizer of the recipe for model `M`.
-pub type AdamWOptim<M, B> = OptimizerAdaptor<AdamW, M, B>;
+/// The AdamW optimizer of the recipe for model `M` (burn's arithmetic and state, fused on the
+/// CPU backend: [`crate::adamw::FusedAdamW`]).
+pub type AdamWOptim<M, B> = OptimizerAdaptor<crate::adamw::FusedAdamW, M, B>;
 
 /// The optimizer's per-`ParamId` state map.
 type Records<M, B> = <AdamWOptim<M, B> as Optimizer<M, B>>::Record;
