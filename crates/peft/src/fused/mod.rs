@@ -17,6 +17,7 @@ mod cast;
 mod epilogue;
 mod gemm;
 mod linear;
+mod lora_side;
 mod matmul;
 mod pack_cache;
 pub mod simd;
