@@ -20,72 +20,41 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Flex;
 use burn::tensor::{activation, backend::Backend, bf16, DType, Shape, Tensor, TensorPrimitive};
 use burn_flex::FlexTensor;
-use rayon::prelude::*;
 
-use bellows_peft::fused::simd::{sigmoid, wide};
+use bellows_peft::fused::simd::{map2, map3_2, sigmoid};
 
 use super::elem::{tensor, Elem};
 use super::{on_backend, primitive, Ad};
 
-/// Elements per task.
-const CHUNK: usize = 1 << 14;
-
-/// `silu(g)·u`, one parallel pass (the composition's `g·σ(g)·u`).
+/// `silu(g)·u`, one parallel pass (the composition's `g·σ(g)·u`), written straight into a new
+/// buffer ([`map2`]: no zero-fill first).
 fn forward<E: Elem>(g: &FlexTensor, u: &FlexTensor) -> Vec<E> {
-    let (g, u) = (E::slice(g), E::slice(u));
-    let mut y = vec![E::default(); g.len()];
-    y.par_chunks_mut(CHUNK)
-        .zip(g.par_chunks(CHUNK))
-        .zip(u.par_chunks(CHUNK))
-        .for_each(|((y, g), u)| {
-            wide(
-                #[inline(always)]
-                || forward_chunk(y, g, u),
-            )
-        });
-    y
-}
-
-/// [`forward`] on one chunk (inlined into [`wide`]'s AVX-512 build).
-#[inline(always)]
-fn forward_chunk<E: Elem>(y: &mut [E], g: &[E], u: &[E]) {
-    for ((y, g), u) in y.iter_mut().zip(g).zip(u) {
-        let g = g.wide();
-        *y = E::narrow(E::narrow(g * sigmoid(g)).wide() * u.wide());
-    }
+    map2(
+        E::slice(g),
+        E::slice(u),
+        #[inline(always)]
+        |g: E, u: E| {
+            let g = g.wide();
+            E::narrow(E::narrow(g * sigmoid(g)).wide() * u.wide())
+        },
+    )
 }
 
 /// `(dg, du)` for upstream `dy`, both in one pass (g and u are both projections' outputs, so
 /// both are nearly always wanted; an unwanted one is dropped by the caller).
 fn backward<E: Elem>(g: &FlexTensor, u: &FlexTensor, dy: &FlexTensor) -> (Vec<E>, Vec<E>) {
-    let (g, u, dy) = (E::slice(g), E::slice(u), E::slice(dy));
-    let (mut dg, mut du) = (vec![E::default(); g.len()], vec![E::default(); g.len()]);
-    dg.par_chunks_mut(CHUNK)
-        .zip(du.par_chunks_mut(CHUNK))
-        .enumerate()
-        .for_each(|(c, (dgc, duc))| {
-            let at = c * CHUNK;
-            let n = dgc.len();
-            let (g, u, dy) = (&g[at..at + n], &u[at..at + n], &dy[at..at + n]);
-            wide(
-                #[inline(always)]
-                || backward_chunk(g, u, dy, dgc, duc),
-            )
-        });
-    (dg, du)
-}
-
-/// [`backward`] on one chunk (inlined into [`wide`]'s AVX-512 build).
-#[inline(always)]
-fn backward_chunk<E: Elem>(g: &[E], u: &[E], dy: &[E], dg: &mut [E], du: &mut [E]) {
-    for k in 0..dg.len() {
-        let [gi, ui, d] = [g[k], u[k], dy[k]].map(E::wide);
-        let s = sigmoid(gi);
-        du[k] = E::narrow(d * E::narrow(gi * s).wide());
-        // σ'(g) = σ(g)(1 − σ(g)), so d(g·σ(g))/dg = σ(g)·(1 + g·(1 − σ(g))).
-        let slope = s * (gi * (-s + 1.0) + 1.0);
-        dg[k] = E::narrow(d * ui * slope);
-    }
+    map3_2(
+        (E::slice(g), E::slice(u), E::slice(dy)),
+        #[inline(always)]
+        |g: E, u: E, dy: E| {
+            let [gi, ui, d] = [g, u, dy].map(E::wide);
+            let s = sigmoid(gi);
+            let du = E::narrow(d * E::narrow(gi * s).wide());
+            // σ'(g) = σ(g)(1 − σ(g)), so d(g·σ(g))/dg = σ(g)·(1 + g·(1 − σ(g))).
+            let slope = s * (gi * (-s + 1.0) + 1.0);
+            (E::narrow(d * ui * slope), du)
+        },
+    )
 }
 
 #[derive(Debug)]

@@ -113,6 +113,84 @@ pub fn map<S: Copy + Sync, D: Send>(src: &[S], f: impl Fn(S) -> D + Sync) -> Vec
     out
 }
 
+/// `f` of each pair `(a[i], b[i])` into a new vector, as [`map`] does for one input.
+///
+/// # Panics
+/// If `a` and `b` differ in length.
+pub fn map2<A: Copy + Sync, B: Copy + Sync, D: Send>(
+    a: &[A],
+    b: &[B],
+    f: impl Fn(A, B) -> D + Sync,
+) -> Vec<D> {
+    assert_eq!(a.len(), b.len(), "map2 over slices of different lengths");
+    let mut out: Vec<D> = Vec::with_capacity(a.len());
+    out.spare_capacity_mut()[..a.len()]
+        .par_chunks_mut(CHUNK)
+        .zip(a.par_chunks(CHUNK))
+        .zip(b.par_chunks(CHUNK))
+        .for_each(|((o, a), b)| {
+            wide(
+                #[inline(always)]
+                || {
+                    for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
+                        o.write(f(a, b));
+                    }
+                },
+            )
+        });
+    // SAFETY: the equal-length chunks cover all `a.len()` elements, each written above.
+    unsafe { out.set_len(a.len()) };
+    out
+}
+
+/// The two results of `f` on each triple `(a[i], b[i], c[i])` into two new vectors, as [`map`]
+/// does for one input and one result.
+///
+/// # Panics
+/// If the slices differ in length.
+pub fn map3_2<A, B, C, D, E>(
+    (a, b, c): (&[A], &[B], &[C]),
+    f: impl Fn(A, B, C) -> (D, E) + Sync,
+) -> (Vec<D>, Vec<E>)
+where
+    A: Copy + Sync,
+    B: Copy + Sync,
+    C: Copy + Sync,
+    D: Send,
+    E: Send,
+{
+    let n = a.len();
+    assert!(
+        b.len() == n && c.len() == n,
+        "map3_2 over slices of different lengths"
+    );
+    let (mut d, mut e): (Vec<D>, Vec<E>) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    d.spare_capacity_mut()[..n]
+        .par_chunks_mut(CHUNK)
+        .zip(e.spare_capacity_mut()[..n].par_chunks_mut(CHUNK))
+        .zip(a.par_chunks(CHUNK))
+        .zip(b.par_chunks(CHUNK))
+        .zip(c.par_chunks(CHUNK))
+        .for_each(|((((d, e), a), b), c)| {
+            wide(
+                #[inline(always)]
+                || {
+                    for k in 0..d.len().min(e.len()).min(a.len()).min(b.len()).min(c.len()) {
+                        let (x, y) = f(a[k], b[k], c[k]);
+                        d[k].write(x);
+                        e[k].write(y);
+                    }
+                },
+            )
+        });
+    // SAFETY: the equal-length chunks cover all `n` elements of both, each written above.
+    unsafe {
+        d.set_len(n);
+        e.set_len(n);
+    }
+    (d, e)
+}
+
 /// Lanes of the reductions below: one AVX-512 vector of f32.
 pub const LANES: usize = 16;
 
@@ -176,7 +254,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 #[cfg(test)]
 mod tests {
-    use super::{dot, exp, map, max, sum, wide};
+    use super::{dot, exp, map, map2, map3_2, max, sum, wide};
 
     #[test]
     fn map_applies_f_to_every_element_in_order() {
@@ -206,6 +284,30 @@ mod tests {
                 "padded sum of {n}"
             );
         }
+    }
+
+    #[test]
+    fn map2_and_map3_2_apply_f_to_every_element_in_order() {
+        let a: Vec<u32> = (0..70_000).collect();
+        let b: Vec<f32> = (0..70_000).map(|i| i as f32 * 0.25).collect();
+        let got = map2(&a, &b, |x, y| x as f32 + y);
+        assert_eq!(
+            got,
+            a.iter()
+                .zip(&b)
+                .map(|(&x, &y)| x as f32 + y)
+                .collect::<Vec<_>>()
+        );
+        let (d, e) = map3_2((&a, &b, &b), |x, y, z| (x as f32 - y, y * z));
+        assert_eq!(
+            d,
+            a.iter()
+                .zip(&b)
+                .map(|(&x, &y)| x as f32 - y)
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(e, b.iter().map(|&y| y * y).collect::<Vec<_>>());
+        assert!(map2(&[] as &[u32], &[] as &[u32], |x, _| x).is_empty());
     }
 
     /// `dot` rounds each product and sums the products as `sum` does.
