@@ -8,7 +8,7 @@
 //! sums are added in block order, and the blocks depend only on `d`: the result does not depend
 //! on the number of threads.
 
-use bellows_peft::fused::simd::{self, wide};
+use bellows_peft::fused::simd::{self, pairwise_sum, wide};
 use rayon::prelude::*;
 
 /// Elements per task, rounded to whole rows (at least one).
@@ -128,26 +128,6 @@ pub(crate) fn backward(
     };
     let dw = want_dw.then(|| pairwise_sum(partials, d));
     (dx, dw)
-}
-
-/// The element-wise sum of `parts` (each `d` long), added pairwise (neighbours, then
-/// neighbours' sums, …): a rounding error growing with the log of the number of parts, where
-/// adding them in turn grows it linearly.
-fn pairwise_sum(mut parts: Vec<Vec<f32>>, d: usize) -> Vec<f32> {
-    while parts.len() > 1 {
-        let mut next = Vec::with_capacity(parts.len().div_ceil(2));
-        let mut it = parts.into_iter();
-        while let Some(mut a) = it.next() {
-            if let Some(b) = it.next() {
-                for (a, b) in a.iter_mut().zip(b) {
-                    *a += b;
-                }
-            }
-            next.push(a);
-        }
-        parts = next;
-    }
-    parts.pop().unwrap_or_else(|| vec![0.0; d])
 }
 
 /// [`backward`] on one block of rows: `dx` written when given, `dw` (empty: not wanted)

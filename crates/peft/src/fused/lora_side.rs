@@ -29,6 +29,8 @@ use std::arch::x86_64::{
 
 use rayon::prelude::*;
 
+use super::simd::pairwise_sum;
+
 /// Rows per task (and per partial sum of `dA` and `dB`).
 const BLOCK: usize = 64;
 
@@ -216,24 +218,6 @@ pub(crate) fn backward(
     (da, db)
 }
 
-/// The element-wise sum of `parts` (each `len` long), added pairwise.
-fn pairwise_sum(mut parts: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
-    while parts.len() > 1 {
-        let mut next = Vec::with_capacity(parts.len().div_ceil(2));
-        let mut it = parts.into_iter();
-        while let Some(mut a) = it.next() {
-            if let Some(b) = it.next() {
-                for (a, b) in a.iter_mut().zip(b) {
-                    *a += b;
-                }
-            }
-            next.push(a);
-        }
-        parts = next;
-    }
-    parts.pop().unwrap_or_else(|| vec![0.0; len])
-}
-
 /// The lanes `0..n` of a vector (`n ≤ 16`).
 #[cfg(target_arch = "x86_64")]
 fn mask(n: usize) -> __mmask16 {
@@ -253,18 +237,26 @@ fn mask(n: usize) -> __mmask16 {
 unsafe fn rows_times(lhs: &[f32], k: usize, rows: usize, rp: &[f32], r: usize, out: &mut [f32]) {
     debug_assert!(lhs.len() >= rows * k && rp.len() >= k * width(r) && out.len() >= rows * r);
     let (l, rp, o) = (lhs.as_ptr(), rp.as_ptr(), out.as_mut_ptr());
-    let mut i = 0;
-    // SAFETY: rows `i..i + R` are inside `lhs` and `out` (the caller's sizes).
-    unsafe {
-        while i + 8 <= rows {
-            rows_times_block::<8>(l.add(i * k), k, rp, r, o.add(i * r));
-            i += 8;
-        }
-        while i < rows {
-            rows_times_block::<1>(l.add(i * k), k, rp, r, o.add(i * r));
-            i += 1;
+    for (i, eight) in row_groups(rows) {
+        // SAFETY: rows `i..i + 8` (or `i`) are inside `lhs` and `out` (the caller's sizes).
+        unsafe {
+            if eight {
+                rows_times_block::<8>(l.add(i * k), k, rp, r, o.add(i * r));
+            } else {
+                rows_times_block::<1>(l.add(i * k), k, rp, r, o.add(i * r));
+            }
         }
     }
+}
+
+/// The starts of `rows`' groups of eight, then of the rows left over one by one: `(start,
+/// whether eight)`.
+fn row_groups(rows: usize) -> impl Iterator<Item = (usize, bool)> {
+    let eights = rows / 8 * 8;
+    (0..eights)
+        .step_by(8)
+        .map(|i| (i, true))
+        .chain((eights..rows).map(|i| (i, false)))
 }
 
 /// [`rows_times`] for `R` rows: `R` accumulators per vector of `r`, one broadcast per row and
@@ -319,16 +311,14 @@ unsafe fn add_rows_times(
 ) {
     debug_assert!(y.len() >= rows * m && l.len() >= rows * r && rr.len() >= r * m);
     let (yp, lp, rp) = (y.as_mut_ptr(), l.as_ptr(), rr.as_ptr());
-    let mut i = 0;
-    // SAFETY: rows `i..i + R` are inside `y` and `l`.
-    unsafe {
-        while i + 8 <= rows {
-            add_block::<8>(yp.add(i * m), m, s, lp.add(i * r), r, rp);
-            i += 8;
-        }
-        while i < rows {
-            add_block::<1>(yp.add(i * m), m, s, lp.add(i * r), r, rp);
-            i += 1;
+    for (i, eight) in row_groups(rows) {
+        // SAFETY: rows `i..i + 8` (or `i`) are inside `y` and `l`.
+        unsafe {
+            if eight {
+                add_block::<8>(yp.add(i * m), m, s, lp.add(i * r), r, rp);
+            } else {
+                add_block::<1>(yp.add(i * m), m, s, lp.add(i * r), r, rp);
+            }
         }
     }
 }
@@ -514,10 +504,26 @@ mod tests {
         },
     ];
 
+    /// True (and says so) where the kernels do not run.
+    fn no_kernels() -> bool {
+        let none = !applies(16);
+        if none {
+            eprintln!("no AVX-512 here: the side-path kernels do not run");
+        }
+        none
+    }
+
+    /// `base + t·s` in f64, and the size of its two terms (for [`near_scaled`]).
+    fn added(base: &[f32], t: &[f64], s: f64) -> (Vec<f64>, Vec<f64>) {
+        base.iter()
+            .zip(t)
+            .map(|(&y, &t)| (f64::from(y) + s * t, f64::from(y).abs() + s * t.abs()))
+            .unzip()
+    }
+
     #[test]
     fn the_forward_side_path_is_x_at_bt_times_s_added() {
-        if !applies(16) {
-            eprintln!("no AVX-512 here: the side-path kernels do not run");
+        if no_kernels() {
             return;
         }
         for sh in SHAPES {
@@ -532,24 +538,14 @@ mod tests {
             let xa = forward(sh, &x, &a, &b, 2.0, &mut y);
             near("xa", &xa, &prod64(&x, n, d_in, r, |k, q| a[q * d_in + k]));
             let t = prod64(&xa, n, r, d_out, |q, j| b[j * r + q]);
-            let want: Vec<f64> = y0
-                .iter()
-                .zip(&t)
-                .map(|(&y, &t)| f64::from(y) + 2.0 * t)
-                .collect();
-            let terms: Vec<f64> = y0
-                .iter()
-                .zip(&t)
-                .map(|(&y, &t)| f64::from(y).abs() + 2.0 * t.abs())
-                .collect();
+            let (want, terms) = added(&y0, &t, 2.0);
             near_scaled("y", &y, &want, &terms);
         }
     }
 
     #[test]
     fn the_backward_side_path_gives_dx_da_db() {
-        if !applies(16) {
-            eprintln!("no AVX-512 here: the side-path kernels do not run");
+        if no_kernels() {
             return;
         }
         for sh in SHAPES {
@@ -574,16 +570,7 @@ mod tests {
             let dxa64 = prod64(&g, n, d_out, r, |k, q| b[k * r + q]);
             let dxa: Vec<f32> = dxa64.iter().map(|&v| v as f32).collect();
             let side = prod64(&dxa, n, r, d_in, |q, j| a[q * d_in + j]);
-            let want: Vec<f64> = dx0
-                .iter()
-                .zip(&side)
-                .map(|(&d, &s)| f64::from(d) + s)
-                .collect();
-            let terms: Vec<f64> = dx0
-                .iter()
-                .zip(&side)
-                .map(|(&d, &s)| f64::from(d).abs() + s.abs())
-                .collect();
+            let (want, terms) = added(&dx0, &side, 1.0);
             near_scaled("dx", &dx, &want, &terms);
             let mut da64 = vec![0.0; r * d_in];
             let mut db64 = vec![0.0; d_out * r];
@@ -612,8 +599,7 @@ mod tests {
     /// The blocks do not depend on the pool: one thread and two give the same bits.
     #[test]
     fn results_do_not_depend_on_the_thread_count() {
-        if !applies(16) {
-            eprintln!("no AVX-512 here: the side-path kernels do not run");
+        if no_kernels() {
             return;
         }
         let sh = Shape {

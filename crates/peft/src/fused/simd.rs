@@ -191,6 +191,27 @@ where
     (d, e)
 }
 
+/// The element-wise sum of `parts` (each `len` long; `len` zeros when there are none), added
+/// pairwise — neighbours, then neighbours' sums, … — so the rounding error grows with the log
+/// of the number of parts, where adding them in turn grows it linearly; the order depends only
+/// on the number of parts.
+pub fn pairwise_sum(mut parts: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
+    while parts.len() > 1 {
+        let mut next = Vec::with_capacity(parts.len().div_ceil(2));
+        let mut it = parts.into_iter();
+        while let Some(mut a) = it.next() {
+            if let Some(b) = it.next() {
+                for (a, b) in a.iter_mut().zip(b) {
+                    *a += b;
+                }
+            }
+            next.push(a);
+        }
+        parts = next;
+    }
+    parts.pop().unwrap_or_else(|| vec![0.0; len])
+}
+
 /// Lanes of the reductions below: one AVX-512 vector of f32.
 pub const LANES: usize = 16;
 
@@ -254,7 +275,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 #[cfg(test)]
 mod tests {
-    use super::{dot, exp, map, map2, map3_2, max, sum, wide};
+    use super::{dot, exp, map, map2, map3_2, max, pairwise_sum, sum, wide};
 
     #[test]
     fn map_applies_f_to_every_element_in_order() {
@@ -308,6 +329,23 @@ mod tests {
         );
         assert_eq!(e, b.iter().map(|&y| y * y).collect::<Vec<_>>());
         assert!(map2(&[] as &[u32], &[] as &[u32], |x, _| x).is_empty());
+    }
+
+    /// Neighbours first: ((p0 + p1) + (p2 + p3)) + p4, element-wise; none gives zeros.
+    #[test]
+    fn pairwise_sum_adds_neighbours_first() {
+        let parts: Vec<Vec<f32>> = [1e8f32, 1.0, -1e8, 1.0, 0.5]
+            .iter()
+            .map(|&v| vec![v, 2.0 * v])
+            .collect();
+        let want: Vec<f32> = (0..2)
+            .map(|e| {
+                let p = |i: usize| parts[i][e];
+                ((p(0) + p(1)) + (p(2) + p(3))) + p(4)
+            })
+            .collect();
+        assert_eq!(pairwise_sum(parts, 2), want);
+        assert_eq!(pairwise_sum(Vec::new(), 3), vec![0.0; 3]);
     }
 
     /// `dot` rounds each product and sums the products as `sum` does.
