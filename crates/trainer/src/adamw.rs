@@ -80,6 +80,8 @@ impl FusedAdamW {
             return self.plain.step(lr, p, g, state);
         }
         let shape = p.shape();
+        // burn's first step is the one without a state (a loaded state of step 0 is not).
+        let first = state.is_none();
         let (time, mut m, mut v) = match state {
             Some(s) => {
                 let m = s.momentum;
@@ -97,7 +99,7 @@ impl FusedAdamW {
             p.storage_mut(),
             f32_slice(&g),
             (m.storage_mut(), v.storage_mut()),
-            time == 0,
+            first,
         );
         let t = |x: FlexTensor| Tensor::<Flex, D>::from_primitive(TensorPrimitive::Float(x));
         let momentum = AdaptiveMomentumState::new(time + 1, t(m), t(v));

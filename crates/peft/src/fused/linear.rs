@@ -6,7 +6,10 @@
 //! add nodes, whose outputs Flex allocates twice (zeroed, then copied to an aligned buffer).
 //!
 //! Two precisions, the dtype of `x` choosing:
-//! - **f32**: `gemm`'s f32 kernels.
+//! - **f32**: `gemm`'s f32 kernels for `x·Wᵀ` and `dY·W`; the LoRA side path's thin products on
+//!   AVX-512 kernels of their own ([`super::lora_side`], block by block of rows), which sum in
+//!   another order than `gemm` (so the op and the composition agree to rounding, not to the
+//!   bit), or on `gemm` where the CPU lacks AVX-512.
 //! - **bf16** (mixed precision): the bf16 dot-product kernel ([`super::product_bf16`]) reads f32
 //!   master weights and rounds them while packing (no cast node, no bf16 copy of the weight), and
 //!   every intermediate is rounded to bf16 where the composition's bf16 tensors are: each
@@ -229,8 +232,7 @@ fn side_shape(d: Dims) -> lora_side::Shape {
 }
 
 /// `y ← y + t·s` element-wise, in parallel and vectorised: the composition's
-/// `y + t.mul_scalar(s)` in f32, rounding for rounding (so that the op and the composition —
-/// which FSDP's sharded layers run — train alike to the last bit of each step's sums).
+/// `y + t.mul_scalar(s)` in f32, rounding for rounding.
 fn add_scaled(y: &mut [f32], t: &[f32], s: f32) {
     y.par_chunks_mut(CHUNK)
         .zip(t.par_chunks(CHUNK))
@@ -296,6 +298,7 @@ fn forward(d: Dims, x: Src, w: Src, lora: Option<(Src, Src, f32)>) -> (Vals, Opt
                 if let (Elems::F32(xv), Elems::F32(av), Elems::F32(bv)) = (x.e, a.e, b.e) {
                     if lora_side::applies(r) {
                         let sh = side_shape(d);
+                        let (xv, av, bv) = (&xv[..n * d_in], &av[..r * d_in], &bv[..d_out * r]);
                         let xa = lora_side::forward(sh, xv, av, bv, s, &mut y);
                         return (Vals::F32(y), Some(Vals::F32(xa)));
                     }
@@ -411,11 +414,11 @@ fn backward(st: &State, dy: Src, need: [bool; 4]) -> [Option<Vals>; 4] {
             }
             let mut dx = need[0].then(|| prod(false, g, w, xm(n, d_out, d_in)));
             let grads = lora_side::Grads {
-                g: gv,
-                b: bv,
-                a: av,
-                x: xv,
-                xa: xav,
+                g: &gv[..n * d_out],
+                b: &bv[..d_out * r],
+                a: &av[..r * d_in],
+                x: &xv[..n * d_in],
+                xa: &xav[..n * r],
             };
             let (da, db) =
                 lora_side::backward(side_shape(st.d), grads, dx.as_deref_mut(), need[2], need[3]);
@@ -632,8 +635,9 @@ mod tests {
         }
     }
 
-    /// Within rounding: 1e-5 relative (1e-4 absolute) in f32; in bf16, one rounding of the result (2⁻⁸ relative) twice
-    /// over, since a different summation order can move a value to the neighbouring bf16.
+    /// Within rounding: 1e-5 relative (1e-4 absolute) in f32; in bf16, one rounding of the
+    /// result (2⁻⁸ relative) twice over, since a different summation order can move a value to
+    /// the neighbouring bf16.
     fn close(what: &str, a: Tensor<Flex, 2>, b: Tensor<Flex, 2>, dtype: DType) {
         assert_eq!(a.dtype(), dtype, "{what}: dtype");
         assert_eq!(b.dtype(), dtype, "{what}: the composition's dtype");
