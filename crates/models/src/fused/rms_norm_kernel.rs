@@ -5,8 +5,8 @@
 //! With `r = 1/√(Σx²/d + ε)` per row and `n = x·r`: `y = n·w` (or `n` without a gain);
 //! `dn = dy·w`, `dx = (dn − n·(Σ dn·n)/d)·r` and `dw = Σ_rows dy·n`. The row sums are lane sums
 //! ([`simd::dot`]), so they differ from a sequential sum by rounding. `dw`'s per-block partial
-//! sums are added in block order, and the blocks depend only on `d`: the result does not depend
-//! on the number of threads.
+//! sums are added pairwise in block order, and the blocks depend only on `d`: the result does
+//! not depend on the number of threads.
 
 use bellows_peft::fused::simd::{self, pairwise_sum, wide};
 use rayon::prelude::*;
