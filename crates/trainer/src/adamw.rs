@@ -3,11 +3,11 @@
 //! burn 0.21's `AdamW` runs about fifteen whole-tensor ops per parameter (each a pass over it,
 //! with its own allocation, single-threaded on Flex): a fifth of a full fine-tune's step on the
 //! small bench model went there while the second thread idled. [`FusedAdamW`] computes the same
-//! f32 operations in the same order per element ([`Consts::update`]) in one pass, so its results
+//! f32 operations in the same order per element (`Consts::update`) in one pass, so its results
 //! equal burn's to the bit, and keeps burn's state type (`AdamWState`), so the optimizer record
 //! and the checkpoints are unchanged. Off Flex, or for a tensor that is not f32, it hands the
 //! step to burn's `AdamW`. The ZeRO optimizer ([`crate::zero`]) updates its rows with the same
-//! [`Consts::update`].
+//! `Consts::update`.
 
 use burn::backend::Flex;
 use burn::module::AutodiffModule;
