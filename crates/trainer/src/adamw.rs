@@ -158,6 +158,8 @@ pub(crate) struct Consts {
     /// `1 − lr·weight_decay`, or `None` without decay (burn then leaves `p` unscaled).
     keep: Option<f32>,
     lr: f32,
+    /// Each gradient's factor before the update (ZeRO's clipping factor; 1 elsewhere, exact).
+    grad_scale: f32,
 }
 
 impl Consts {
@@ -176,13 +178,23 @@ impl Consts {
             eps: hp.eps,
             keep: (decay != 0.0).then_some((1.0 - decay) as f32),
             lr: lr as f32,
+            grad_scale: 1.0,
         }
     }
 
-    /// One element: `(p', m', v')` from the parameter, its gradient and its moments (`None` on
-    /// the first step), in burn's order of f32 operations.
+    /// The same constants for gradients multiplied by `factor` first.
+    pub(crate) fn with_grad_scale(self, factor: f32) -> Self {
+        Consts {
+            grad_scale: factor,
+            ..self
+        }
+    }
+
+    /// One element: `(p', m', v')` from the parameter, its gradient (times the gradient scale)
+    /// and its moments (`None` on the first step), in burn's order of f32 operations.
     #[inline(always)]
     pub(crate) fn update(&self, p: f32, g: f32, mv: Option<(f32, f32)>) -> (f32, f32, f32) {
+        let g = g * self.grad_scale;
         let (m, v) = match mv {
             None => (g * self.f1, (g * g) * self.f2),
             Some((m, v)) => (m * self.b1 + g * self.f1, v * self.b2 + (g * g) * self.f2),

@@ -313,6 +313,9 @@ pub fn run_bench<B: AutodiffBackend>(spec: &BenchSpec, device: &B::Device) -> Be
             times.push(t.elapsed().as_secs_f64());
         }
     }
+    if let Some(products) = bellows_peft::fused::product_stats::report() {
+        eprint!("{products}");
+    }
     let total: f64 = times.iter().sum::<f64>().max(1e-12);
     let best = times.iter().copied().fold(f64::INFINITY, f64::min);
     let flops_per_token = match mode {

@@ -442,14 +442,7 @@ fn adamw_rows(
 ) {
     let first = st.step == 0;
     st.step += 1;
-    let c = Consts::new(hp, lr, st.step as usize);
-    let scaled: Vec<f32>;
-    let g = if factor == 1.0 {
-        g
-    } else {
-        scaled = g.iter().map(|&g| g * factor).collect();
-        &scaled
-    };
+    let c = Consts::new(hp, lr, st.step as usize).with_grad_scale(factor);
     c.apply(p, g, (&mut st.exp_avg, &mut st.exp_avg_sq), first);
 }
 

@@ -108,6 +108,7 @@ pub fn product(
     if k == 0 {
         return vec![0.0; rows * cols];
     }
+    let t0 = super::product_stats::start();
     // Not zero-filled: the product overwrites every element (`accumulate` off).
     let mut y: Vec<f32> = Vec::with_capacity(rows * cols);
     // SAFETY: both views were checked against their slices; `y`'s spare capacity holds
@@ -126,5 +127,6 @@ pub fn product(
         );
         y.set_len(rows * cols);
     }
+    super::product_stats::record(t0, dims, (lhs_strides, rhs_strides));
     y
 }

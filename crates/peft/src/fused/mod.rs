@@ -20,6 +20,7 @@ mod linear;
 mod lora_side;
 mod matmul;
 mod pack_cache;
+pub mod product_stats;
 pub mod simd;
 
 pub use bf16_gemm::{product_bf16, product_bf16_rounded, Bf16Operand};
