@@ -10,12 +10,14 @@
 //! the key columns some row of it may see, which skips about half of the causal products.
 //!
 //! Unsafe code: `gemm` takes raw strided pointers, and the per-head tasks write disjoint regions
-//! of shared output buffers through raw pointers; each `unsafe` block states its invariant.
+//! of shared output buffers through raw pointers — buffers not zero-filled first, declared
+//! initialised once every task has written its part; each `unsafe` block states its invariant.
 #![allow(unsafe_code)]
 
 use bellows_peft::fused::matmul_strided as mm;
 use bellows_peft::fused::simd::{self, wide};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Query rows per block.
 pub(crate) const BLOCK: usize = 64;
@@ -124,14 +126,14 @@ impl Out {
     }
 }
 
-/// `out = x·cos + rotate_half(x)·sin` for one head vector.
-fn rotate(x: &[f32], cos: &[f32], sin: &[f32], out: &mut [f32]) {
+/// `out = x·cos + rotate_half(x)·sin` for one head vector; writes every element of `out`.
+fn rotate(x: &[f32], cos: &[f32], sin: &[f32], out: &mut [MaybeUninit<f32>]) {
     let half = x.len() / 2;
     for d in 0..half {
-        out[d] = x[d] * cos[d] + (-x[d + half]) * sin[d];
+        out[d].write(x[d] * cos[d] + (-x[d + half]) * sin[d]);
     }
     for d in half..x.len() {
-        out[d] = x[d] * cos[d] + x[d - half] * sin[d];
+        out[d].write(x[d] * cos[d] + x[d - half] * sin[d]);
     }
 }
 
@@ -166,8 +168,11 @@ fn softmax_row(row: &mut [f32], forbidden: &[bool]) {
 /// Rotates every `[s, hd]` head of `x` (`[b·s, heads·hd]`) into `[b, heads, s, hd]`.
 fn rotate_heads(x: &[f32], heads: usize, d: &Dims, rope: &Rope) -> Vec<f32> {
     let (s, hd) = (d.s, d.hd);
-    let mut out = vec![0.0f32; d.b * heads * s * hd];
-    out.par_chunks_mut(s * hd)
+    let n = d.b * heads * s * hd;
+    // Not zero-filled first: every task writes all of its head.
+    let mut out = Vec::with_capacity(n);
+    out.spare_capacity_mut()[..n]
+        .par_chunks_mut(s * hd)
         .enumerate()
         .for_each(|(task, dst)| {
             let (bi, j) = (task / heads, task % heads);
@@ -182,6 +187,8 @@ fn rotate_heads(x: &[f32], heads: usize, d: &Dims, rope: &Rope) -> Vec<f32> {
                 );
             }
         });
+    // SAFETY: the `n / (s·hd)` tasks each wrote all `s·hd` elements of their chunk.
+    unsafe { out.set_len(n) };
     out
 }
 
@@ -205,56 +212,75 @@ pub(crate) fn forward(
     assert_eq!(v.len(), k.len(), "v is k's shape");
     let qr = rotate_heads(q, h, &d, rope);
     let kr = rotate_heads(k, kv, &d, rope);
-    let mut p = vec![0.0f32; b * h * s * s];
-    let mut out = vec![0.0f32; b * s * h * hd];
+    // Neither buffer is zero-filled up front (8 MiB of `p` a layer on the small model, which
+    // one thread zeroed while the others waited): each task zeroes its probabilities outside
+    // the key ranges and the products write the rest, and of `out` the products write all.
+    let (np, no) = (b * h * s * s, b * s * h * hd);
+    let mut p: Vec<f32> = Vec::with_capacity(np);
+    let mut out: Vec<f32> = Vec::with_capacity(no);
     let o = Out(out.as_mut_ptr());
-    p.par_chunks_mut(s * s).enumerate().for_each(|(task, pt)| {
-        let (bi, j) = (task / h, task % h);
-        let g = j / d.rep();
-        let qh = &qr[task * s * hd..(task + 1) * s * hd];
-        let kh = &kr[(bi * kv + g) * s * hd..(bi * kv + g + 1) * s * hd];
-        for blk in 0..d.blocks() {
-            let (r0, r1) = (blk * BLOCK, ((blk + 1) * BLOCK).min(s));
-            let (lo, hi) = mask.range(&d, bi, blk);
-            let (rows, cols) = (r1 - r0, hi - lo);
-            // SAFETY: all regions are inside `pt`, `qh`, `kh`, `v` and this task's columns of
-            // `out` (head `j` of sequence `bi`), which no other task writes.
-            unsafe {
-                mm(
-                    (rows, cols, hd),
-                    pt.as_mut_ptr().add(r0 * s + lo),
-                    s,
-                    false,
-                    qh.as_ptr().add(r0 * hd),
-                    (hd, 1),
-                    kh.as_ptr().add(lo * hd),
-                    (1, hd),
-                    scale,
-                );
+    p.spare_capacity_mut()[..np]
+        .par_chunks_mut(s * s)
+        .enumerate()
+        .for_each(|(task, pt)| {
+            let (bi, j) = (task / h, task % h);
+            let g = j / d.rep();
+            let qh = &qr[task * s * hd..(task + 1) * s * hd];
+            let kh = &kr[(bi * kv + g) * s * hd..(bi * kv + g + 1) * s * hd];
+            let pt = pt.as_mut_ptr().cast::<f32>();
+            for blk in 0..d.blocks() {
+                let (r0, r1) = (blk * BLOCK, ((blk + 1) * BLOCK).min(s));
+                let (lo, hi) = mask.range(&d, bi, blk);
+                let (rows, cols) = (r1 - r0, hi - lo);
+                // SAFETY: all regions are inside this task's `s×s` chunk of `p`, `qh`, `kh`,
+                // `v` and this task's columns of `out` (head `j` of sequence `bi`), which no
+                // other task writes. A row's `[lo, hi)` is read (as a slice or by the second
+                // product) only after the first product wrote it.
+                unsafe {
+                    for i in r0..r1 {
+                        pt.add(i * s).write_bytes(0, lo);
+                        pt.add(i * s + hi).write_bytes(0, s - hi);
+                    }
+                    mm(
+                        (rows, cols, hd),
+                        pt.add(r0 * s + lo),
+                        s,
+                        false,
+                        qh.as_ptr().add(r0 * hd),
+                        (hd, 1),
+                        kh.as_ptr().add(lo * hd),
+                        (1, hd),
+                        scale,
+                    );
+                    for i in r0..r1 {
+                        let f = &mask.forbidden[(bi * s + i) * s + lo..(bi * s + i) * s + hi];
+                        let row = std::slice::from_raw_parts_mut(pt.add(i * s + lo), cols);
+                        wide(
+                            #[inline(always)]
+                            || softmax_row(row, f),
+                        );
+                    }
+                    mm(
+                        (rows, hd, cols),
+                        o.at((bi * s + r0) * h * hd + j * hd),
+                        h * hd,
+                        false,
+                        pt.add(r0 * s + lo),
+                        (s, 1),
+                        v.as_ptr().add((bi * s + lo) * kv * hd + g * hd),
+                        (kv * hd, 1),
+                        1.0,
+                    );
+                }
             }
-            for i in r0..r1 {
-                let f = &mask.forbidden[(bi * s + i) * s + lo..(bi * s + i) * s + hi];
-                let row = &mut pt[i * s + lo..i * s + hi];
-                wide(
-                    #[inline(always)]
-                    || softmax_row(row, f),
-                );
-            }
-            unsafe {
-                mm(
-                    (rows, hd, cols),
-                    o.at((bi * s + r0) * h * hd + j * hd),
-                    h * hd,
-                    false,
-                    pt.as_ptr().add(r0 * s + lo),
-                    (s, 1),
-                    v.as_ptr().add((bi * s + lo) * kv * hd + g * hd),
-                    (kv * hd, 1),
-                    1.0,
-                );
-            }
-        }
-    });
+        });
+    // SAFETY: every task wrote every row of its chunk of `p` (zeros outside `[lo, hi)`, the
+    // first product inside) and, by the second product, rows `0..s` of its head's `hd`
+    // columns of `out`; the tasks cover every (sequence, head).
+    unsafe {
+        p.set_len(np);
+        out.set_len(no);
+    }
     let saved = save.then_some(Saved { qr, kr, p });
     (out, saved)
 }
@@ -275,9 +301,11 @@ pub(crate) fn backward(
         b * s * h * hd,
         "the output gradient is [batch·seq, heads·head_dim]"
     );
-    let mut dq = vec![0.0f32; b * s * h * hd];
-    let mut dk = vec![0.0f32; b * s * kv * hd];
-    let mut dv = vec![0.0f32; b * s * kv * hd];
+    // Not zero-filled: the tasks copy every row of every head into them (below).
+    let (nq, nk) = (b * s * h * hd, b * s * kv * hd);
+    let mut dq: Vec<f32> = Vec::with_capacity(nq);
+    let mut dk: Vec<f32> = Vec::with_capacity(nk);
+    let mut dv: Vec<f32> = Vec::with_capacity(nk);
     let (dq_o, dk_o, dv_o) = (
         Out(dq.as_mut_ptr()),
         Out(dk.as_mut_ptr()),
@@ -394,5 +422,12 @@ pub(crate) fn backward(
             }
         }
     });
+    // SAFETY: task (bi, g) copied rows `0..s` of query heads `g·rep..(g+1)·rep` into `dq` and
+    // of kv head `g` into `dk` and `dv`; the tasks cover every (sequence, kv head).
+    unsafe {
+        dq.set_len(nq);
+        dk.set_len(nk);
+        dv.set_len(nk);
+    }
     (dq, dk, dv)
 }

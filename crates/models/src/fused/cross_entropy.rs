@@ -94,8 +94,8 @@ fn backward<E: Elem, O: Copy + Send + Sync + Default>(
     finish: impl Fn(&[f32], &mut [O]) + Sync,
 ) -> Vec<O> {
     let (s, v) = (t.s, t.v);
-    let mut dx = vec![O::default(); t.b * s * v];
-    dx.par_chunks_mut(v).enumerate().for_each(|(r, out)| {
+    // Zero-filled row by row in the tasks (32 MiB on the small model, one thread's memset).
+    simd::par_filled(t.b * s * v, v, O::default(), |r, out| {
         let (bi, pos) = (r / s, r % s);
         if pos == s - 1 {
             return;
@@ -114,8 +114,7 @@ fn backward<E: Elem, O: Copy + Send + Sync + Default>(
         );
         d[label] -= gw;
         finish(&d, out);
-    });
-    dx
+    })
 }
 
 /// `gw·exp(x − lse)` of a row into `d` (inlined into [`wide`]'s AVX-512 build).

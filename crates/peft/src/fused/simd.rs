@@ -191,6 +191,37 @@ where
     (d, e)
 }
 
+/// A new vector of `len` elements made in parallel chunks of `chunk` (the last may be shorter):
+/// each task sets its chunk to `fill`, then `f(chunk index, chunk)` writes what it wants. Where
+/// most of a buffer is overwritten, this replaces `vec![fill; len]` — filled by one thread while
+/// the others wait — with a fill each task does on its own chunk while it is in cache.
+///
+/// # Panics
+/// If `chunk` is 0.
+pub fn par_filled<T: Copy + Send + Sync>(
+    len: usize,
+    chunk: usize,
+    fill: T,
+    f: impl Fn(usize, &mut [T]) + Sync,
+) -> Vec<T> {
+    assert!(chunk > 0, "par_filled with chunks of 0 elements");
+    let mut out: Vec<T> = Vec::with_capacity(len);
+    out.spare_capacity_mut()[..len]
+        .par_chunks_mut(chunk)
+        .enumerate()
+        .for_each(|(i, c)| {
+            for x in c.iter_mut() {
+                x.write(fill);
+            }
+            // SAFETY: every element of `c` was written just above.
+            let c = unsafe { &mut *(c as *mut [std::mem::MaybeUninit<T>] as *mut [T]) };
+            f(i, c);
+        });
+    // SAFETY: the chunks cover all `len` elements, each filled above.
+    unsafe { out.set_len(len) };
+    out
+}
+
 /// The element-wise sum of `parts` (each `len` long; `len` zeros when there are none), added
 /// pairwise — neighbours, then neighbours' sums, … — so the rounding error grows with the log
 /// of the number of parts, where adding them in turn grows it linearly; the order depends only
@@ -275,7 +306,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 #[cfg(test)]
 mod tests {
-    use super::{dot, exp, map, map2, map3_2, max, pairwise_sum, sum, wide};
+    use super::{dot, exp, map, map2, map3_2, max, pairwise_sum, par_filled, sum, wide};
 
     #[test]
     fn map_applies_f_to_every_element_in_order() {
@@ -329,6 +360,31 @@ mod tests {
         );
         assert_eq!(e, b.iter().map(|&y| y * y).collect::<Vec<_>>());
         assert!(map2(&[] as &[u32], &[] as &[u32], |x, _| x).is_empty());
+    }
+
+    /// Every chunk starts as `fill` (what a task leaves alone stays `fill`), chunk indices in
+    /// order, the last chunk shorter.
+    #[test]
+    fn par_filled_fills_then_hands_each_chunk_over() {
+        let got = par_filled(10_007, 100, -1.0f32, |i, c| {
+            if i % 3 != 0 {
+                for (j, x) in c.iter_mut().enumerate().skip(1) {
+                    *x = (i * 100 + j) as f32;
+                }
+            }
+        });
+        let want: Vec<f32> = (0..10_007)
+            .map(|e| {
+                let (i, j) = (e / 100, e % 100);
+                if i % 3 == 0 || j == 0 {
+                    -1.0
+                } else {
+                    e as f32
+                }
+            })
+            .collect();
+        assert_eq!(got, want);
+        assert!(par_filled(0, 4, 0u8, |_, _| unreachable!()).is_empty());
     }
 
     /// Neighbours first: ((p0 + p1) + (p2 + p3)) + p4, element-wise; none gives zeros.
