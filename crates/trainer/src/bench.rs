@@ -290,6 +290,7 @@ pub fn run_bench<B: AutodiffBackend>(spec: &BenchSpec, device: &B::Device) -> Be
         let inner = model.valid();
         for i in 0..warmup + steps {
             let t = Instant::now();
+            crate::keep_warm();
             let (sum, count) = batch_loss(&inner, &data, device, compute);
             losses.push(sum.into_scalar().elem::<f64>() / count as f64);
             if i >= warmup {
@@ -303,6 +304,7 @@ pub fn run_bench<B: AutodiffBackend>(spec: &BenchSpec, device: &B::Device) -> Be
         warmup + steps
     } {
         let t = Instant::now();
+        crate::keep_warm();
         let (sum, count) = batch_loss(&model, &data, device, compute);
         let loss = sum.div_scalar(count as f64);
         losses.push(loss.clone().into_scalar().elem::<f64>());

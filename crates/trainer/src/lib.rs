@@ -36,6 +36,7 @@ mod schedule;
 pub mod tensorboard;
 mod update;
 mod validate;
+mod warm;
 pub mod zero;
 
 pub use accelerator::Accelerator;
@@ -50,6 +51,7 @@ pub use eval::{evaluate_dir, evaluate_model, EvalOptions, EvalReport};
 pub use metrics::{MetricsSink, StepMetrics};
 pub use recipe::{batch_loss, evaluate, save_final, train_on, TrainReport};
 pub use schedule::lr_at;
+pub use warm::keep_warm;
 
 /// The CPU training backend: burn's Flex (pure Rust, rayon + AVX-512 GEMM) under autodiff.
 pub type CpuBackend = burn::backend::Autodiff<burn::backend::Flex>;
@@ -99,7 +101,10 @@ pub fn on_pool<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
         .thread_name(|i| format!("bellows-cpu-{i}"))
         .build()
     {
-        Ok(pool) => pool.install(f),
+        Ok(pool) => pool.install(|| {
+            let _warm = warm::enter(Default::default());
+            f()
+        }),
         Err(_) => f(),
     }
 }

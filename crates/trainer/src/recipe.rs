@@ -256,6 +256,7 @@ pub fn train_on<B: AutodiffBackend>(
     let progress = Progress::new(cfg.logging.progress, total, start, acc.is_main());
     let mut window = (Instant::now(), 0u64);
     for step in start + 1..=total {
+        crate::keep_warm();
         // Dropout masks become a function of (seed, step, rank), so a resumed run draws the same ones.
         B::seed(device, step_seed(cfg.run.seed, step, acc.rank()));
         let lr = schedule::lr_at(o, step, total);
