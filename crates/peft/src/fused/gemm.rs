@@ -5,6 +5,8 @@
 //! Unsafe code: `gemm` takes raw pointers; [`product`] checks its slices' extents first.
 #![allow(unsafe_code)]
 
+use rayon::prelude::*;
+
 /// Products of at least this many multiply-adds use every core (Flex's own threshold); smaller
 /// ones run on the calling thread.
 const PARALLEL: usize = 192 * 192 * 192;
@@ -30,11 +32,97 @@ pub unsafe fn matmul_strided(
     if m == 0 || n == 0 {
         return;
     }
+    let threads = rayon::current_num_threads();
+    if m * n * k >= PARALLEL && rhs_cs != 1 && n <= PREPACKED_COLS && n >= MR * threads {
+        // `gemm` would pack all of `rhsᵀ` (row-major for it) on the calling thread before its
+        // parallel part — `W` of `x·Wᵀ`, while the other threads wait. Instead each thread
+        // takes its own block of columns, whose part of `rhs` it packs itself: the same
+        // per-element sums (the depth blocking does not depend on `n`), tested to the bit.
+        let cols = n.div_ceil(threads).div_ceil(MR) * MR;
+        let (dst, lhs, rhs) = (Shared(dst), Shared(lhs.cast_mut()), Shared(rhs.cast_mut()));
+        (0..n.div_ceil(cols)).into_par_iter().for_each(|t| {
+            let (c0, c1) = (t * cols, ((t + 1) * cols).min(n));
+            // SAFETY: columns `c0..c1` of the caller's views; the tasks' `dst` columns are
+            // disjoint.
+            unsafe {
+                gemm_call(
+                    (m, c1 - c0, k),
+                    dst.get().add(c0),
+                    dst_rs,
+                    accumulate,
+                    lhs.get(),
+                    (lhs_rs, lhs_cs),
+                    rhs.get().add(c0 * rhs_cs),
+                    (rhs_rs, rhs_cs),
+                    beta,
+                    gemm::Parallelism::None,
+                );
+            }
+        });
+        return;
+    }
     let par = if m * n * k >= PARALLEL {
         gemm::Parallelism::Rayon(0)
     } else {
         gemm::Parallelism::None
     };
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        gemm_call(
+            (m, n, k),
+            dst,
+            dst_rs,
+            accumulate,
+            lhs,
+            (lhs_rs, lhs_cs),
+            rhs,
+            (rhs_rs, rhs_cs),
+            beta,
+            par,
+        );
+    }
+}
+
+/// Up to this many columns, `gemm` packs a row-major `rhsᵀ` whole before its parallel part
+/// (its `m ≤ 2·mc`, `mc` at most 8 × 64 rows).
+const PREPACKED_COLS: usize = 1024;
+
+/// The column blocks' granularity: `gemm`'s widest register tile on AVX-512 (4 vectors of 16),
+/// so that every block but the last is whole tiles, computed by the kernel the single call
+/// would use (its narrower tail kernels round differently).
+const MR: usize = 64;
+
+/// A pointer the column tasks share (each writes its own columns).
+#[derive(Clone, Copy)]
+struct Shared(*mut f32);
+// SAFETY: the tasks read the operands and write disjoint columns of `dst`.
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    /// The pointer (a method, so closures capture the `Sync` wrapper, not the raw field).
+    fn get(&self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// One `gemm` call: [`matmul_strided`] with its parallelism chosen.
+///
+/// # Safety
+/// As [`matmul_strided`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_call(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: *const f32,
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: *const f32,
+    (rhs_rs, rhs_cs): (usize, usize),
+    beta: f32,
+    par: gemm::Parallelism,
+) {
     // Asked as the transposed product `dstᵀ[n×m] = rhsᵀ · lhsᵀ`, whose destination is
     // column-major — the orientation `gemm` computes in — rather than leaving the swap to it:
     // the same sums in the same order (the bench's losses are equal to the bit), the step's
@@ -129,4 +217,90 @@ pub fn product(
     }
     super::product_stats::record(t0, dims, (lhs_strides, rhs_strides));
     y
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{gemm_call, matmul_strided};
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) as f32)
+            .map(|v| v / (1u32 << 24) as f32 - 0.5)
+            .collect()
+    }
+
+    /// `x·Wᵀ` shapes that take the column-block path give what one `gemm` call over all columns
+    /// gives, to the bit (overwriting and accumulating), and the f64 product to rounding.
+    #[test]
+    fn column_blocks_equal_one_parallel_call() {
+        for threads in [2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("a test pool");
+            for (m, n, k) in [
+                (200, 512, 300),
+                (64, 256, 1376),
+                (1024, 1000, 64),
+                (96, 200, 700),
+            ] {
+                let (x, w) = (values(m * k, 1), values(n * k, 7));
+                let (xs, ws) = ((k, 1), (1, k)); // x row-major, W [n, k] read as Wᵀ
+                for accumulate in [false, true] {
+                    let init = values(m * n, 3);
+                    let (mut split, mut whole) = (init.clone(), init.clone());
+                    pool.install(|| unsafe {
+                        matmul_strided(
+                            (m, n, k),
+                            split.as_mut_ptr(),
+                            n,
+                            accumulate,
+                            x.as_ptr(),
+                            xs,
+                            w.as_ptr(),
+                            ws,
+                            0.75,
+                        );
+                        gemm_call(
+                            (m, n, k),
+                            whole.as_mut_ptr(),
+                            n,
+                            accumulate,
+                            x.as_ptr(),
+                            xs,
+                            w.as_ptr(),
+                            ws,
+                            0.75,
+                            gemm::Parallelism::Rayon(0),
+                        );
+                    });
+                    let what = format!("{m}x{n}x{k}, accumulate {accumulate}, {threads} threads");
+                    assert!(
+                        split
+                            .iter()
+                            .zip(&whole)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{what}: column blocks differ from one call"
+                    );
+                    for (i, j) in [(0, 0), (m - 1, n - 1), (m / 2, n / 3), (7, n - 17)] {
+                        let dot: f64 = (0..k)
+                            .map(|l| f64::from(x[i * k + l]) * f64::from(w[j * k + l]))
+                            .sum();
+                        let want = 0.75 * dot
+                            + if accumulate {
+                                f64::from(init[i * n + j])
+                            } else {
+                                0.0
+                            };
+                        let got = f64::from(split[i * n + j]);
+                        assert!(
+                            (got - want).abs() < 1e-4,
+                            "{what}: ({i}, {j}) {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
 }

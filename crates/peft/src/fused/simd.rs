@@ -228,17 +228,21 @@ pub fn par_filled<T: Copy + Send + Sync>(
 /// on the number of parts.
 pub fn pairwise_sum(mut parts: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
     while parts.len() > 1 {
-        let mut next = Vec::with_capacity(parts.len().div_ceil(2));
-        let mut it = parts.into_iter();
-        while let Some(mut a) = it.next() {
-            if let Some(b) = it.next() {
-                for (a, b) in a.iter_mut().zip(b) {
-                    *a += b;
-                }
+        // The pairs of a level in parallel (each `a += b` is element-wise: the same sums in
+        // any order of the pairs or vector width).
+        parts.par_chunks_mut(2).for_each(|pair| {
+            if let [a, b] = pair {
+                wide(
+                    #[inline(always)]
+                    || {
+                        for (a, &b) in a.iter_mut().zip(b.iter()) {
+                            *a += b;
+                        }
+                    },
+                );
             }
-            next.push(a);
-        }
-        parts = next;
+        });
+        parts = parts.into_iter().step_by(2).collect();
     }
     parts.pop().unwrap_or_else(|| vec![0.0; len])
 }
