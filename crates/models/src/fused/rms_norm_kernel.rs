@@ -10,6 +10,7 @@
 
 use bellows_peft::fused::simd::{self, pairwise_sum, wide};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Elements per task, rounded to whole rows (at least one).
 const CHUNK: usize = 1 << 14;
@@ -38,10 +39,14 @@ pub(crate) fn forward(x: &[f32], w: Option<&[f32]>, d: usize, eps: f32) -> (Vec<
         return (Vec::new(), Vec::new());
     }
     let per = rows_per_task(d);
-    let mut y = vec![0.0; x.len()];
-    let mut r = vec![0.0; x.len() / d];
-    y.par_chunks_mut(per * d)
-        .zip(r.par_chunks_mut(per))
+    let rows = x.len() / d;
+    // Not zero-filled first (one thread's memset while the others waited): every row is
+    // written by its task.
+    let mut y: Vec<f32> = Vec::with_capacity(x.len());
+    let mut r: Vec<f32> = Vec::with_capacity(rows);
+    y.spare_capacity_mut()[..x.len()]
+        .par_chunks_mut(per * d)
+        .zip(r.spare_capacity_mut()[..rows].par_chunks_mut(per))
         .zip(x.par_chunks(per * d))
         .for_each(|((y, r), x)| {
             wide(
@@ -49,24 +54,37 @@ pub(crate) fn forward(x: &[f32], w: Option<&[f32]>, d: usize, eps: f32) -> (Vec<
                 || forward_rows(y, r, x, w, d, eps),
             )
         });
+    // SAFETY: the chunks cover all rows; `forward_rows` writes every element of `y` and `r`.
+    #[allow(unsafe_code)]
+    unsafe {
+        y.set_len(x.len());
+        r.set_len(rows);
+    }
     (y, r)
 }
 
 /// [`forward`] on one block of rows (inlined into [`wide`]'s AVX-512 build).
 #[inline(always)]
-fn forward_rows(y: &mut [f32], r: &mut [f32], x: &[f32], w: Option<&[f32]>, d: usize, eps: f32) {
+fn forward_rows(
+    y: &mut [MaybeUninit<f32>],
+    r: &mut [MaybeUninit<f32>],
+    x: &[f32],
+    w: Option<&[f32]>,
+    d: usize,
+    eps: f32,
+) {
     for ((y, r), x) in y.chunks_exact_mut(d).zip(r).zip(x.chunks_exact(d)) {
         let ri = inv_rms(x, eps);
-        *r = ri;
+        r.write(ri);
         match w {
             Some(w) => {
                 for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
-                    *y = x * ri * w;
+                    y.write(x * ri * w);
                 }
             }
             None => {
                 for (y, &x) in y.iter_mut().zip(x) {
-                    *y = x * ri;
+                    y.write(x * ri);
                 }
             }
         }
