@@ -263,7 +263,7 @@ pub fn product_bf16_of<L: Bf16Operand, R: Bf16Operand>(
 }
 
 /// [`product_bf16`] with each sum rounded to bf16 on its way out of the kernel, as Flex's bf16
-/// ops round their results — with an addend, `r(r(y) + r(r(t)·s))` ([`super::epilogue`]) —
+/// ops round their results — with an addend, `r(r(y) + r(r(t)·s))` (`epilogue`) —
 /// into a new row-major `[rows, cols]` bf16 buffer.
 ///
 /// # Panics

@@ -147,7 +147,7 @@ impl<B: Backend> Nf4Weight<B> {
             + len(&self.code_map)
     }
 
-    /// `x · Wᵀ` for `x: [n, in]`, giving `[n, out]`; see [`super::matmul::nf4_matmul_t`].
+    /// `x · Wᵀ` for `x: [n, in]`, giving `[n, out]`; see `nf4_matmul_t` in `nf4::matmul`.
     pub fn matmul_t(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         super::matmul::nf4_matmul_t(x, self)
     }
