@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Shares of a `perf script` dump's samples on the busiest thread, by innermost matching frame.
+"""Shares of a `perf script` dump's samples on the loop's thread, by innermost matching frame.
 
 Used for the "where the step goes" numbers in docs/BENCHMARKS.md:
 
@@ -17,31 +17,16 @@ import collections
 import re
 import sys
 
+from perf_samples import read
+
 
 def main(path, pattern):
-    samples, cur = [], None
-    with open(path) as f:
-        for line in f:
-            line = line.rstrip("\n")
-            if not line.strip():
-                if cur:
-                    samples.append(cur)
-                cur = None
-                continue
-            if line[0] not in " \t":
-                m = re.match(r"\s*(\S+)\s+(\d+)", line)
-                cur = (m.group(2) if m else "?", [])
-                continue
-            parts = line.strip().split(None, 1)
-            if len(parts) < 2 or cur is None:
-                continue
-            sym = re.sub(r"\+0x[0-9a-f]+", "", parts[1])
-            cur[1].append(re.sub(r" \(.*\)$", "", sym))
-    if cur:
-        samples.append(cur)
+    samples = [(tid, frames) for tid, _, frames in read(path)]
     threads = collections.Counter(t for t, _ in samples)
-    busiest = threads.most_common(1)[0][0]
-    stacks = [s for t, s in samples if t == busiest]
+    # The loop's thread: the first one (the busiest too, until the pool's other threads
+    # started looking for work actively between passes).
+    loop = min(threads, key=int)
+    stacks = [s for t, s in samples if t == loop]
     pat = re.compile(pattern)
     shares = collections.Counter()
     for s in stacks:

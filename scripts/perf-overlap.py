@@ -22,35 +22,13 @@ import collections
 import re
 import sys
 
+from perf_samples import read
+
 OPS = re.compile(
     r"(attention_kernel::(forward|backward|rotate_heads)|swiglu\w*::(forward|backward)"
     r"|cross_entropy::(forward|backward)|rms_norm_kernel::(forward|backward)|adamw"
     r"|lora_side::(forward|backward)|linear::(forward|backward)|binary_op|add_inplace)"
 )
-
-
-def read(path):
-    samples, cur = [], None
-    with open(path) as f:
-        for line in f:
-            line = line.rstrip("\n")
-            if not line.strip():
-                if cur:
-                    samples.append(cur)
-                cur = None
-                continue
-            if line[0] not in " \t":
-                m = re.match(r"\s*(\S+)\s+(\d+)\s+(?:\[\d+\]\s+)?([\d.]+):", line)
-                cur = (m.group(2), float(m.group(3)), []) if m else None
-                continue
-            parts = line.strip().split(None, 1)
-            if len(parts) < 2 or cur is None:
-                continue
-            sym = re.sub(r"\+0x[0-9a-f]+", "", parts[1])
-            cur[2].append(re.sub(r" \(.*\)$", "", sym))
-    if cur:
-        samples.append(cur)
-    return samples
 
 
 def main(path):
