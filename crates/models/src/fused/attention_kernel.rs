@@ -165,6 +165,17 @@ fn softmax_row(row: &mut [f32], forbidden: &[bool]) {
     }
 }
 
+/// `dP` of one row into `dS = P ⊙ (dP − Σ dP⊙P) · scale` in place; the sum in lanes
+/// ([`simd::dot`]: a sequential sum is a chain of dependent additions the compiler may not
+/// reorder), inlined into [`wide`]'s AVX-512 build.
+#[inline(always)]
+fn ds_row(dp: &mut [f32], p: &[f32], scale: f32) {
+    let dot = simd::dot(dp, p);
+    for (t, &pv) in dp.iter_mut().zip(p) {
+        *t = pv * (*t - dot) * scale;
+    }
+}
+
 /// Rotates every `[s, hd]` head of `x` (`[b·s, heads·hd]`) into `[b, heads, s, hd]`.
 fn rotate_heads(x: &[f32], heads: usize, d: &Dims, rope: &Rope) -> Vec<f32> {
     let (s, hd) = (d.s, d.hd);
@@ -359,10 +370,10 @@ pub(crate) fn backward(
                 for i in 0..rows {
                     let pr = &pt[(r0 + i) * s + lo..(r0 + i) * s + hi];
                     let tr = &mut tmp[i * cols..(i + 1) * cols];
-                    let dot: f32 = tr.iter().zip(pr).map(|(a, b)| a * b).sum();
-                    for (t, &pv) in tr.iter_mut().zip(pr) {
-                        *t = pv * (*t - dot) * scale;
-                    }
+                    wide(
+                        #[inline(always)]
+                        || ds_row(tr, pr, scale),
+                    );
                 }
                 unsafe {
                     // dQr = dS · Kr
