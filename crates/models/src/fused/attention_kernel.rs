@@ -126,7 +126,9 @@ impl Out {
     }
 }
 
-/// `out = x·cos + rotate_half(x)·sin` for one head vector; writes every element of `out`.
+/// `out = x·cos + rotate_half(x)·sin` for one head vector; writes every element of `out`
+/// (inlined into [`wide`]'s AVX-512 build).
+#[inline(always)]
 fn rotate(x: &[f32], cos: &[f32], sin: &[f32], out: &mut [MaybeUninit<f32>]) {
     let half = x.len() / 2;
     for d in 0..half {
@@ -137,7 +139,9 @@ fn rotate(x: &[f32], cos: &[f32], sin: &[f32], out: &mut [MaybeUninit<f32>]) {
     }
 }
 
-/// The transpose of [`rotate`]: the gradient of `x` from the gradient `g` of the rotated vector.
+/// The transpose of [`rotate`]: the gradient of `x` from the gradient `g` of the rotated vector
+/// (inlined into [`wide`]'s AVX-512 build where its callers run in it).
+#[inline(always)]
 fn unrotate(g: &[f32], cos: &[f32], sin: &[f32], out: &mut [f32]) {
     let half = g.len() / 2;
     for e in 0..half {
@@ -187,16 +191,21 @@ fn rotate_heads(x: &[f32], heads: usize, d: &Dims, rope: &Rope) -> Vec<f32> {
         .enumerate()
         .for_each(|(task, dst)| {
             let (bi, j) = (task / heads, task % heads);
-            for i in 0..s {
-                let row = (bi * s + i) * heads * hd + j * hd;
-                let t = (bi * s + i) * hd;
-                rotate(
-                    &x[row..row + hd],
-                    &rope.cos[t..t + hd],
-                    &rope.sin[t..t + hd],
-                    &mut dst[i * hd..(i + 1) * hd],
-                );
-            }
+            wide(
+                #[inline(always)]
+                || {
+                    for i in 0..s {
+                        let row = (bi * s + i) * heads * hd + j * hd;
+                        let t = (bi * s + i) * hd;
+                        rotate(
+                            &x[row..row + hd],
+                            &rope.cos[t..t + hd],
+                            &rope.sin[t..t + hd],
+                            &mut dst[i * hd..(i + 1) * hd],
+                        );
+                    }
+                },
+            );
         });
     // SAFETY: the `n / (s·hd)` tasks each wrote all `s·hd` elements of their chunk.
     unsafe { out.set_len(n) };
@@ -402,36 +411,46 @@ pub(crate) fn backward(
                     );
                 }
             }
-            for i in 0..s {
-                let t = (bi * s + i) * hd;
-                unrotate(
-                    &dqr[i * hd..(i + 1) * hd],
-                    &rope.cos[t..t + hd],
-                    &rope.sin[t..t + hd],
-                    &mut row,
-                );
-                // SAFETY: head `j` of sequence `bi` belongs to this task (its kv group).
-                unsafe {
-                    let dst = dq_o.at((bi * s + i) * h * hd + j * hd);
-                    std::ptr::copy_nonoverlapping(row.as_ptr(), dst, hd);
-                }
-            }
-        }
-        for i in 0..s {
-            let t = (bi * s + i) * hd;
-            unrotate(
-                &dkr[i * hd..(i + 1) * hd],
-                &rope.cos[t..t + hd],
-                &rope.sin[t..t + hd],
-                &mut row,
+            wide(
+                #[inline(always)]
+                || {
+                    for i in 0..s {
+                        let t = (bi * s + i) * hd;
+                        unrotate(
+                            &dqr[i * hd..(i + 1) * hd],
+                            &rope.cos[t..t + hd],
+                            &rope.sin[t..t + hd],
+                            &mut row,
+                        );
+                        // SAFETY: head `j` of sequence `bi` belongs to this task (its kv group).
+                        unsafe {
+                            let dst = dq_o.at((bi * s + i) * h * hd + j * hd);
+                            std::ptr::copy_nonoverlapping(row.as_ptr(), dst, hd);
+                        }
+                    }
+                },
             );
-            let at = (bi * s + i) * kv * hd + g * hd;
-            // SAFETY: kv head `g` of sequence `bi` belongs to this task alone.
-            unsafe {
-                std::ptr::copy_nonoverlapping(row.as_ptr(), dk_o.at(at), hd);
-                std::ptr::copy_nonoverlapping(dvl.as_ptr().add(i * hd), dv_o.at(at), hd);
-            }
         }
+        wide(
+            #[inline(always)]
+            || {
+                for i in 0..s {
+                    let t = (bi * s + i) * hd;
+                    unrotate(
+                        &dkr[i * hd..(i + 1) * hd],
+                        &rope.cos[t..t + hd],
+                        &rope.sin[t..t + hd],
+                        &mut row,
+                    );
+                    let at = (bi * s + i) * kv * hd + g * hd;
+                    // SAFETY: kv head `g` of sequence `bi` belongs to this task alone.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(row.as_ptr(), dk_o.at(at), hd);
+                        std::ptr::copy_nonoverlapping(dvl.as_ptr().add(i * hd), dv_o.at(at), hd);
+                    }
+                }
+            },
+        );
     });
     // SAFETY: task (bi, g) copied rows `0..s` of query heads `g·rep..(g+1)·rep` into `dq` and
     // of kv head `g` into `dk` and `dv`; the tasks cover every (sequence, kv head).
