@@ -180,6 +180,39 @@ fn ds_row(dp: &mut [f32], p: &[f32], scale: f32) {
     }
 }
 
+/// The gradient of one head's `s` rows before rotation, from `g` (`[s, hd]`, sequence `bi`),
+/// written row `i` to `dst + i·stride` through `row` (`hd` scratch) — in [`wide`]'s AVX-512 build.
+///
+/// # Safety
+/// `dst + i·stride .. + hd` for `i < s` must be valid for writes and written by no one else.
+unsafe fn unrotate_head(
+    g: &[f32],
+    bi: usize,
+    d: &Dims,
+    rope: &Rope,
+    row: &mut [f32],
+    dst: *mut f32,
+    stride: usize,
+) {
+    let (s, hd) = (d.s, d.hd);
+    wide(
+        #[inline(always)]
+        || {
+            for i in 0..s {
+                let t = (bi * s + i) * hd;
+                unrotate(
+                    &g[i * hd..(i + 1) * hd],
+                    &rope.cos[t..t + hd],
+                    &rope.sin[t..t + hd],
+                    row,
+                );
+                // SAFETY: the caller's contract.
+                unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), dst.add(i * stride), hd) };
+            }
+        },
+    );
+}
+
 /// Rotates every `[s, hd]` head of `x` (`[b·s, heads·hd]`) into `[b, heads, s, hd]`.
 fn rotate_heads(x: &[f32], heads: usize, d: &Dims, rope: &Rope) -> Vec<f32> {
     let (s, hd) = (d.s, d.hd);
@@ -411,46 +444,21 @@ pub(crate) fn backward(
                     );
                 }
             }
-            wide(
-                #[inline(always)]
-                || {
-                    for i in 0..s {
-                        let t = (bi * s + i) * hd;
-                        unrotate(
-                            &dqr[i * hd..(i + 1) * hd],
-                            &rope.cos[t..t + hd],
-                            &rope.sin[t..t + hd],
-                            &mut row,
-                        );
-                        // SAFETY: head `j` of sequence `bi` belongs to this task (its kv group).
-                        unsafe {
-                            let dst = dq_o.at((bi * s + i) * h * hd + j * hd);
-                            std::ptr::copy_nonoverlapping(row.as_ptr(), dst, hd);
-                        }
-                    }
-                },
-            );
+            // SAFETY: head `j` of sequence `bi` belongs to this task (its kv group).
+            unsafe { unrotate_head(&dqr, bi, &d, rope, &mut row, dq_o.at(dob), h * hd) };
         }
-        wide(
-            #[inline(always)]
-            || {
-                for i in 0..s {
-                    let t = (bi * s + i) * hd;
-                    unrotate(
-                        &dkr[i * hd..(i + 1) * hd],
-                        &rope.cos[t..t + hd],
-                        &rope.sin[t..t + hd],
-                        &mut row,
-                    );
-                    let at = (bi * s + i) * kv * hd + g * hd;
-                    // SAFETY: kv head `g` of sequence `bi` belongs to this task alone.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(row.as_ptr(), dk_o.at(at), hd);
-                        std::ptr::copy_nonoverlapping(dvl.as_ptr().add(i * hd), dv_o.at(at), hd);
-                    }
-                }
-            },
-        );
+        let at = (bi * s) * kv * hd + g * hd;
+        // SAFETY: kv head `g` of sequence `bi` belongs to this task alone.
+        unsafe {
+            unrotate_head(&dkr, bi, &d, rope, &mut row, dk_o.at(at), kv * hd);
+            for i in 0..s {
+                std::ptr::copy_nonoverlapping(
+                    dvl.as_ptr().add(i * hd),
+                    dv_o.at(at + i * kv * hd),
+                    hd,
+                );
+            }
+        }
     });
     // SAFETY: task (bi, g) copied rows `0..s` of query heads `g·rep..(g+1)·rep` into `dq` and
     // of kv head `g` into `dk` and `dv`; the tasks cover every (sequence, kv head).

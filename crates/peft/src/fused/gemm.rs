@@ -32,6 +32,15 @@ pub unsafe fn matmul_strided(
     if m == 0 || n == 0 {
         return;
     }
+    let call = Call {
+        dims: (m, n, k),
+        dst,
+        dst_rs,
+        accumulate,
+        lhs: (lhs.cast_mut(), lhs_rs, lhs_cs),
+        rhs: (rhs.cast_mut(), rhs_rs, rhs_cs),
+        beta,
+    };
     let threads = rayon::current_num_threads();
     if m * n * k >= PARALLEL && rhs_cs != 1 && n <= PREPACKED_COLS && n >= MR * threads {
         // `gemm` would pack all of `rhsᵀ` (row-major for it) on the calling thread before its
@@ -39,25 +48,11 @@ pub unsafe fn matmul_strided(
         // takes its own block of columns, whose part of `rhs` it packs itself: the same
         // per-element sums (the depth blocking does not depend on `n`), tested to the bit.
         let cols = n.div_ceil(threads).div_ceil(MR) * MR;
-        let (dst, lhs, rhs) = (Shared(dst), Shared(lhs.cast_mut()), Shared(rhs.cast_mut()));
         (0..n.div_ceil(cols)).into_par_iter().for_each(|t| {
             let (c0, c1) = (t * cols, ((t + 1) * cols).min(n));
             // SAFETY: columns `c0..c1` of the caller's views; the tasks' `dst` columns are
             // disjoint.
-            unsafe {
-                gemm_call(
-                    (m, c1 - c0, k),
-                    dst.get().add(c0),
-                    dst_rs,
-                    accumulate,
-                    lhs.get(),
-                    (lhs_rs, lhs_cs),
-                    rhs.get().add(c0 * rhs_cs),
-                    (rhs_rs, rhs_cs),
-                    beta,
-                    gemm::Parallelism::None,
-                );
-            }
+            unsafe { call.columns(c0, c1).run(gemm::Parallelism::None) };
         });
         return;
     }
@@ -67,20 +62,7 @@ pub unsafe fn matmul_strided(
         gemm::Parallelism::None
     };
     // SAFETY: forwarded from the caller.
-    unsafe {
-        gemm_call(
-            (m, n, k),
-            dst,
-            dst_rs,
-            accumulate,
-            lhs,
-            (lhs_rs, lhs_cs),
-            rhs,
-            (rhs_rs, rhs_cs),
-            beta,
-            par,
-        );
-    }
+    unsafe { call.run(par) };
 }
 
 /// Up to this many columns, `gemm` packs a row-major `rhsᵀ` whole before its parallel part
@@ -92,65 +74,71 @@ const PREPACKED_COLS: usize = 1024;
 /// would use (its narrower tail kernels round differently).
 const MR: usize = 64;
 
-/// A pointer the column tasks share (each writes its own columns).
+/// The arguments of one [`matmul_strided`] call, operands as (pointer, row stride, column
+/// stride).
 #[derive(Clone, Copy)]
-struct Shared(*mut f32);
-// SAFETY: the tasks read the operands and write disjoint columns of `dst`.
-unsafe impl Send for Shared {}
-unsafe impl Sync for Shared {}
-
-impl Shared {
-    /// The pointer (a method, so closures capture the `Sync` wrapper, not the raw field).
-    fn get(&self) -> *mut f32 {
-        self.0
-    }
-}
-
-/// One `gemm` call: [`matmul_strided`] with its parallelism chosen.
-///
-/// # Safety
-/// As [`matmul_strided`].
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_call(
-    (m, n, k): (usize, usize, usize),
+struct Call {
+    dims: (usize, usize, usize),
     dst: *mut f32,
     dst_rs: usize,
     accumulate: bool,
-    lhs: *const f32,
-    (lhs_rs, lhs_cs): (usize, usize),
-    rhs: *const f32,
-    (rhs_rs, rhs_cs): (usize, usize),
+    lhs: (*mut f32, usize, usize),
+    rhs: (*mut f32, usize, usize),
     beta: f32,
-    par: gemm::Parallelism,
-) {
-    // Asked as the transposed product `dstᵀ[n×m] = rhsᵀ · lhsᵀ`, whose destination is
-    // column-major — the orientation `gemm` computes in — rather than leaving the swap to it:
-    // the same sums in the same order (the bench's losses are equal to the bit), the step's
-    // products 4.5 % less time in all, most for `x·Wᵀ`, which reads `W` transposed
-    // (docs/BENCHMARKS.md).
-    // SAFETY: forwarded from the caller; the views are the same elements, transposed.
-    unsafe {
-        gemm::gemm(
-            n,
-            m,
-            k,
-            dst,
-            dst_rs as isize,
-            1,
-            accumulate,
-            rhs,
-            rhs_rs as isize,
-            rhs_cs as isize,
-            lhs,
-            lhs_rs as isize,
-            lhs_cs as isize,
-            1.0,
-            beta,
-            false,
-            false,
-            false,
-            par,
-        );
+}
+// SAFETY: the column tasks read the operands and write disjoint columns of `dst`.
+unsafe impl Send for Call {}
+unsafe impl Sync for Call {}
+
+impl Call {
+    /// The same product restricted to columns `c0..c1`.
+    fn columns(self, c0: usize, c1: usize) -> Self {
+        let (m, _, k) = self.dims;
+        let (rhs, rs, cs) = self.rhs;
+        Call {
+            dims: (m, c1 - c0, k),
+            dst: self.dst.wrapping_add(c0),
+            rhs: (rhs.wrapping_add(c0 * cs), rs, cs),
+            ..self
+        }
+    }
+
+    /// One `gemm` call with parallelism `par`.
+    ///
+    /// # Safety
+    /// As [`matmul_strided`].
+    unsafe fn run(self, par: gemm::Parallelism) {
+        let (m, n, k) = self.dims;
+        let ((lhs, lhs_rs, lhs_cs), (rhs, rhs_rs, rhs_cs)) = (self.lhs, self.rhs);
+        // Asked as the transposed product `dstᵀ[n×m] = rhsᵀ · lhsᵀ`, whose destination is
+        // column-major — the orientation `gemm` computes in — rather than leaving the swap to
+        // it: the same sums in the same order (the bench's losses are equal to the bit), the
+        // step's products 4.5 % less time in all, most for `x·Wᵀ`, which reads `W` transposed
+        // (docs/BENCHMARKS.md).
+        // SAFETY: forwarded from the caller; the views are the same elements, transposed.
+        unsafe {
+            gemm::gemm(
+                n,
+                m,
+                k,
+                self.dst,
+                self.dst_rs as isize,
+                1,
+                self.accumulate,
+                rhs,
+                rhs_rs as isize,
+                rhs_cs as isize,
+                lhs,
+                lhs_rs as isize,
+                lhs_cs as isize,
+                1.0,
+                self.beta,
+                false,
+                false,
+                false,
+                par,
+            );
+        }
     }
 }
 
@@ -221,7 +209,7 @@ pub fn product(
 
 #[cfg(test)]
 mod tests {
-    use super::{gemm_call, matmul_strided};
+    use super::{matmul_strided, Call};
 
     fn values(n: usize, seed: u32) -> Vec<f32> {
         (0..n)
@@ -262,18 +250,16 @@ mod tests {
                             ws,
                             0.75,
                         );
-                        gemm_call(
-                            (m, n, k),
-                            whole.as_mut_ptr(),
-                            n,
+                        Call {
+                            dims: (m, n, k),
+                            dst: whole.as_mut_ptr(),
+                            dst_rs: n,
                             accumulate,
-                            x.as_ptr(),
-                            xs,
-                            w.as_ptr(),
-                            ws,
-                            0.75,
-                            gemm::Parallelism::Rayon(0),
-                        );
+                            lhs: (x.as_ptr().cast_mut(), xs.0, xs.1),
+                            rhs: (w.as_ptr().cast_mut(), ws.0, ws.1),
+                            beta: 0.75,
+                        }
+                        .run(gemm::Parallelism::Rayon(0));
                     });
                     let what = format!("{m}x{n}x{k}, accumulate {accumulate}, {threads} threads");
                     assert!(
