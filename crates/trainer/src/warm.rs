@@ -116,7 +116,7 @@ mod tests {
     }
 
     #[test]
-    fn waiting_threads_run_the_pools_work_and_leave_after_idle() {
+    fn passes_compute_beside_the_loops_which_leave_after_idle() {
         let sum = on_pool(3, || {
             let warm = super::CURRENT
                 .with(|c| c.borrow().clone())
