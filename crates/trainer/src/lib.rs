@@ -94,7 +94,26 @@ pub fn init_threads(threads: usize, local_world: usize) -> usize {
 /// long job on a global worker would let that worker, while it waits inside a pass, pick up
 /// another caller's whole job (a second `train` in the same process) and run it first. Runs
 /// `f` as a plain call where no such pool can be made (a caller already on a pool's thread).
+/// The one process of its machine that runs such a pool: [`on_node_pool`] with 1.
 pub fn on_pool<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
+    on_node_pool(threads, 1, f)
+}
+
+/// [`on_pool`] for one of `processes` processes of this machine that each run such a pool (the
+/// node's ranks): where their threads together fit the cores, [`keep_warm`] lets the pool's
+/// other threads wait actively during steps; where they do not, it does nothing — a thread
+/// looking for work would take turns on a core with another process's thread that has some.
+pub fn on_node_pool<R: Send>(threads: usize, processes: usize, f: impl FnOnce() -> R + Send) -> R {
+    let warm = warm::Warm::for_pool(threads.max(1), processes);
+    pool_run(threads, warm, f)
+}
+
+/// [`on_node_pool`] with the pool's active-waiting state given.
+pub(crate) fn pool_run<R: Send>(
+    threads: usize,
+    warm: warm::Warm,
+    f: impl FnOnce() -> R + Send,
+) -> R {
     match rayon::ThreadPoolBuilder::new()
         .num_threads(threads.max(1))
         .use_current_thread()
@@ -102,7 +121,7 @@ pub fn on_pool<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
         .build()
     {
         Ok(pool) => pool.install(|| {
-            let _warm = warm::enter(Default::default());
+            let _warm = warm::enter(warm.into());
             f()
         }),
         Err(_) => f(),
@@ -121,7 +140,9 @@ pub fn train(cfg: &RunConfig) -> Result<TrainReport> {
     })? {
         DeviceSpec::Cpu => {
             let n = init_threads(cfg.train.threads, acc.local_world_size());
-            on_pool(n, || train_on::<CpuBackend>(cfg, &acc, &Default::default()))
+            on_node_pool(n, acc.local_world_size(), || {
+                train_on::<CpuBackend>(cfg, &acc, &Default::default())
+            })
         }
         DeviceSpec::Cuda(index) => cuda_train(cfg, &acc, index),
     }
