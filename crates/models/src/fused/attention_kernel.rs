@@ -216,33 +216,28 @@ unsafe fn unrotate_head(
 /// Rotates every `[s, hd]` head of `x` (`[b·s, heads·hd]`) into `[b, heads, s, hd]`.
 fn rotate_heads(x: &[f32], heads: usize, d: &Dims, rope: &Rope) -> Vec<f32> {
     let (s, hd) = (d.s, d.hd);
-    let n = d.b * heads * s * hd;
-    // Not zero-filled first: every task writes all of its head.
-    let mut out = Vec::with_capacity(n);
-    out.spare_capacity_mut()[..n]
-        .par_chunks_mut(s * hd)
-        .enumerate()
-        .for_each(|(task, dst)| {
-            let (bi, j) = (task / heads, task % heads);
-            wide(
-                #[inline(always)]
-                || {
-                    for i in 0..s {
-                        let row = (bi * s + i) * heads * hd + j * hd;
-                        let t = (bi * s + i) * hd;
-                        rotate(
-                            &x[row..row + hd],
-                            &rope.cos[t..t + hd],
-                            &rope.sin[t..t + hd],
-                            &mut dst[i * hd..(i + 1) * hd],
-                        );
-                    }
-                },
-            );
-        });
-    // SAFETY: the `n / (s·hd)` tasks each wrote all `s·hd` elements of their chunk.
-    unsafe { out.set_len(n) };
-    out
+    // SAFETY: each chunk is one head's `s` rows of `hd`, all written by `rotate`.
+    unsafe {
+        simd::par_written(
+            d.b * heads * s * hd,
+            s * hd,
+            #[inline(always)]
+            |at, dst| {
+                let task = at / (s * hd);
+                let (bi, j) = (task / heads, task % heads);
+                for i in 0..s {
+                    let row = (bi * s + i) * heads * hd + j * hd;
+                    let t = (bi * s + i) * hd;
+                    rotate(
+                        &x[row..row + hd],
+                        &rope.cos[t..t + hd],
+                        &rope.sin[t..t + hd],
+                        &mut dst[i * hd..(i + 1) * hd],
+                    );
+                }
+            },
+        )
+    }
 }
 
 /// Attention of `q` over `k`, `v` with `scale` (usually `1/√hd`): returns the output

@@ -521,6 +521,38 @@ mod tests {
             .unzip()
     }
 
+    /// What [`backward`] reads for `sh`, from seeds `seed..seed + 5`.
+    struct GradOperands {
+        g: Vec<f32>,
+        b: Vec<f32>,
+        a: Vec<f32>,
+        x: Vec<f32>,
+        xa: Vec<f32>,
+    }
+
+    impl GradOperands {
+        fn new(sh: Shape, seed: usize) -> Self {
+            let Shape { n, d_in, d_out, r } = sh;
+            GradOperands {
+                g: values(n * d_out, seed),
+                b: values(d_out * r, seed + 1),
+                a: values(r * d_in, seed + 2),
+                x: values(n * d_in, seed + 3),
+                xa: values(n * r, seed + 4),
+            }
+        }
+
+        fn grads(&self) -> Grads<'_> {
+            Grads {
+                g: &self.g,
+                b: &self.b,
+                a: &self.a,
+                x: &self.x,
+                xa: &self.xa,
+            }
+        }
+    }
+
     #[test]
     fn the_forward_side_path_is_x_at_bt_times_s_added() {
         if no_kernels() {
@@ -550,24 +582,14 @@ mod tests {
         }
         for sh in SHAPES {
             let Shape { n, d_in, d_out, r } = sh;
-            let (g, b, a) = (
-                values(n * d_out, 5),
-                values(d_out * r, 6),
-                values(r * d_in, 7),
-            );
-            let (x, xa) = (values(n * d_in, 8), values(n * r, 9));
-            let o = Grads {
-                g: &g,
-                b: &b,
-                a: &a,
-                x: &x,
-                xa: &xa,
-            };
+            let ops = GradOperands::new(sh, 5);
+            let o = ops.grads();
+            let (g, b, a, x, xa) = (&ops.g, &ops.b, &ops.a, &ops.x, &ops.xa);
             let dx0 = values(n * d_in, 10);
             let mut dx = dx0.clone();
             let (da, db) = backward(sh, o, Some(&mut dx), true, true);
             // f64 reference: dxa = g·B, dx += dxa·A, dA = dxaᵀ·x, dB = gᵀ·xa.
-            let dxa64 = prod64(&g, n, d_out, r, |k, q| b[k * r + q]);
+            let dxa64 = prod64(g, n, d_out, r, |k, q| b[k * r + q]);
             let dxa: Vec<f32> = dxa64.iter().map(|&v| v as f32).collect();
             let side = prod64(&dxa, n, r, d_in, |q, j| a[q * d_in + j]);
             let (want, terms) = added(&dx0, &side, 1.0);
@@ -608,30 +630,18 @@ mod tests {
             d_out: 40,
             r: 16,
         };
-        let Shape { n, d_in, d_out, r } = sh;
-        let (g, b, a) = (
-            values(n * d_out, 11),
-            values(d_out * r, 12),
-            values(r * d_in, 13),
-        );
-        let (x, xa) = (values(n * d_in, 14), values(n * r, 15));
+        let Shape { n, d_in, d_out, .. } = sh;
+        let ops = GradOperands::new(sh, 11);
         let run = |threads: usize| {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
                 .build()
                 .expect("pool");
             pool.install(|| {
-                let o = Grads {
-                    g: &g,
-                    b: &b,
-                    a: &a,
-                    x: &x,
-                    xa: &xa,
-                };
                 let mut dx = vec![0.5; n * d_in];
-                let (da, db) = backward(sh, o, Some(&mut dx), true, true);
+                let (da, db) = backward(sh, ops.grads(), Some(&mut dx), true, true);
                 let mut y = vec![0.25; n * d_out];
-                let xa2 = forward(sh, &x, &a, &b, 1.0, &mut y);
+                let xa2 = forward(sh, &ops.x, &ops.a, &ops.b, 1.0, &mut y);
                 (dx, da, db, y, xa2)
             })
         };

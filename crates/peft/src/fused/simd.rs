@@ -12,6 +12,7 @@
 #![allow(unsafe_code)]
 
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Whether this CPU has AVX-512 F, BW and VL and FMA (detected once, then a load).
 pub fn has_avx512() -> bool {
@@ -91,26 +92,52 @@ pub fn sigmoid(x: f32) -> f32 {
 /// Elements per parallel task of [`map`].
 const CHUNK: usize = 1 << 14;
 
+/// A new vector of `len` elements written in parallel chunks of `chunk` (the last may be
+/// shorter) by `f(index of the chunk's first element, chunk)`, each task run in [`wide`]'s
+/// AVX-512 build (`f` should be `#[inline(always)]`). Nothing is zero-filled first.
+///
+/// # Safety
+/// `f` must write every element of each chunk it is given.
+///
+/// # Panics
+/// If `chunk` is 0.
+pub unsafe fn par_written<D: Send>(
+    len: usize,
+    chunk: usize,
+    f: impl Fn(usize, &mut [MaybeUninit<D>]) + Sync,
+) -> Vec<D> {
+    assert!(chunk > 0, "chunks of 0 elements");
+    let mut out: Vec<D> = Vec::with_capacity(len);
+    out.spare_capacity_mut()[..len]
+        .par_chunks_mut(chunk)
+        .enumerate()
+        .for_each(|(i, c)| {
+            wide(
+                #[inline(always)]
+                || f(i * chunk, c),
+            )
+        });
+    // SAFETY: the chunks cover all `len` elements, each written by `f` (the caller's contract).
+    unsafe { out.set_len(len) };
+    out
+}
+
 /// `f` of every element of `src` into a new vector, in parallel chunks, each run in [`wide`]'s
 /// AVX-512 build (`f` should be `#[inline(always)]`, so that it is compiled into it).
 pub fn map<S: Copy + Sync, D: Send>(src: &[S], f: impl Fn(S) -> D + Sync) -> Vec<D> {
-    let mut out: Vec<D> = Vec::with_capacity(src.len());
-    out.spare_capacity_mut()[..src.len()]
-        .par_chunks_mut(CHUNK)
-        .zip(src.par_chunks(CHUNK))
-        .for_each(|(o, s)| {
-            wide(
-                #[inline(always)]
-                || {
-                    for (o, &x) in o.iter_mut().zip(s) {
-                        o.write(f(x));
-                    }
-                },
-            )
-        });
-    // SAFETY: the chunks cover all `src.len()` elements, each written above.
-    unsafe { out.set_len(src.len()) };
-    out
+    // SAFETY: each chunk's elements are written, one per element of `src` at its offset.
+    unsafe {
+        par_written(
+            src.len(),
+            CHUNK,
+            #[inline(always)]
+            |at, o| {
+                for (o, &x) in o.iter_mut().zip(&src[at..]) {
+                    o.write(f(x));
+                }
+            },
+        )
+    }
 }
 
 /// `f` of each pair `(a[i], b[i])` into a new vector, as [`map`] does for one input.
@@ -123,24 +150,19 @@ pub fn map2<A: Copy + Sync, B: Copy + Sync, D: Send>(
     f: impl Fn(A, B) -> D + Sync,
 ) -> Vec<D> {
     assert_eq!(a.len(), b.len(), "map2 over slices of different lengths");
-    let mut out: Vec<D> = Vec::with_capacity(a.len());
-    out.spare_capacity_mut()[..a.len()]
-        .par_chunks_mut(CHUNK)
-        .zip(a.par_chunks(CHUNK))
-        .zip(b.par_chunks(CHUNK))
-        .for_each(|((o, a), b)| {
-            wide(
-                #[inline(always)]
-                || {
-                    for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
-                        o.write(f(a, b));
-                    }
-                },
-            )
-        });
-    // SAFETY: the equal-length chunks cover all `a.len()` elements, each written above.
-    unsafe { out.set_len(a.len()) };
-    out
+    // SAFETY: each chunk's elements are written, one per pair of `a` and `b` at its offset.
+    unsafe {
+        par_written(
+            a.len(),
+            CHUNK,
+            #[inline(always)]
+            |at, o| {
+                for ((o, &a), &b) in o.iter_mut().zip(&a[at..]).zip(&b[at..]) {
+                    o.write(f(a, b));
+                }
+            },
+        )
+    }
 }
 
 /// The two results of `f` on each triple `(a[i], b[i], c[i])` into two new vectors, as [`map`]
@@ -204,22 +226,16 @@ pub fn par_filled<T: Copy + Send + Sync>(
     fill: T,
     f: impl Fn(usize, &mut [T]) + Sync,
 ) -> Vec<T> {
-    assert!(chunk > 0, "par_filled with chunks of 0 elements");
-    let mut out: Vec<T> = Vec::with_capacity(len);
-    out.spare_capacity_mut()[..len]
-        .par_chunks_mut(chunk)
-        .enumerate()
-        .for_each(|(i, c)| {
-            for x in c.iter_mut() {
-                x.write(fill);
-            }
-            // SAFETY: every element of `c` was written just above.
-            let c = unsafe { &mut *(c as *mut [std::mem::MaybeUninit<T>] as *mut [T]) };
-            f(i, c);
-        });
-    // SAFETY: the chunks cover all `len` elements, each filled above.
-    unsafe { out.set_len(len) };
-    out
+    let task = |at: usize, c: &mut [MaybeUninit<T>]| {
+        for x in c.iter_mut() {
+            x.write(fill);
+        }
+        // SAFETY: every element of `c` was written just above.
+        let c = unsafe { &mut *(c as *mut [MaybeUninit<T>] as *mut [T]) };
+        f(at / chunk, c);
+    };
+    // SAFETY: `task` fills every element of its chunk first.
+    unsafe { par_written(len, chunk, task) }
 }
 
 /// The element-wise sum of `parts` (each `len` long; `len` zeros when there are none), added
