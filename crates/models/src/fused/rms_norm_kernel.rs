@@ -115,7 +115,7 @@ pub(crate) fn backward(
         return (want_dx.then(Vec::new), want_dw.then(|| vec![0.0; d]));
     }
     let per = rows_per_task(d);
-    let task = |t: usize, dx: Option<&mut [f32]>| {
+    let task = |t: usize, dx: Option<&mut [MaybeUninit<f32>]>| {
         let rows = t * per..((t + 1) * per).min(s.r.len());
         let span = rows.start * d..rows.end * d;
         let block = Saved {
@@ -131,9 +131,12 @@ pub(crate) fn backward(
         );
         dw
     };
-    let mut dx = want_dx.then(|| vec![0.0; s.x.len()]);
+    // Not zero-filled first (one thread's memset while the others waited): every row is
+    // written by its task.
+    let len = s.x.len();
+    let mut dx = want_dx.then(|| Vec::<f32>::with_capacity(len));
     let partials: Vec<Vec<f32>> = match dx.as_mut() {
-        Some(dx) => dx
+        Some(dx) => dx.spare_capacity_mut()[..len]
             .par_chunks_mut(per * d)
             .enumerate()
             .map(|(t, dx)| task(t, Some(dx)))
@@ -144,14 +147,21 @@ pub(crate) fn backward(
             .collect(),
         None => Vec::new(),
     };
+    if let Some(dx) = dx.as_mut() {
+        // SAFETY: the chunks cover all rows; `backward_rows` writes every element of its `dx`.
+        #[allow(unsafe_code)]
+        unsafe {
+            dx.set_len(len)
+        };
+    }
     let dw = want_dw.then(|| pairwise_sum(partials, d));
     (dx, dw)
 }
 
-/// [`backward`] on one block of rows: `dx` written when given, `dw` (empty: not wanted)
-/// accumulated over the block's rows.
+/// [`backward`] on one block of rows: every element of `dx` written when given, `dw` (empty:
+/// not wanted) accumulated over the block's rows.
 #[inline(always)]
-fn backward_rows(s: Saved<'_>, mut dx: Option<&mut [f32]>, dw: &mut [f32]) {
+fn backward_rows(s: Saved<'_>, mut dx: Option<&mut [MaybeUninit<f32>]>, dw: &mut [f32]) {
     let d = s.d;
     let (mut n, mut dn) = (vec![0.0f32; d], vec![0.0f32; d]);
     for (i, &r) in s.r.iter().enumerate() {
@@ -173,7 +183,7 @@ fn backward_rows(s: Saved<'_>, mut dx: Option<&mut [f32]>, dw: &mut [f32]) {
         if let Some(dx) = dx.as_deref_mut() {
             let mean = simd::dot(&dn, &n) / d as f32;
             for ((dx, &dn), &n) in dx[i * d..(i + 1) * d].iter_mut().zip(&dn).zip(&n) {
-                *dx = (dn - n * mean) * r;
+                dx.write((dn - n * mean) * r);
             }
         }
     }
