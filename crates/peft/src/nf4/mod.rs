@@ -9,7 +9,7 @@
 //! per parameter. Dequantization: `w = level[code] · absmax[block]`.
 //!
 //! The host-side code (`codebook`, `data`, `quantize`, `mean`, `bnb`) is plain Rust over slices;
-//! only `weight` and `matmul` use burn.
+//! only `weight`, `matmul` and `host` (the one-pass dequantization on Flex) use burn.
 //!
 //! ```
 //! use bellows_peft::nf4::{quantize_nf4, Nf4Options, Nf4Weight};
@@ -30,6 +30,7 @@ mod bnb;
 mod codebook;
 mod config;
 mod data;
+mod host;
 mod lut;
 mod matmul;
 mod mean;

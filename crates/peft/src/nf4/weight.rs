@@ -10,8 +10,8 @@ use super::data::{Absmax, Nf4Data};
 ///
 /// Every field is a constant, not a [`burn::module::Param`]: parameter walkers, optimizers and
 /// checkpoints do not see it, and it has no gradient. [`Nf4Weight::dequantize`] rebuilds the `f32`
-/// weight with burn ops (nibble split, code-book lookup, block scaling), bit-exact with
-/// [`Nf4Data::dequantize`].
+/// weight (on Flex in one parallel pass, elsewhere with burn ops: nibble split, code-book
+/// lookup, block scaling), bit-exact with [`Nf4Data::dequantize`].
 #[derive(Module, Debug)]
 pub struct Nf4Weight<B: Backend> {
     /// Packed codes, `u8 [ceil(n / 2)]`, first element in the high nibble.
@@ -105,8 +105,15 @@ impl<B: Backend> Nf4Weight<B> {
         (map.clone().select(0, codes.clone().cast(IntDType::I32)) * scale).add_scalar(self.offset)
     }
 
-    /// The dequantized weight `[out, in]` in `f32` (a new tensor outside any autodiff graph).
+    /// The dequantized weight `[out, in]` in `f32` (a new tensor outside any autodiff graph):
+    /// on Flex one parallel pass over the packed codes, elsewhere burn ops.
     pub fn dequantize(&self) -> Tensor<B, 2> {
+        super::host::try_dequantize(self).unwrap_or_else(|| self.dequantize_ops())
+    }
+
+    /// [`Self::dequantize`] with burn ops on any backend: nibble split, code-book lookup,
+    /// block scaling.
+    pub(crate) fn dequantize_ops(&self) -> Tensor<B, 2> {
         let n = self.d_out * self.d_in;
         let m = self.packed.dims()[0];
         let hi = self
