@@ -364,12 +364,10 @@ impl<B: Backend> Linear<B> {
         y.reshape(out)
     }
 
-    /// Base product and plain LoRA side path as one op ([`crate::fused::linear_lora`]) where the
-    /// backend and dtype allow: a dense, unsharded weight and no DoRA or adapter dropout.
+    /// Base product and plain LoRA side path as one op ([`crate::fused::linear_lora`], or
+    /// [`crate::fused::linear_lora_nf4`] on an NF4 base) where the backend and dtype allow: an
+    /// unsharded weight and no DoRA or adapter dropout.
     fn fused_forward(&self, x2: Tensor<B, 2>) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
-        let Some(w) = &self.weight else {
-            return Err(x2);
-        };
         if self.sharding.is_some() {
             return Err(x2);
         }
@@ -382,7 +380,11 @@ impl<B: Backend> Linear<B> {
             }
             _ => None,
         };
-        crate::fused::linear_lora(x2, w.val(), side).map_err(|(x, _, _)| x)
+        match (&self.weight, &self.nf4) {
+            (Some(w), _) => crate::fused::linear_lora(x2, w.val(), side).map_err(|(x, _, _)| x),
+            (None, Some(q)) => crate::fused::linear_lora_nf4(x2, q, side).map_err(|(x, _)| x),
+            (None, None) => Err(x2),
+        }
     }
 
     /// The forward pass without bias as a composition of burn ops (every case).

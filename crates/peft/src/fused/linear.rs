@@ -43,6 +43,8 @@ use super::lora_side;
 use super::pack_cache::Owner;
 use super::simd::{map, wide};
 use super::{flex_tensor_in as flex, on_backend, primitive, Ad};
+use crate::nf4::Nf4Weight;
+use burn::module::AutodiffModule;
 
 /// Elements per task of the element-wise passes.
 const CHUNK: usize = 1 << 14;
@@ -323,12 +325,37 @@ fn forward(d: Dims, x: Src, w: Src, lora: Option<(Src, Src, f32)>) -> (Vals, Opt
     (Vals::Bf16(y), Some(Vals::Bf16(xa)))
 }
 
+/// The base weight the backward pass reads: the tensor, or an NF4 weight (QLoRA), dequantized
+/// again there rather than kept dense from the forward pass (as bitsandbytes' `MatMul4Bit`).
+#[derive(Debug)]
+enum Weight {
+    Dense(FlexTensor),
+    Nf4(Box<Nf4Weight<Flex>>),
+}
+
+impl Weight {
+    /// The dense weight (an NF4 one dequantized, f32).
+    fn dense(&self) -> FlexTensor {
+        match self {
+            Weight::Dense(w) => w.clone(),
+            Weight::Nf4(q) => primitive(q.dequantize()).to_contiguous(),
+        }
+    }
+
+    fn dtype(&self) -> DType {
+        match self {
+            Weight::Dense(w) => w.dtype(),
+            Weight::Nf4(_) => DType::F32,
+        }
+    }
+}
+
 /// What the backward pass reads.
 #[derive(Debug)]
 struct State {
     d: Dims,
     x: FlexTensor,
-    w: FlexTensor,
+    w: Weight,
     /// A, B, the scale and `x·Aᵀ`, with an adapter.
     lora: Option<(FlexTensor, FlexTensor, f32, Vals)>,
     /// The storage owners of `x` and `W` where their packed forms are kept.
@@ -386,12 +413,19 @@ fn backward(st: &State, dy: Src, need: [bool; 4]) -> [Option<Vals>; 4] {
         low,
     } = st.d;
     let x = Src::kept(&st.x, st.owners.x.as_ref());
-    let (w, g) = (Src::kept(&st.w, st.owners.w.as_ref()), dy);
+    // Only `dX` reads the weight: an NF4 one is dequantized for it alone.
+    let wt = match (&st.w, need[0]) {
+        (Weight::Nf4(_), false) => None,
+        (w, _) => Some(w.dense()),
+    };
+    let w = wt.as_ref().map(|w| Src::kept(w, st.owners.w.as_ref()));
+    let w = || w.expect("dX reads the weight");
+    let g = dy;
     let dw = need[1].then(|| Vals::F32(prod(low, g, x, a_tb(n, d_out, d_in))));
     let Some((a, b, s, xa)) = &st.lora else {
         let dx = need[0].then(|| match low {
-            true => Vals::Bf16(prod_bf16(g, w, xm(n, d_out, d_in), None)),
-            false => Vals::F32(prod(false, g, w, xm(n, d_out, d_in))),
+            true => Vals::Bf16(prod_bf16(g, w(), xm(n, d_out, d_in), None)),
+            false => Vals::F32(prod(false, g, w(), xm(n, d_out, d_in))),
         });
         return [dx, dw, None, None];
     };
@@ -412,7 +446,7 @@ fn backward(st: &State, dy: Src, need: [bool; 4]) -> [Option<Vals>; 4] {
             if !(need[0] || need[2] || need[3]) {
                 return [None, dw, None, None];
             }
-            let mut dx = need[0].then(|| prod(false, g, w, xm(n, d_out, d_in)));
+            let mut dx = need[0].then(|| prod(false, g, w(), xm(n, d_out, d_in)));
             let grads = lora_side::Grads {
                 g: &gv[..n * d_out],
                 b: &bv[..d_out * r],
@@ -437,11 +471,11 @@ fn backward(st: &State, dy: Src, need: [bool; 4]) -> [Option<Vals>; 4] {
                 Vals::Bf16(dxa) => {
                     let a = bf16_values(a);
                     let side = (&dxa[..], &a[..], xm(n, r, d_in), 1.0);
-                    Vals::Bf16(prod_bf16(g, w, xm(n, d_out, d_in), Some(side)))
+                    Vals::Bf16(prod_bf16(g, w(), xm(n, d_out, d_in), Some(side)))
                 }
                 Vals::F32(_) => {
                     let side = prod(low, dxa.src(), a, xm(n, r, d_in));
-                    let mut dx = prod(false, g, w, xm(n, d_out, d_in));
+                    let mut dx = prod(false, g, w(), xm(n, d_out, d_in));
                     add_scaled(&mut dx, &side, 1.0);
                     Vals::F32(dx)
                 }
@@ -531,7 +565,7 @@ pub fn linear_lora<B: Backend>(
     let out_dtype = x.dtype();
     if ty == TypeId::of::<Ad>() {
         on_backend((x, w, side), move |(x, w, side): Inputs<Ad>| {
-            tracked(d, x, w, side)
+            tracked(d, x, w, side, None)
         })
     } else {
         on_backend((x, w, side), move |(x, w, side): Inputs<Flex>| {
@@ -549,11 +583,68 @@ pub fn linear_lora<B: Backend>(
     }
 }
 
-fn tracked(d: Dims, x: Tensor<Ad, 2>, w: Tensor<Ad, 2>, side: Option<Side<Ad>>) -> Tensor<Ad, 2> {
+/// The inputs of [`linear_lora_nf4`] it gives back: `x` and the side path.
+pub type Nf4Inputs<B> = (Tensor<B, 2>, Option<Side<B>>);
+
+/// [`linear_lora`] with an NF4 base weight (QLoRA) on `Autodiff<Flex>`: dequantized for the
+/// forward product and again in the backward pass for `dX` (never kept dense between them, as
+/// bitsandbytes' `MatMul4Bit`), and given no gradient. Other backends and dtypes get `x` and
+/// the side path back as `Err`, for the composition.
+pub fn linear_lora_nf4<B: Backend>(
+    x: Tensor<B, 2>,
+    q: &Nf4Weight<B>,
+    side: Option<Side<B>>,
+) -> Result<Tensor<B, 2>, Nf4Inputs<B>> {
+    let any: &dyn std::any::Any = q;
+    let Some(q) = any.downcast_ref::<Nf4Weight<Ad>>() else {
+        return Err((x, side));
+    };
+    let low = x.dtype() == DType::BF16;
+    let ok = |t: &Tensor<B, 2>| t.dtype() == DType::F32 || (low && t.dtype() == DType::BF16);
+    if !ok(&x) || !side.as_ref().is_none_or(|(a, b, _)| ok(a) && ok(b)) {
+        return Err((x, side));
+    }
+    let inner = q.valid();
+    let w = Tensor::<Ad, 2>::from_inner(inner.dequantize());
+    let [n, d_in] = x.dims();
+    let d = Dims {
+        n,
+        d_in,
+        d_out: inner.d_out,
+        r: side.as_ref().map_or(0, |(a, _, _)| a.dims()[0]),
+        low,
+    };
+    on_backend((x, side), move |(x, side): Nf4Inputs<Ad>| {
+        tracked(d, x, w, side, Some(inner))
+    })
+}
+
+/// What the state keeps of the base weight: the NF4 weight when there is one, else `w`.
+fn weight(w: FlexTensor, nf4: Option<Nf4Weight<Flex>>) -> Weight {
+    match nf4 {
+        Some(q) => Weight::Nf4(Box::new(q)),
+        None => Weight::Dense(w),
+    }
+}
+
+/// The op on `Autodiff<Flex>`; `w` the dequantized `nf4` weight when given (then kept as the
+/// NF4 weight for the backward pass, and its packed form not kept).
+fn tracked(
+    d: Dims,
+    x: Tensor<Ad, 2>,
+    w: Tensor<Ad, 2>,
+    side: Option<Side<Ad>>,
+    nf4: Option<Nf4Weight<Flex>>,
+) -> Tensor<Ad, 2> {
     let out_dtype = x.dtype();
     let (xp, wp) = (primitive(x), primitive(w));
     let (xi, wi) = (xp.primitive.to_contiguous(), wp.primitive.to_contiguous());
-    let owners = Owners::of(d.low, &xi, &wi, wp.node.requirement.is_none());
+    let owners = Owners::of(
+        d.low,
+        &xi,
+        &wi,
+        wp.node.requirement.is_none() && nf4.is_none(),
+    );
     let (x, w) = (
         Src::kept(&xi, owners.x.as_ref()),
         Src::kept(&wi, owners.w.as_ref()),
@@ -571,7 +662,7 @@ fn tracked(d: Dims, x: Tensor<Ad, 2>, w: Tensor<Ad, 2>, side: Option<Side<Ad>>) 
                     let st = State {
                         d,
                         x: xi,
-                        w: wi,
+                        w: weight(wi, nf4),
                         lora: None,
                         owners,
                     };
@@ -598,7 +689,7 @@ fn tracked(d: Dims, x: Tensor<Ad, 2>, w: Tensor<Ad, 2>, side: Option<Side<Ad>>) 
                     let st = State {
                         d,
                         x: xi,
-                        w: wi,
+                        w: weight(wi, nf4),
                         lora: Some((ai, bi, s, xa)),
                         owners,
                     };
@@ -733,6 +824,48 @@ mod tests {
             check(true, true, low); // LoRA and a trainable base
             check(false, true, low); // full fine-tuning
             check(false, false, low); // a frozen layer (x's gradient only)
+        }
+    }
+
+    /// QLoRA: an NF4 base through the op against the composition on its dequantized weight,
+    /// forward and the gradients of `x`, `A` and `B`, in f32 and bf16, with and without an
+    /// adapter; the NF4 base gets no gradient.
+    #[test]
+    fn fused_qlora_matches_the_composition_and_its_gradients() {
+        use super::linear_lora_nf4;
+        use crate::nf4::{quantize_nf4, Nf4Options, Nf4Weight};
+        let (n, d_in, d_out, r, s) = (37, 64, 20, 4, 2.0);
+        let values: Vec<f32> = (0..d_out * d_in)
+            .map(|i| (((i * 7919) % 2003) as f32 - 1001.0) / 900.0)
+            .collect();
+        let data = quantize_nf4(&values, &[d_out, d_in], Nf4Options::default());
+        let q = Nf4Weight::<Ad>::from_data(&data, &Default::default());
+        for (low, lora) in [(false, true), (true, true), (false, false), (true, false)] {
+            let xd = if low { DType::BF16 } else { DType::F32 };
+            let (x, a, b) = (leaf([n, d_in], 5), leaf([r, d_in], 6), leaf([d_out, r], 7));
+            let f32 = DType::F32;
+            let (xf, af, bf) = (twin(&x, xd, true), twin(&a, f32, true), twin(&b, f32, true));
+            let (xc, ac, bc) = (twin(&x, xd, true), twin(&a, f32, true), twin(&b, f32, true));
+            let side = lora.then(|| (af.clone(), bf.clone(), s));
+            let fused = linear_lora_nf4(xf.clone(), &q, side)
+                .unwrap_or_else(|_| panic!("the fused path is taken on Autodiff<Flex>"));
+            let w = in_dtype(q.dequantize(), xd);
+            let mut plain = xc.clone().matmul(w.transpose());
+            if lora {
+                let t = xc
+                    .clone()
+                    .matmul(in_dtype(ac.clone(), xd).transpose())
+                    .matmul(in_dtype(bc.clone(), xd).transpose());
+                plain = plain + t.mul_scalar(s);
+            }
+            close("y", fused.clone().inner(), plain.clone().inner(), xd);
+            let (gf, gc) = (loss(fused).backward(), loss(plain).backward());
+            let g = |t: &Tensor<Ad, 2>, g| t.grad(g).expect("a gradient");
+            close("dx", g(&xf, &gf), g(&xc, &gc), xd);
+            if lora {
+                close("da", g(&af, &gf), g(&ac, &gc), f32);
+                close("db", g(&bf, &gf), g(&bc, &gc), f32);
+            }
         }
     }
 

@@ -26,7 +26,7 @@ pub mod simd;
 pub use bf16_gemm::{product_bf16, product_bf16_rounded, Bf16Operand};
 pub use cast::cast;
 pub use gemm::{matmul_strided, product};
-pub use linear::linear_lora;
+pub use linear::{linear_lora, linear_lora_nf4};
 pub use matmul::matmul;
 pub use pack_cache::Owner;
 
