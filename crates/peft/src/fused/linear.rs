@@ -758,6 +758,27 @@ mod tests {
         (y.cast(DType::F32) * c).sum()
     }
 
+    /// The composition the op replaces, `x·Wᵀ (+ s·(x·Aᵀ)·Bᵀ)` in `xd`, the weights cast as
+    /// `Linear` casts them.
+    fn composed(
+        x: &Tensor<Ad, 2>,
+        w: Tensor<Ad, 2>,
+        side: Option<(&Tensor<Ad, 2>, &Tensor<Ad, 2>, f64)>,
+        xd: DType,
+    ) -> Tensor<Ad, 2> {
+        let y = x.clone().matmul(in_dtype(w, xd).transpose());
+        match side {
+            None => y,
+            Some((a, b, s)) => {
+                let t = x
+                    .clone()
+                    .matmul(in_dtype(a.clone(), xd).transpose())
+                    .matmul(in_dtype(b.clone(), xd).transpose());
+                y + t.mul_scalar(s)
+            }
+        }
+    }
+
     /// Fused vs composition, forward and every tracked gradient, with and without a side path
     /// and with a frozen or trainable base (`n` not a multiple of gemm's blocks). `low`: `x` in
     /// bf16 with f32 master weights, the composition casting them as `Linear` does.
@@ -791,14 +812,7 @@ mod tests {
         let side = lora.then(|| (af.clone(), bf.clone(), s));
         let fused = linear_lora(xf.clone(), wf.clone(), side)
             .unwrap_or_else(|_| panic!("the fused path is taken on Autodiff<Flex>"));
-        let mut plain = xc.clone().matmul(in_dtype(wc.clone(), xd).transpose());
-        if lora {
-            let t = xc
-                .clone()
-                .matmul(in_dtype(ac.clone(), xd).transpose())
-                .matmul(in_dtype(bc.clone(), xd).transpose());
-            plain = plain + t.mul_scalar(s);
-        }
+        let plain = composed(&xc, wc.clone(), lora.then_some((&ac, &bc, s)), xd);
         close("y", fused.clone().inner(), plain.clone().inner(), xd);
         let (gf, gc) = (loss(fused).backward(), loss(plain).backward());
         let g = |t: &Tensor<Ad, 2>, g| t.grad(g).expect("a gradient");
@@ -849,15 +863,7 @@ mod tests {
             let side = lora.then(|| (af.clone(), bf.clone(), s));
             let fused = linear_lora_nf4(xf.clone(), &q, side)
                 .unwrap_or_else(|_| panic!("the fused path is taken on Autodiff<Flex>"));
-            let w = in_dtype(q.dequantize(), xd);
-            let mut plain = xc.clone().matmul(w.transpose());
-            if lora {
-                let t = xc
-                    .clone()
-                    .matmul(in_dtype(ac.clone(), xd).transpose())
-                    .matmul(in_dtype(bc.clone(), xd).transpose());
-                plain = plain + t.mul_scalar(s);
-            }
+            let plain = composed(&xc, q.dequantize(), lora.then_some((&ac, &bc, s)), xd);
             close("y", fused.clone().inner(), plain.clone().inner(), xd);
             let (gf, gc) = (loss(fused).backward(), loss(plain).backward());
             let g = |t: &Tensor<Ad, 2>, g| t.grad(g).expect("a gradient");
