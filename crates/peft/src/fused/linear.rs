@@ -601,7 +601,8 @@ pub fn linear_lora_nf4<B: Backend>(
     };
     let low = x.dtype() == DType::BF16;
     let ok = |t: &Tensor<B, 2>| t.dtype() == DType::F32 || (low && t.dtype() == DType::BF16);
-    if !ok(&x) || !side.as_ref().is_none_or(|(a, b, _)| ok(a) && ok(b)) {
+    // Mismatched widths go to the composition too, whose matmul says so.
+    if !ok(&x) || !side.as_ref().is_none_or(|(a, b, _)| ok(a) && ok(b)) || x.dims()[1] != q.d_in {
         return Err((x, side));
     }
     let inner = q.valid();
