@@ -97,18 +97,20 @@ pub(super) fn pack_rows<T: Bf16Operand>(
     (rows, k): (usize, usize),
     par: bool,
 ) -> Vec<u32> {
-    use rayon::prelude::*;
     let (kpp, _) = pair_tiles(k);
     let panel = kpp * TILE;
-    let mut out = vec![0u32; padded_panels(rows) * panel];
+    let len = padded_panels(rows) * panel;
     let view = View {
         strides,
         rows,
         k,
         width: TILE,
     };
-    let valid = rows.div_ceil(TILE) * panel;
-    let fill = |(p, tiles): (usize, &mut [u32])| {
+    let panels = rows.div_ceil(TILE);
+    let fill = |p: usize, tiles: &mut [u32]| {
+        if p >= panels {
+            return; // padding: stays zero
+        }
         // SAFETY: `available()` (the only way here) checked the AVX-512 features.
         #[cfg(target_arch = "x86_64")]
         unsafe {
@@ -117,15 +119,17 @@ pub(super) fn pack_rows<T: Bf16Operand>(
         #[cfg(not(target_arch = "x86_64"))]
         unreachable!("AMX is x86-64 only: {p} {}", tiles.len());
     };
-    if par {
-        out[..valid]
-            .par_chunks_mut(panel)
-            .enumerate()
-            .for_each(fill);
+    if par && len > 0 {
+        // Each task zeroes its own panel (one thread's memset of the whole buffer first kept
+        // the others waiting).
+        super::simd::par_filled(len, panel, 0, fill)
     } else {
-        out[..valid].chunks_mut(panel).enumerate().for_each(fill);
+        let mut out = vec![0u32; len];
+        out.chunks_mut(panel)
+            .enumerate()
+            .for_each(|(p, t)| fill(p, t));
+        out
     }
-    out
 }
 
 /// Panel `p` (16 rows) of [`pack_rows`] into `tiles` (`[k tile][row][16 pairs]`, zeroed).
@@ -150,17 +154,26 @@ unsafe fn fill_row_tiles<T: Bf16Operand>(v: &[T], view: View, p: usize, tiles: &
     let n = TILE.min(rows - p * TILE);
     let first = p * TILE * along;
     if across == 1 {
-        // Each 32-value piece of a row is one tile row: converted straight into it.
+        // Each 32-value piece of a row is one tile row: converted straight into it. Whole
+        // pieces with their length known to the compiler (a bf16 piece is then one vector
+        // move, not a `memcpy` call of 64 bytes), the last short one after them.
         let mut bits = [0u16; 2 * TILE];
         for i in 0..n {
             let row = &v[first + i * along..][..k];
-            for (q, piece) in row.chunks(2 * TILE).enumerate() {
-                if piece.len() < 2 * TILE {
-                    // `row_pairs` reads one value past an odd piece: zero.
-                    bits = [0; 2 * TILE];
-                }
-                let dst = &mut tiles[q * TILE_PAIRS + i * TILE..][..piece.len().div_ceil(2)];
+            let pieces = row.chunks_exact(2 * TILE);
+            let rest = pieces.remainder();
+            for (q, piece) in pieces.enumerate() {
+                let dst: &mut [u32; TILE] = (&mut tiles[q * TILE_PAIRS + i * TILE..][..TILE])
+                    .try_into()
+                    .expect("a tile row");
                 T::row_pairs(piece, &mut bits, dst);
+            }
+            if !rest.is_empty() {
+                // `row_pairs` reads one value past an odd piece: zero.
+                bits = [0; 2 * TILE];
+                let q = k / (2 * TILE);
+                let dst = &mut tiles[q * TILE_PAIRS + i * TILE..][..rest.len().div_ceil(2)];
+                T::row_pairs(rest, &mut bits, dst);
             }
         }
         return;

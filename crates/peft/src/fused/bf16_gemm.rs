@@ -477,7 +477,7 @@ fn pack<T: Bf16Operand>(
 ) -> Vec<u32> {
     let kpp = k.div_ceil(2).next_multiple_of(pad.0);
     let panels = rows.div_ceil(width);
-    let mut out = vec![0u32; panels.next_multiple_of(pad.1) * kpp * width];
+    let len = panels.next_multiple_of(pad.1) * kpp * width;
     let view = View {
         strides,
         rows,
@@ -487,7 +487,10 @@ fn pack<T: Bf16Operand>(
     // Asked once per operand, not once per panel.
     #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
     let v4 = has_bf16_dot();
-    let fill = |(p, panel): (usize, &mut [u32])| {
+    let fill = |p: usize, panel: &mut [u32]| {
+        if p >= panels {
+            return; // padding: stays zero
+        }
         #[cfg(target_arch = "x86_64")]
         if v4 {
             // SAFETY: the CPU has the features `fill_panel_v4` is compiled for.
@@ -496,13 +499,17 @@ fn pack<T: Bf16Operand>(
         }
         fill_panel(v, view, p, panel);
     };
-    let valid = &mut out[..panels * kpp * width];
-    if par {
-        valid.par_chunks_mut(kpp * width).enumerate().for_each(fill);
+    if par && len > 0 {
+        // Each task zeroes its own panel (one thread's memset of the whole buffer first kept
+        // the others waiting).
+        super::simd::par_filled(len, kpp * width, 0, fill)
     } else {
-        valid.chunks_mut(kpp * width).enumerate().for_each(fill);
+        let mut out = vec![0u32; len];
+        out.chunks_mut(kpp * width)
+            .enumerate()
+            .for_each(|(p, panel)| fill(p, panel));
+        out
     }
-    out
 }
 
 /// A `[rows, k]` view with (row, column) strides, packed `width` rows per panel.
