@@ -119,17 +119,7 @@ pub(super) fn pack_rows<T: Bf16Operand>(
         #[cfg(not(target_arch = "x86_64"))]
         unreachable!("AMX is x86-64 only: {p} {}", tiles.len());
     };
-    if par && len > 0 {
-        // Each task zeroes its own panel (one thread's memset of the whole buffer first kept
-        // the others waiting).
-        super::simd::par_filled(len, panel, 0, fill)
-    } else {
-        let mut out = vec![0u32; len];
-        out.chunks_mut(panel)
-            .enumerate()
-            .for_each(|(p, t)| fill(p, t));
-        out
-    }
+    super::bf16_gemm::panels_filled(len, panel, par, fill)
 }
 
 /// Panel `p` (16 rows) of [`pack_rows`] into `tiles` (`[k tile][row][16 pairs]`, zeroed).

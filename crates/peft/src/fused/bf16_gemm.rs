@@ -499,15 +499,25 @@ fn pack<T: Bf16Operand>(
         }
         fill_panel(v, view, p, panel);
     };
+    panels_filled(len, kpp * width, par, fill)
+}
+
+/// A zeroed buffer of `len` values in panels of `panel`, `fill(panel index, panel)` run on
+/// each: on the pool when `par`, each task zeroing its own panel first (one thread's memset of
+/// the whole buffer kept the others waiting), else on this thread.
+pub(super) fn panels_filled(
+    len: usize,
+    panel: usize,
+    par: bool,
+    fill: impl Fn(usize, &mut [u32]) + Sync,
+) -> Vec<u32> {
     if par && len > 0 {
-        // Each task zeroes its own panel (one thread's memset of the whole buffer first kept
-        // the others waiting).
-        super::simd::par_filled(len, kpp * width, 0, fill)
+        super::simd::par_filled(len, panel, 0, fill)
     } else {
         let mut out = vec![0u32; len];
-        out.chunks_mut(kpp * width)
+        out.chunks_mut(panel.max(1))
             .enumerate()
-            .for_each(|(p, panel)| fill(p, panel));
+            .for_each(|(p, c)| fill(p, c));
         out
     }
 }
