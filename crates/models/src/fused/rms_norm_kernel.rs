@@ -131,29 +131,25 @@ pub(crate) fn backward(
         );
         dw
     };
-    // Not zero-filled first (one thread's memset while the others waited): every row is
+    // `dx` not zero-filled first (one thread's memset while the others waited): every row is
     // written by its task.
-    let len = s.x.len();
-    let mut dx = want_dx.then(|| Vec::<f32>::with_capacity(len));
-    let partials: Vec<Vec<f32>> = match dx.as_mut() {
-        Some(dx) => dx.spare_capacity_mut()[..len]
-            .par_chunks_mut(per * d)
-            .enumerate()
-            .map(|(t, dx)| task(t, Some(dx)))
-            .collect(),
-        None if want_dw => (0..s.r.len().div_ceil(per))
+    let (dx, partials): (Option<Vec<f32>>, Vec<Vec<f32>>) = if want_dx {
+        let chunk = per * d;
+        // SAFETY: `backward_rows` writes every element of the chunk it is given.
+        #[allow(unsafe_code)]
+        let (dx, partials) = unsafe {
+            simd::par_written_with(s.x.len(), chunk, |at, dx| task(at / chunk, Some(dx)))
+        };
+        (Some(dx), partials)
+    } else if want_dw {
+        let partials = (0..s.r.len().div_ceil(per))
             .into_par_iter()
             .map(|t| task(t, None))
-            .collect(),
-        None => Vec::new(),
+            .collect();
+        (None, partials)
+    } else {
+        (None, Vec::new())
     };
-    if let Some(dx) = dx.as_mut() {
-        // SAFETY: the chunks cover all rows; `backward_rows` writes every element of its `dx`.
-        #[allow(unsafe_code)]
-        unsafe {
-            dx.set_len(len)
-        };
-    }
     let dw = want_dw.then(|| pairwise_sum(partials, d));
     (dx, dw)
 }

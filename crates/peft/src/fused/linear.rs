@@ -543,12 +543,7 @@ pub fn linear_lora<B: Backend>(
 ) -> Result<Tensor<B, 2>, Inputs<B>> {
     let ty = TypeId::of::<B>();
     let low = x.dtype() == DType::BF16;
-    let ok = |t: &Tensor<B, 2>| match t.dtype() {
-        DType::F32 => true,
-        DType::BF16 => low,
-        _ => false,
-    };
-    let dtypes = ok(&x) && ok(&w) && side.as_ref().is_none_or(|(a, b, _)| ok(a) && ok(b));
+    let dtypes = computes(low, &x, Some(&w), side.as_ref());
     if !dtypes || (ty != TypeId::of::<Ad>() && ty != TypeId::of::<Flex>()) {
         return Err((x, w, side));
     }
@@ -583,6 +578,22 @@ pub fn linear_lora<B: Backend>(
     }
 }
 
+/// Whether the op computes with these operands: all f32, or (`low`, mixed precision) each f32
+/// or bf16.
+fn computes<B: Backend>(
+    low: bool,
+    x: &Tensor<B, 2>,
+    w: Option<&Tensor<B, 2>>,
+    side: Option<&Side<B>>,
+) -> bool {
+    let ok = |t: &Tensor<B, 2>| match t.dtype() {
+        DType::F32 => true,
+        DType::BF16 => low,
+        _ => false,
+    };
+    ok(x) && w.is_none_or(ok) && side.is_none_or(|(a, b, _)| ok(a) && ok(b))
+}
+
 /// The inputs of [`linear_lora_nf4`] it gives back: `x` and the side path.
 pub type Nf4Inputs<B> = (Tensor<B, 2>, Option<Side<B>>);
 
@@ -600,9 +611,8 @@ pub fn linear_lora_nf4<B: Backend>(
         return Err((x, side));
     };
     let low = x.dtype() == DType::BF16;
-    let ok = |t: &Tensor<B, 2>| t.dtype() == DType::F32 || (low && t.dtype() == DType::BF16);
     // Mismatched widths go to the composition too, whose matmul says so.
-    if !ok(&x) || !side.as_ref().is_none_or(|(a, b, _)| ok(a) && ok(b)) || x.dims()[1] != q.d_in {
+    if !computes(low, &x, None, side.as_ref()) || x.dims()[1] != q.d_in {
         return Err((x, side));
     }
     let inner = q.valid();

@@ -112,20 +112,37 @@ pub unsafe fn par_written<D: Send>(
     chunk: usize,
     f: impl Fn(usize, &mut [MaybeUninit<D>]) + Sync,
 ) -> Vec<D> {
+    // SAFETY: forwarded (a `()` per chunk is no allocation).
+    unsafe { par_written_with(len, chunk, f).0 }
+}
+
+/// [`par_written`] where each chunk's task also returns a value: those values in chunk order.
+///
+/// # Safety
+/// `f` must write every element of each chunk it is given.
+///
+/// # Panics
+/// If `chunk` is 0.
+pub unsafe fn par_written_with<D: Send, R: Send>(
+    len: usize,
+    chunk: usize,
+    f: impl Fn(usize, &mut [MaybeUninit<D>]) -> R + Sync,
+) -> (Vec<D>, Vec<R>) {
     assert!(chunk > 0, "chunks of 0 elements");
     let mut out: Vec<D> = Vec::with_capacity(len);
-    out.spare_capacity_mut()[..len]
+    let each: Vec<R> = out.spare_capacity_mut()[..len]
         .par_chunks_mut(chunk)
         .enumerate()
-        .for_each(|(i, c)| {
+        .map(|(i, c)| {
             wide(
                 #[inline(always)]
                 || f(i * chunk, c),
             )
-        });
+        })
+        .collect();
     // SAFETY: the chunks cover all `len` elements, each written by `f` (the caller's contract).
     unsafe { out.set_len(len) };
-    out
+    (out, each)
 }
 
 /// `f` of every element of `src` into a new vector, in parallel chunks, each run in [`wide`]'s

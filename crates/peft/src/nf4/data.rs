@@ -48,14 +48,72 @@ impl DoubleQuant {
     /// The dequantized absmax values, `f32` exactly as bitsandbytes computes them
     /// (`code_map[code] · nested_absmax + offset`, one rounding per operation).
     pub fn dequantize(&self) -> Vec<f32> {
-        self.codes
-            .iter()
-            .enumerate()
-            .map(|(b, &c)| {
-                self.code_map[usize::from(c)] * self.nested_absmax[b / self.block_size]
-                    + self.offset
-            })
-            .collect()
+        double_quant_scales(
+            &self.codes,
+            &self.nested_absmax,
+            &self.code_map,
+            self.offset,
+            self.block_size,
+        )
+    }
+}
+
+/// [`DoubleQuant::dequantize`] on its parts (also read straight from device tensors):
+/// `code_map[codes[b]] · nested[b / block_size] + offset`, one rounding per operation.
+///
+/// # Panics
+/// If a code or a nested index falls outside `code_map` or `nested`.
+pub(crate) fn double_quant_scales(
+    codes: &[u8],
+    nested: &[f32],
+    code_map: &[f32],
+    offset: f32,
+    block_size: usize,
+) -> Vec<f32> {
+    codes
+        .iter()
+        .enumerate()
+        .map(|(b, &c)| code_map[usize::from(c)] * nested[b / block_size] + offset)
+        .collect()
+}
+
+/// Elements per parallel task of [`dequantize_packed`] (even: a task starts on a byte's high
+/// nibble).
+const CHUNK: usize = 1 << 15;
+
+/// `w[i] = quant_map[code(i)] · absmax[i / block_size]` for `i < n`, `code(2k)` the high nibble
+/// of `packed[k]` and `code(2k + 1)` its low nibble — in parallel chunks, written once each.
+///
+/// # Panics
+/// If `packed` holds fewer than `⌈n/2⌉` bytes, `absmax` fewer than `⌈n/block_size⌉` scales,
+/// `quant_map` fewer than 16 levels, or `block_size` is 0.
+pub(crate) fn dequantize_packed(
+    packed: &[u8],
+    quant_map: &[f32],
+    absmax: &[f32],
+    block_size: usize,
+    n: usize,
+) -> Vec<f32> {
+    assert!(
+        block_size > 0
+            && packed.len() >= n.div_ceil(2)
+            && absmax.len() >= n.div_ceil(block_size)
+            && quant_map.len() >= 16,
+        "NF4 parts too short for {n} elements"
+    );
+    let qm: [f32; 16] = quant_map[..16].try_into().expect("16 levels");
+    let fill = |at: usize, out: &mut [std::mem::MaybeUninit<f32>]| {
+        for (j, o) in out.iter_mut().enumerate() {
+            let i = at + j;
+            let byte = packed[i / 2];
+            let code = if i.is_multiple_of(2) { byte >> 4 } else { byte & 0x0F };
+            o.write(qm[usize::from(code)] * absmax[i / block_size]);
+        }
+    };
+    // SAFETY: `fill` writes every element of each chunk, one per index.
+    #[allow(unsafe_code)]
+    unsafe {
+        crate::fused::simd::par_written(n, CHUNK, fill)
     }
 }
 
@@ -101,11 +159,13 @@ impl Nf4Data {
     /// The dequantized tensor, row-major `f32`.
     pub fn dequantize(&self) -> Vec<f32> {
         let absmax = self.absmax.values();
-        self.codes()
-            .iter()
-            .enumerate()
-            .map(|(i, &c)| self.quant_map[usize::from(c)] * absmax[i / self.block_size])
-            .collect()
+        dequantize_packed(
+            &self.packed,
+            &self.quant_map,
+            &absmax,
+            self.block_size,
+            self.numel(),
+        )
     }
 
     /// Bytes this tensor takes in memory: packed codes, block scales and code books.

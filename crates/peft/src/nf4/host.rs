@@ -4,11 +4,9 @@
 //! narrow) is about ten single-threaded passes over the weight on Flex, each a new tensor; a
 //! QLoRA step dequantizes every base weight twice (forward, and again in the backward pass), so
 //! those passes were most of the step. Here each element is `quant_map[code] · absmax[block]`
-//! computed once, on rayon's pool — the same two operations in f32, so the same bits (tested
-//! against the burn-op path and [`super::Nf4Data::dequantize`]).
-//!
-//! Unsafe code: the output written into uninitialised capacity ([`simd::par_written`]).
-#![allow(unsafe_code)]
+//! computed once, on rayon's pool ([`super::data`]'s `dequantize_packed`, which
+//! [`super::Nf4Data::dequantize`] runs too) — the same two operations in f32 as the burn ops,
+//! so the same bits (tested against the burn-op path).
 
 use std::any::Any;
 
@@ -17,50 +15,9 @@ use burn::module::AutodiffModule;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorPrimitive};
 use burn_flex::FlexTensor;
 
+use super::data::{dequantize_packed, double_quant_scales};
 use super::weight::Nf4Weight;
-use crate::fused::{flex_tensor, simd};
-
-/// Elements per parallel task (even: a task starts on a byte's high nibble).
-const CHUNK: usize = 1 << 15;
-
-/// `w[i] = quant_map[code(i)] · absmax[i / block_size]` for `i < n`, `code(2k)` the high nibble
-/// of `packed[k]` and `code(2k + 1)` its low nibble.
-///
-/// # Panics
-/// If `packed` holds fewer than `⌈n/2⌉` bytes, `absmax` fewer than `⌈n/block_size⌉` scales,
-/// `quant_map` fewer than 16 levels, or `block_size` is 0.
-pub(crate) fn dequantize_values(
-    packed: &[u8],
-    quant_map: &[f32],
-    absmax: &[f32],
-    block_size: usize,
-    n: usize,
-) -> Vec<f32> {
-    assert!(
-        block_size > 0
-            && packed.len() >= n.div_ceil(2)
-            && absmax.len() >= n.div_ceil(block_size)
-            && quant_map.len() >= 16,
-        "NF4 parts too short for {n} elements"
-    );
-    let qm: [f32; 16] = quant_map[..16].try_into().expect("16 levels");
-    // SAFETY: each chunk's elements are written, one per index.
-    unsafe {
-        simd::par_written(
-            n,
-            CHUNK,
-            #[inline(always)]
-            |at, out| {
-                for (j, o) in out.iter_mut().enumerate() {
-                    let i = at + j;
-                    let byte = packed[i / 2];
-                    let code = if i % 2 == 0 { byte >> 4 } else { byte & 0x0F };
-                    o.write(qm[usize::from(code)] * absmax[i / block_size]);
-                }
-            },
-        )
-    }
-}
+use crate::fused::flex_tensor;
 
 /// The float primitive of a Flex tensor (`None` for a quantized one).
 fn float(t: &Tensor<Flex, 1>) -> Option<FlexTensor> {
@@ -89,20 +46,16 @@ fn on_flex(w: &Nf4Weight<Flex>) -> Option<Tensor<Flex, 2>> {
                 map.as_slice::<f32>()?,
             );
             let nb = w.nested_block_size;
-            if nb == 0 || nested.len() < codes.len().div_ceil(nb) {
+            if nb == 0 || nested.len() < codes.len().div_ceil(nb) || map.len() < 256 {
                 return None;
             }
             // As the burn-op path: `map[code] · nested` rounded, then `+ offset` rounded.
-            codes
-                .iter()
-                .enumerate()
-                .map(|(b, &c)| map[usize::from(c)] * nested[b / nb] + w.offset)
-                .collect()
+            double_quant_scales(codes, nested, map, w.offset, nb)
         }
         _ => return None,
     };
     let n = w.d_out * w.d_in;
-    let values = dequantize_values(
+    let values = dequantize_packed(
         packed.as_slice::<u8>()?,
         qm.as_slice::<f32>()?,
         &absmax,
