@@ -106,7 +106,11 @@ pub(crate) fn dequantize_packed(
         for (j, o) in out.iter_mut().enumerate() {
             let i = at + j;
             let byte = packed[i / 2];
-            let code = if i.is_multiple_of(2) { byte >> 4 } else { byte & 0x0F };
+            let code = if i.is_multiple_of(2) {
+                byte >> 4
+            } else {
+                byte & 0x0F
+            };
             o.write(qm[usize::from(code)] * absmax[i / block_size]);
         }
     };
